@@ -1,0 +1,2 @@
+//! Data: tokenization and the data sets of both scales.
+pub mod tokenizer;

@@ -1,0 +1,563 @@
+//! The GPT-NeoX (Pythia) architecture in candle, for training and inference.
+//!
+//! Parameter names follow Hugging Face transformers (`gpt_neox.layers.N.attention.query_key_value`
+//! ...), so HF safetensors load directly and checkpoints written here load in transformers.
+//!
+//! Two op paths compute the same function:
+//! - [`OpPath::Differentiable`] (the default): layer norm, softmax and rotary embeddings are
+//!   written with basic candle ops, all of which have a backward pass;
+//! - [`OpPath::Fused`]: candle's fused `layer_norm` and `softmax_last_dim` kernels, faster for
+//!   sampling and scoring but WITHOUT a backward pass (gradients would silently stop). Only
+//!   inference copies of a model ([`GptNeoX::inference_copy`]) use it.
+
+use super::config::GptNeoXConfig;
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{Embedding, Init, Linear, VarBuilder};
+
+/// Which kernels the forward pass uses; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpPath {
+    Differentiable,
+    Fused,
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(size, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    fn forward(&self, x: &Tensor, path: OpPath) -> Result<Tensor> {
+        match path {
+            OpPath::Differentiable => {
+                // Statistics in f32 whatever the model dtype, as torch does for half types.
+                let dtype = x.dtype();
+                let x = x.to_dtype(DType::F32)?;
+                let n = x.dim(D::Minus1)? as f64;
+                let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+                let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                xn.to_dtype(dtype)?
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)
+            }
+            OpPath::Fused => {
+                candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+            }
+        }
+    }
+}
+
+fn linear(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    )?;
+    let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Cos/sin tables of the rotary embedding for every position, shape (max_pos, rotary_ndims),
+/// in the rotate-half layout: the frequencies repeated twice.
+#[derive(Debug, Clone)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    ndims: usize,
+}
+
+impl Rotary {
+    fn new(cfg: &GptNeoXConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let ndims = cfg.rotary_ndims();
+        let inv_freq: Vec<f32> = (0..ndims)
+            .step_by(2)
+            .map(|i| 1.0 / (cfg.rotary_emb_base.powf(i as f64 / ndims as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, ndims / 2), dev)?;
+        let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = t.broadcast_mul(&inv_freq)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(Self {
+            cos: emb.cos()?.to_dtype(dtype)?,
+            sin: emb.sin()?.to_dtype(dtype)?,
+            ndims,
+        })
+    }
+
+    /// Tables gathered at `position_ids` (b, t), shaped (b, 1, t, ndims) to broadcast over heads.
+    fn gather(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t) = position_ids.dims2()?;
+        let flat = position_ids.flatten_all()?;
+        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, self.ndims))?;
+        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, self.ndims))?;
+        Ok((cos, sin))
+    }
+
+    /// Rotate the first `ndims` dims of each head of `x` (b, h, t, head_size), rotate-half layout.
+    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hs = x.dim(D::Minus1)?;
+        let x_rot = x.narrow(D::Minus1, 0, self.ndims)?;
+        let half = self.ndims / 2;
+        let x1 = x_rot.narrow(D::Minus1, 0, half)?;
+        let x2 = x_rot.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let out = (x_rot.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+        if self.ndims == hs {
+            Ok(out)
+        } else {
+            let x_pass = x.narrow(D::Minus1, self.ndims, hs - self.ndims)?;
+            Tensor::cat(&[&out, &x_pass], D::Minus1)
+        }
+    }
+}
+
+/// Keys and values of one layer for the positions seen so far: (b, heads, t, head_size).
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// A KV cache for generation, one entry per layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); n_layers],
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.k.as_ref())
+            .map(|k| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keep only the batch rows in `rows` (to drop finished sequences).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for l in &mut self.layers {
+            if let Some(k) = &l.k {
+                l.k = Some(k.index_select(rows, 0)?);
+            }
+            if let Some(v) = &l.v {
+                l.v = Some(v.index_select(rows, 0)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    query_key_value: Linear,
+    dense: Linear,
+    n_heads: usize,
+    head_size: usize,
+}
+
+impl Attention {
+    fn new(cfg: &GptNeoXConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let std = cfg.initializer_range;
+        Ok(Self {
+            query_key_value: linear(h, 3 * h, std, vb.pp("query_key_value"))?,
+            dense: linear(h, h, std, vb.pp("dense"))?,
+            n_heads: cfg.num_attention_heads,
+            head_size: cfg.head_size(),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cos_sin: &(Tensor, Tensor),
+        bias: &Tensor,
+        cache: Option<&mut LayerCache>,
+        path: OpPath,
+    ) -> Result<Tensor> {
+        let (b, t, hidden) = x.dims3()?;
+        // Per head, the fused projection is laid out [q | k | v], each head_size wide.
+        let qkv = self
+            .query_key_value
+            .forward(x)?
+            .reshape((b, t, self.n_heads, 3 * self.head_size))?
+            .transpose(1, 2)?; // (b, h, t, 3*hs)
+        let q = qkv.narrow(D::Minus1, 0, self.head_size)?;
+        let k = qkv.narrow(D::Minus1, self.head_size, self.head_size)?;
+        let v = qkv.narrow(D::Minus1, 2 * self.head_size, self.head_size)?.contiguous()?;
+        let q = rotary.apply(&q, &cos_sin.0, &cos_sin.1)?;
+        let k = rotary.apply(&k, &cos_sin.0, &cos_sin.1)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(c) => {
+                let k = match &c.k {
+                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
+                    None => k,
+                };
+                let v = match &c.v {
+                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
+                    None => v,
+                };
+                c.k = Some(k.clone());
+                c.v = Some(v.clone());
+                (k, v)
+            }
+        };
+        let scale = 1.0 / (self.head_size as f64).sqrt();
+        let q = q.contiguous()?;
+        let kt = k.t()?.contiguous()?;
+        // Scores and softmax in f32, as HF does; `bias` is (b, 1, t, t_total) additive.
+        let scores = (q.matmul(&kt)?.to_dtype(DType::F32)? * scale)?.broadcast_add(bias)?;
+        let probs = match path {
+            OpPath::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            OpPath::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
+        let out = probs.to_dtype(v.dtype())?.matmul(&v)?; // (b, h, t, hs)
+        let out = out.transpose(1, 2)?.reshape((b, t, hidden))?;
+        self.dense.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &GptNeoXConfig, vb: VarBuilder) -> Result<Self> {
+        let std = cfg.initializer_range;
+        Ok(Self {
+            dense_h_to_4h: linear(cfg.hidden_size, cfg.intermediate_size, std, vb.pp("dense_h_to_4h"))?,
+            dense_4h_to_h: linear(cfg.intermediate_size, cfg.hidden_size, std, vb.pp("dense_4h_to_h"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.dense_4h_to_h
+            .forward(&self.dense_h_to_4h.forward(x)?.gelu_erf()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_layernorm: LayerNorm,
+    post_attention_layernorm: LayerNorm,
+    attention: Attention,
+    mlp: Mlp,
+    parallel: bool,
+}
+
+impl Layer {
+    fn new(cfg: &GptNeoXConfig, vb: VarBuilder) -> Result<Self> {
+        let eps = cfg.layer_norm_eps;
+        Ok(Self {
+            input_layernorm: LayerNorm::new(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: LayerNorm::new(
+                cfg.hidden_size,
+                eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            attention: Attention::new(cfg, vb.pp("attention"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            parallel: cfg.use_parallel_residual,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cos_sin: &(Tensor, Tensor),
+        bias: &Tensor,
+        cache: Option<&mut LayerCache>,
+        path: OpPath,
+    ) -> Result<Tensor> {
+        let attn = self.attention.forward(
+            &self.input_layernorm.forward(x, path)?,
+            rotary,
+            cos_sin,
+            bias,
+            cache,
+            path,
+        )?;
+        if self.parallel {
+            let mlp = self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(x, path)?)?;
+            (x + attn)? + mlp
+        } else {
+            let h = (x + attn)?;
+            let mlp = self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h, path)?)?;
+            h + mlp
+        }
+    }
+}
+
+/// A GPT-NeoX causal language model (`GPTNeoXForCausalLM`).
+#[derive(Debug, Clone)]
+pub struct GptNeoX {
+    embed_in: Embedding,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    embed_out: Linear,
+    rotary: Rotary,
+    cfg: GptNeoXConfig,
+    path: OpPath,
+    device: Device,
+    dtype: DType,
+}
+
+/// Additive attention bias (b, 1, q_len, k_len) in f32: 0 where a query may attend to a key,
+/// a large negative number elsewhere. `key_mask` (b, k_len) is 1 for real tokens, 0 for padding;
+/// the queries are the last `q_len` key positions (causal).
+pub fn attention_bias(key_mask: &Tensor, q_len: usize) -> Result<Tensor> {
+    let (b, k_len) = key_mask.dims2()?;
+    let dev = key_mask.device();
+    let offset = k_len - q_len;
+    let causal: Vec<u8> = (0..q_len)
+        .flat_map(|i| (0..k_len).map(move |j| u8::from(j <= i + offset)))
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, q_len, k_len), dev)?;
+    let keys = key_mask
+        .to_dtype(DType::U8)?
+        .reshape((b, 1, 1, k_len))?;
+    let allowed = causal.broadcast_mul(&keys)?; // (b,1,q,k) in {0,1}
+    // A finite minimum keeps fully masked rows (left padding) free of NaN.
+    let neg = Tensor::full(f32::MIN, (b, 1, q_len, k_len), dev)?;
+    let zero = Tensor::zeros((b, 1, q_len, k_len), DType::F32, dev)?;
+    allowed.broadcast_as((b, 1, q_len, k_len))?.where_cond(&zero, &neg)
+}
+
+/// Position ids from an attention mask: cumsum(mask) - 1, clamped at 0 (padding positions).
+pub fn position_ids_from_mask(mask: &Tensor) -> Result<Tensor> {
+    let rows = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let (b, t) = mask.dims2()?;
+    let mut out = Vec::with_capacity(b * t);
+    for row in rows {
+        let mut c = 0u32;
+        for m in row {
+            c += m.min(1);
+            out.push(c.saturating_sub(1));
+        }
+    }
+    Tensor::from_vec(out, (b, t), mask.device())
+}
+
+impl GptNeoX {
+    /// Build the model from a `VarBuilder` whose names follow HF's layout (the root of the
+    /// builder holds `gpt_neox.*` and `embed_out.*`). With `VarBuilder::from_varmap` this makes
+    /// a fresh randomly initialised model (normal(0, initializer_range) weights, zero biases,
+    /// unit layer norms, as HF initialises GPT-NeoX).
+    pub fn new(cfg: &GptNeoXConfig, vb: VarBuilder) -> Result<Self> {
+        let std = cfg.initializer_range;
+        let base = vb.pp("gpt_neox");
+        let emb = base.pp("embed_in").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let embed_in = Embedding::new(emb, cfg.hidden_size);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, base.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, base.pp("final_layer_norm"))?;
+        let w = vb.pp("embed_out").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let embed_out = Linear::new(w, None);
+        let rotary = Rotary::new(cfg, vb.dtype(), vb.device())?;
+        Ok(Self {
+            embed_in,
+            layers,
+            final_layer_norm,
+            embed_out,
+            rotary,
+            cfg: cfg.clone(),
+            path: OpPath::Differentiable,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &GptNeoXConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn op_path(&self) -> OpPath {
+        self.path
+    }
+
+    /// Choose the op path. Only use [`OpPath::Fused`] on a model that is never differentiated.
+    pub fn with_op_path(mut self, path: OpPath) -> Self {
+        self.path = path;
+        self
+    }
+
+    /// Every parameter as (HF name, tensor).
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("gpt_neox.embed_in.weight".to_string(), self.embed_in.embeddings().clone())];
+        let ln = |out: &mut Vec<(String, Tensor)>, p: &str, l: &LayerNorm| {
+            out.push((format!("{p}.weight"), l.weight.clone()));
+            out.push((format!("{p}.bias"), l.bias.clone()));
+        };
+        let lin = |out: &mut Vec<(String, Tensor)>, p: &str, l: &Linear| {
+            out.push((format!("{p}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{p}.bias"), b.clone()));
+            }
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            ln(&mut out, &format!("{p}.input_layernorm"), &layer.input_layernorm);
+            ln(&mut out, &format!("{p}.post_attention_layernorm"), &layer.post_attention_layernorm);
+            lin(&mut out, &format!("{p}.attention.query_key_value"), &layer.attention.query_key_value);
+            lin(&mut out, &format!("{p}.attention.dense"), &layer.attention.dense);
+            lin(&mut out, &format!("{p}.mlp.dense_h_to_4h"), &layer.mlp.dense_h_to_4h);
+            lin(&mut out, &format!("{p}.mlp.dense_4h_to_h"), &layer.mlp.dense_4h_to_h);
+        }
+        ln(&mut out, "gpt_neox.final_layer_norm", &self.final_layer_norm);
+        lin(&mut out, "embed_out", &self.embed_out);
+        out
+    }
+
+    /// A copy whose weights are detached from any autograd graph (sharing their storage, so it
+    /// sees later optimizer updates) and that uses the fused inference kernels. Use it for
+    /// sampling and scoring without gradients: no graph is kept alive across generation steps.
+    pub fn inference_copy(&self) -> Result<Self> {
+        let tensors = self
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, self.dtype, &self.device);
+        Ok(Self::new(&self.cfg, vb)?.with_op_path(OpPath::Fused))
+    }
+
+    /// Logits (b, t, vocab) for every position of `input_ids` (b, t).
+    ///
+    /// `attention_mask` (b, t) is 1 for tokens and 0 for padding (right or left padding). With
+    /// left padding pass `position_ids` from [`position_ids_from_mask`]; by default positions
+    /// are 0..t.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let mask = match attention_mask {
+            Some(m) => m.clone(),
+            None => Tensor::ones((b, t), DType::U8, &self.device)?,
+        };
+        let pos = match position_ids {
+            Some(p) => p.clone(),
+            None => Tensor::arange(0u32, t as u32, &self.device)?
+                .unsqueeze(0)?
+                .broadcast_as((b, t))?
+                .contiguous()?,
+        };
+        let bias = attention_bias(&mask, t)?;
+        self.run(input_ids, &pos, &bias, None, false)
+    }
+
+    /// One generation step with a KV cache. `input_ids` (b, t_new) are the new tokens,
+    /// `full_mask` (b, t_cached + t_new) the attention mask over all positions so far and
+    /// `position_ids` (b, t_new) their positions. Returns logits (b, t_new, vocab).
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        full_mask: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (_, t_new) = input_ids.dims2()?;
+        let bias = attention_bias(full_mask, t_new)?;
+        self.run(input_ids, position_ids, &bias, Some(cache), false)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        bias: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let max = self.cfg.max_position_embeddings;
+        let (b, t) = input_ids.dims2()?;
+        let n_pos = position_ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if n_pos >= max {
+            candle_core::bail!("position {n_pos} is beyond max_position_embeddings {max}");
+        }
+        let cos_sin = self.rotary.gather(position_ids)?;
+        let mut x = self.embed_in.forward(input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &self.rotary, &cos_sin, bias, lc, self.path)?;
+        }
+        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let x = self.final_layer_norm.forward(&x, self.path)?;
+        let logits = self.embed_out.forward(&x)?;
+        debug_assert_eq!(logits.dim(0)?, b);
+        Ok(logits)
+    }
+
+    /// Logits at the last position only, (b, vocab): cheaper output projection for sampling.
+    pub fn forward_cached_last(
+        &self,
+        input_ids: &Tensor,
+        full_mask: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (_, t_new) = input_ids.dims2()?;
+        let bias = attention_bias(full_mask, t_new)?;
+        self.run(input_ids, position_ids, &bias, Some(cache), true)?.i((.., 0, ..))
+    }
+}

@@ -1,0 +1,247 @@
+//! Loading GPT-NeoX models: a local directory in the HF layout, or a hub id + revision through
+//! hf-hub, preferring the local hub cache so that a model downloaded once loads offline.
+
+use super::config::GptNeoXConfig;
+use super::gpt_neox::GptNeoX;
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The files of a model in the HF layout.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// The hub cache directory: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Ok(p) = std::env::var("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache/huggingface/hub")
+}
+
+/// Fetch `file` of a hub repo: from the local cache if present, else through the hub API
+/// (which stores it in the same cache). Offline (`HF_HUB_OFFLINE=1`), a cache miss is an error.
+pub fn hub_file(repo: &hf_hub::Repo, file: &str) -> Result<PathBuf> {
+    let cache = hf_hub::Cache::new(hub_cache_dir());
+    if let Some(p) = cache.repo(repo.clone()).get(file) {
+        return Ok(p);
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1").unwrap_or(false);
+    if offline {
+        bail!(
+            "{file} of {} (revision {}) is not in the hub cache {} and HF_HUB_OFFLINE=1",
+            repo.folder_name(),
+            repo.revision(),
+            hub_cache_dir().display()
+        );
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_cache_dir(hub_cache_dir())
+        .with_progress(false)
+        .build()
+        .context("cannot start the hub client")?;
+    api.repo(repo.clone()).get(file).with_context(|| {
+        format!(
+            "cannot download {file} of {} (revision {})",
+            repo.folder_name(),
+            repo.revision()
+        )
+    })
+}
+
+fn weights_from_index(index: &Path, resolve: &dyn Fn(&str) -> Result<PathBuf>) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| anyhow!("{}: missing object `weight_map`", index.display()))?;
+    let mut files: Vec<String> = map
+        .values()
+        .map(|f| {
+            f.as_str()
+                .map(String::from)
+                .ok_or_else(|| anyhow!("{}: `weight_map` values must be file names", index.display()))
+        })
+        .collect::<Result<_>>()?;
+    files.sort();
+    files.dedup();
+    files.iter().map(|f| resolve(f)).collect()
+}
+
+/// Locate the files of a model given a local directory or a hub id (`org/name`) and revision.
+pub fn locate(source: &str, revision: Option<&str>) -> Result<ModelFiles> {
+    let dir = Path::new(source);
+    if dir.is_dir() {
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            bail!("model directory {}: config.json is missing", dir.display());
+        }
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let weights = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            weights_from_index(&index, &|f| {
+                let p = dir.join(f);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    bail!("{}: shard {} is missing", index.display(), p.display())
+                }
+            })?
+        } else {
+            bail!(
+                "model directory {}: neither model.safetensors nor model.safetensors.index.json exists",
+                dir.display()
+            );
+        };
+        let tok = dir.join("tokenizer.json");
+        return Ok(ModelFiles {
+            config,
+            weights,
+            tokenizer: tok.is_file().then_some(tok),
+        });
+    }
+    if source.starts_with('.') || source.starts_with('/') || source.split('/').count() != 2 {
+        bail!("model {source:?} is neither an existing directory nor a hub id of the form org/name");
+    }
+    let repo = hf_hub::Repo::with_revision(
+        source.to_string(),
+        hf_hub::RepoType::Model,
+        revision.unwrap_or("main").to_string(),
+    );
+    let config = hub_file(&repo, "config.json")?;
+    let weights = match hub_file(&repo, "model.safetensors") {
+        Ok(p) => vec![p],
+        Err(single_err) => {
+            let index = hub_file(&repo, "model.safetensors.index.json").map_err(|_| {
+                single_err.context(format!("{source}: no model.safetensors nor a sharded index"))
+            })?;
+            weights_from_index(&index, &|f| hub_file(&repo, f))?
+        }
+    };
+    let tokenizer = hub_file(&repo, "tokenizer.json").ok();
+    Ok(ModelFiles {
+        config,
+        weights,
+        tokenizer,
+    })
+}
+
+/// Read the tensors of safetensors files into memory, checking each file's integrity.
+/// Errors name the file (and the tensor when one is at fault).
+pub fn read_safetensors(files: &[PathBuf], device: &Device) -> Result<HashMap<String, (Tensor, PathBuf)>> {
+    let mut out = HashMap::new();
+    for f in files {
+        let bytes = std::fs::read(f).with_context(|| format!("cannot read weights file {}", f.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("weights file {} is not a valid safetensors file (truncated or corrupt?): {e}", f.display()))?;
+        for (name, view) in st.tensors() {
+            let t = candle_core::safetensors::Load::load(&view, device)
+                .with_context(|| format!("weights file {}: cannot load tensor {name}", f.display()))?;
+            out.insert(name, (t, f.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Copy weights into the variables of `varmap` (built for `cfg`), casting to the variables'
+/// dtype. Every variable must be present with the right shape; extra tensors that HF keeps as
+/// buffers (rotary inv_freq, attention masks) are ignored, any other extra tensor is an error.
+pub fn assign_weights(varmap: &VarMap, tensors: &HashMap<String, (Tensor, PathBuf)>) -> Result<()> {
+    let data = varmap.data().lock().unwrap();
+    let sorted: BTreeMap<_, _> = data.iter().collect();
+    for (name, var) in sorted {
+        let (t, file) = tensors.get(name.as_str()).ok_or_else(|| {
+            anyhow!("tensor {name} is missing from the weights ({} file(s))", {
+                let mut fs: Vec<_> = tensors.values().map(|(_, f)| f.display().to_string()).collect();
+                fs.sort();
+                fs.dedup();
+                fs.join(", ")
+            })
+        })?;
+        if t.dims() != var.dims() {
+            bail!(
+                "weights file {}: tensor {name} has shape {:?} but the config expects {:?}",
+                file.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    for (name, (_, file)) in tensors {
+        let is_buffer = name.ends_with(".rotary_emb.inv_freq")
+            || name.ends_with(".attention.bias")
+            || name.ends_with(".attention.masked_bias");
+        if !data.contains_key(name) && !is_buffer {
+            bail!("weights file {}: unexpected tensor {name} (not a GPT-NeoX parameter)", file.display());
+        }
+    }
+    Ok(())
+}
+
+/// A model together with the variables that hold its weights (for training) and its files.
+pub struct LoadedModel {
+    pub model: GptNeoX,
+    pub varmap: VarMap,
+    pub files: Option<ModelFiles>,
+}
+
+/// A fresh, randomly initialised model (for the tiny teaching models). `seed` makes it
+/// reproducible.
+pub fn fresh(cfg: &GptNeoXConfig, dtype: DType, device: &Device, seed: u64) -> Result<LoadedModel> {
+    device.set_seed(seed)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+    let model = GptNeoX::new(cfg, vb)?;
+    Ok(LoadedModel {
+        model,
+        varmap,
+        files: None,
+    })
+}
+
+/// Load a model from a directory or hub id, with trainable variables in `dtype`.
+pub fn load(source: &str, revision: Option<&str>, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let files = locate(source, revision)?;
+    let cfg = GptNeoXConfig::from_file(&files.config)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+    let model = GptNeoX::new(&cfg, vb)?;
+    let tensors = read_safetensors(&files.weights, device)?;
+    assign_weights(&varmap, &tensors)?;
+    Ok(LoadedModel {
+        model,
+        varmap,
+        files: Some(files),
+    })
+}
+
+/// Write a model in the HF layout: `model.safetensors` (f32 or the vars' dtype) and
+/// `config.json`, atomically (temporary names, then rename).
+pub fn save_hf(model: &GptNeoX, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors: HashMap<String, Tensor> = model.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect();
+    let tmp = dir.join(".model.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    crate::util::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&model.config().to_hf_json())?.as_bytes(),
+    )
+}

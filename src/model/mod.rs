@@ -1,0 +1,10 @@
+//! Models: the GPT-NeoX (Pythia) architecture, loading, scoring and sampling.
+pub mod config;
+pub mod generate;
+pub mod gpt_neox;
+pub mod load;
+pub mod score;
+
+pub use config::GptNeoXConfig;
+pub use gpt_neox::{GptNeoX, KvCache, OpPath};
+pub use load::LoadedModel;

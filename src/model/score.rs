@@ -1,0 +1,130 @@
+//! Scoring: summed log-probabilities of responses given prompts (SPEC section 1).
+//!
+//! A sequence is prompt ++ response (++ EOS). Logits are cast to f32 before `log_softmax`;
+//! the log-prob of token t+1 is read at position t (shift by one); prompt tokens and padding
+//! are masked, so only response tokens (and the appended EOS) are scored.
+
+use super::gpt_neox::GptNeoX;
+use anyhow::{Result, bail};
+use candle_core::{D, DType, Device, Tensor};
+
+/// A right-padded batch of prompt + response sequences.
+#[derive(Debug, Clone)]
+pub struct SeqBatch {
+    /// (b, T) token ids, right-padded.
+    pub input_ids: Tensor,
+    /// (b, T) 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// (b, T-1) the token each position predicts.
+    pub targets: Tensor,
+    /// (b, T-1) f32, 1 where the predicted token belongs to the response.
+    pub label_mask: Tensor,
+    /// Number of scored (response) tokens per row.
+    pub n_response_tokens: Vec<usize>,
+}
+
+/// Build a batch from token ids. With `append_eos`, EOS is appended to every response (the
+/// reference code's rule for training and scoring); without it the responses are scored as
+/// they are (for model samples, which carry their own EOS when they ended).
+pub fn collate(
+    prompts: &[&[u32]],
+    responses: &[&[u32]],
+    append_eos: Option<u32>,
+    pad_id: u32,
+    device: &Device,
+) -> Result<SeqBatch> {
+    if prompts.len() != responses.len() {
+        bail!("{} prompts but {} responses", prompts.len(), responses.len());
+    }
+    if prompts.is_empty() {
+        bail!("cannot score an empty batch");
+    }
+    let seqs: Vec<(Vec<u32>, usize)> = prompts
+        .iter()
+        .zip(responses)
+        .map(|(p, r)| {
+            let mut s = p.to_vec();
+            s.extend_from_slice(r);
+            if let Some(e) = append_eos {
+                s.push(e);
+            }
+            (s, p.len())
+        })
+        .collect();
+    for (i, (s, pl)) in seqs.iter().enumerate() {
+        if *pl == 0 {
+            bail!("row {i}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)");
+        }
+        if s.len() == *pl {
+            bail!("row {i}: empty response");
+        }
+    }
+    let b = seqs.len();
+    let t = seqs.iter().map(|(s, _)| s.len()).max().unwrap();
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0u8; b * t];
+    let mut targets = vec![pad_id; b * (t - 1)];
+    let mut lmask = vec![0f32; b * (t - 1)];
+    let mut n_resp = Vec::with_capacity(b);
+    for (i, (s, pl)) in seqs.iter().enumerate() {
+        for (j, &tok) in s.iter().enumerate() {
+            ids[i * t + j] = tok;
+            mask[i * t + j] = 1;
+            if j >= 1 {
+                targets[i * (t - 1) + j - 1] = tok;
+                if j >= *pl {
+                    lmask[i * (t - 1) + j - 1] = 1.0;
+                }
+            }
+        }
+        n_resp.push(s.len() - pl);
+    }
+    Ok(SeqBatch {
+        input_ids: Tensor::from_vec(ids, (b, t), device)?,
+        attention_mask: Tensor::from_vec(mask, (b, t), device)?,
+        targets: Tensor::from_vec(targets, (b, t - 1), device)?,
+        label_mask: Tensor::from_vec(lmask, (b, t - 1), device)?,
+        n_response_tokens: n_resp,
+    })
+}
+
+/// Per-position log-probs of the targets, (b, T-1) f32, zero outside the response.
+/// Differentiable when the model is.
+pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
+    let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None)?;
+    let t = logits.dim(1)?;
+    let logits = logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = logp
+        .gather(&batch.targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
+        .squeeze(D::Minus1)?;
+    Ok(picked.mul(&batch.label_mask)?)
+}
+
+/// Summed response log-probs, (b,) f32. Differentiable when the model is.
+pub fn sequence_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
+    Ok(token_logps(model, batch)?.sum(1)?)
+}
+
+/// Summed log-probs of many (prompt, response) pairs in micro-batches of `batch_size`,
+/// without gradients; EOS appended to each response when `append_eos` is set.
+pub fn score_pairs(
+    model: &GptNeoX,
+    prompts: &[Vec<u32>],
+    responses: &[Vec<u32>],
+    append_eos: Option<u32>,
+    pad_id: u32,
+    batch_size: usize,
+) -> Result<Vec<(f64, usize)>> {
+    let inf = model.inference_copy()?;
+    let mut out = Vec::with_capacity(prompts.len());
+    for start in (0..prompts.len()).step_by(batch_size.max(1)) {
+        let end = (start + batch_size.max(1)).min(prompts.len());
+        let p: Vec<&[u32]> = prompts[start..end].iter().map(|x| x.as_slice()).collect();
+        let r: Vec<&[u32]> = responses[start..end].iter().map(|x| x.as_slice()).collect();
+        let batch = collate(&p, &r, append_eos, pad_id, inf.device())?;
+        let lp = sequence_logps(&inf, &batch)?.to_vec1::<f32>()?;
+        out.extend(lp.into_iter().map(|x| x as f64).zip(batch.n_response_tokens.iter().copied()));
+    }
+    Ok(out)
+}
