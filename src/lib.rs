@@ -19,7 +19,10 @@ pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {
     match name {
         "cpu" => Ok(candle_core::Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let n = s.strip_prefix("cuda:").map(|x| x.parse::<usize>()).transpose()
+            let n = s
+                .strip_prefix("cuda:")
+                .map(|x| x.parse::<usize>())
+                .transpose()
                 .map_err(|_| anyhow::anyhow!("bad device {s:?}: expected cuda:N"))?
                 .unwrap_or(0);
             Ok(candle_core::Device::new_cuda(n)?)

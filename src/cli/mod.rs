@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 mod model_cmds;
 
 #[derive(Parser, Debug)]
-#[command(name = "overopt", version, about = "Reward model over-optimization in Direct Alignment Algorithms")]
+#[command(
+    name = "overopt",
+    version,
+    about = "Reward model over-optimization in Direct Alignment Algorithms"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -32,14 +32,24 @@ pub struct ModelArgs {
 impl ModelArgs {
     fn load(&self) -> Result<(load::LoadedModel, Tok)> {
         let dev = crate::device(&self.device)?;
-        let lm = load::load(&self.model, self.revision.as_deref(), crate::dtype(&self.dtype)?, &dev)?;
+        let lm = load::load(
+            &self.model,
+            self.revision.as_deref(),
+            crate::dtype(&self.dtype)?,
+            &dev,
+        )?;
         let tok_path = match &self.tokenizer {
             Some(p) => p.clone(),
             None => lm
                 .files
                 .as_ref()
                 .and_then(|f| f.tokenizer.clone())
-                .ok_or_else(|| anyhow!("model {} has no tokenizer.json; pass --tokenizer", self.model))?,
+                .ok_or_else(|| {
+                    anyhow!(
+                        "model {} has no tokenizer.json; pass --tokenizer",
+                        self.model
+                    )
+                })?,
         };
         let tok = Tok::from_file(&tok_path, lm.model.config().eos_token_id)?;
         Ok((lm, tok))
@@ -84,10 +94,23 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     let mut prompts = Vec::with_capacity(lines.len());
     let mut responses = Vec::with_capacity(lines.len());
     for (i, l) in lines.iter().enumerate() {
-        prompts.push(tok.encode(&l.prompt).with_context(|| format!("{}: record {}", a.input.display(), i + 1))?);
-        responses.push(tok.encode(&l.response).with_context(|| format!("{}: record {}", a.input.display(), i + 1))?);
+        prompts.push(
+            tok.encode(&l.prompt)
+                .with_context(|| format!("{}: record {}", a.input.display(), i + 1))?,
+        );
+        responses.push(
+            tok.encode(&l.response)
+                .with_context(|| format!("{}: record {}", a.input.display(), i + 1))?,
+        );
     }
-    let scores = score_pairs(&lm.model, &prompts, &responses, Some(tok.eos_id), tok.pad_id, a.model.batch_size)?;
+    let scores = score_pairs(
+        &lm.model,
+        &prompts,
+        &responses,
+        Some(tok.eos_id),
+        tok.pad_id,
+        a.model.batch_size,
+    )?;
     let mut out = open_out(&a.output)?;
     for (logp, n) in scores {
         writeln!(out, "{}", serde_json::json!({"logp": logp, "n_tokens": n}))?;
@@ -124,7 +147,10 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let prompts = lines
         .iter()
         .enumerate()
-        .map(|(i, l)| tok.encode(&l.prompt).with_context(|| format!("{}: record {}", a.prompts.display(), i + 1)))
+        .map(|(i, l)| {
+            tok.encode(&l.prompt)
+                .with_context(|| format!("{}: record {}", a.prompts.display(), i + 1))
+        })
         .collect::<Result<Vec<_>>>()?;
     let cfg = SampleConfig {
         temperature: a.temperature,

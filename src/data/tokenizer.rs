@@ -31,11 +31,15 @@ impl Tok {
     /// by its usual names; PAD falls back to EOS, as the reference code does for Pythia.
     pub fn new(inner: tokenizers::Tokenizer, eos_id: Option<u32>, ctx: &str) -> Result<Self> {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let eos_id = eos_id
-            .or_else(|| find(&EOS_NAMES))
-            .ok_or_else(|| anyhow!("{ctx}: no end-of-sequence token (tried {EOS_NAMES:?}) and none given"))?;
+        let eos_id = eos_id.or_else(|| find(&EOS_NAMES)).ok_or_else(|| {
+            anyhow!("{ctx}: no end-of-sequence token (tried {EOS_NAMES:?}) and none given")
+        })?;
         let pad_id = find(&PAD_NAMES).unwrap_or(eos_id);
-        Ok(Self { inner, eos_id, pad_id })
+        Ok(Self {
+            inner,
+            eos_id,
+            pad_id,
+        })
     }
 
     pub fn from_file(path: &Path, eos_id: Option<u32>) -> Result<Self> {
@@ -69,7 +73,10 @@ impl Tok {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let s = self.inner.to_string(true).map_err(|e| anyhow!("cannot serialize tokenizer: {e}"))?;
+        let s = self
+            .inner
+            .to_string(true)
+            .map_err(|e| anyhow!("cannot serialize tokenizer: {e}"))?;
         crate::util::write_atomic(path, s.as_bytes()).context("cannot save tokenizer")
     }
 }

@@ -109,7 +109,9 @@ impl GptNeoXConfig {
         if let Some(r) = rope {
             if let Some(t) = r.get("rope_type").and_then(|x| x.as_str()) {
                 if t != "default" {
-                    bail!("{ctx}: field `rope_parameters.rope_type` = {t:?} is not supported (only \"default\")");
+                    bail!(
+                        "{ctx}: field `rope_parameters.rope_type` = {t:?} is not supported (only \"default\")"
+                    );
                 }
             }
         }
@@ -125,7 +127,9 @@ impl GptNeoXConfig {
             Some(v) => bail!("{ctx}: field `hidden_act` must be a string, got {v}"),
         };
         if let Some(Value::Bool(true)) = m.get("tie_word_embeddings") {
-            bail!("{ctx}: field `tie_word_embeddings` = true is not supported (GPT-NeoX has an untied embed_out)");
+            bail!(
+                "{ctx}: field `tie_word_embeddings` = true is not supported (GPT-NeoX has an untied embed_out)"
+            );
         }
         if let Some(Value::Bool(false)) = m.get("attention_bias") {
             bail!("{ctx}: field `attention_bias` = false is not supported");
@@ -167,7 +171,10 @@ impl GptNeoXConfig {
             );
         }
         if !(self.rotary_pct > 0.0 && self.rotary_pct <= 1.0) {
-            bail!("{ctx}: field `rotary_pct` must be in (0, 1], got {}", self.rotary_pct);
+            bail!(
+                "{ctx}: field `rotary_pct` must be in (0, 1], got {}",
+                self.rotary_pct
+            );
         }
         if self.rotary_ndims() == 0 || self.rotary_ndims() % 2 != 0 {
             bail!(
@@ -178,10 +185,16 @@ impl GptNeoXConfig {
             );
         }
         if !(self.rotary_emb_base > 1.0) {
-            bail!("{ctx}: field `rotary_emb_base` must be > 1, got {}", self.rotary_emb_base);
+            bail!(
+                "{ctx}: field `rotary_emb_base` must be > 1, got {}",
+                self.rotary_emb_base
+            );
         }
         if !(self.layer_norm_eps > 0.0) {
-            bail!("{ctx}: field `layer_norm_eps` must be > 0, got {}", self.layer_norm_eps);
+            bail!(
+                "{ctx}: field `layer_norm_eps` must be > 0, got {}",
+                self.layer_norm_eps
+            );
         }
         if self.hidden_act != "gelu" {
             bail!(
@@ -189,10 +202,16 @@ impl GptNeoXConfig {
                 self.hidden_act
             );
         }
-        for (k, t) in [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)] {
+        for (k, t) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
             if let Some(t) = t {
                 if t as usize >= self.vocab_size {
-                    bail!("{ctx}: field `{k}` = {t} is outside the vocabulary of {}", self.vocab_size);
+                    bail!(
+                        "{ctx}: field `{k}` = {t} is outside the vocabulary of {}",
+                        self.vocab_size
+                    );
                 }
             }
         }
@@ -282,16 +301,24 @@ mod tests {
     #[test]
     fn missing_and_impossible_fields_are_named() {
         let text = PYTHIA_70M.replace("\"hidden_size\": 512,", "");
-        let e = GptNeoXConfig::from_json_str(&text, "x.json").unwrap_err().to_string();
+        let e = GptNeoXConfig::from_json_str(&text, "x.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.json") && e.contains("`hidden_size`"), "{e}");
         let text = PYTHIA_70M.replace("\"num_attention_heads\": 8", "\"num_attention_heads\": 7");
-        let e = GptNeoXConfig::from_json_str(&text, "x.json").unwrap_err().to_string();
+        let e = GptNeoXConfig::from_json_str(&text, "x.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_attention_heads"), "{e}");
         let text = PYTHIA_70M.replace("\"rotary_pct\": 0.25", "\"rotary_pct\": 1.5");
-        let e = GptNeoXConfig::from_json_str(&text, "x.json").unwrap_err().to_string();
+        let e = GptNeoXConfig::from_json_str(&text, "x.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rotary_pct"), "{e}");
         let text = PYTHIA_70M.replace("\"vocab_size\": 50304", "\"vocab_size\": \"big\"");
-        let e = GptNeoXConfig::from_json_str(&text, "x.json").unwrap_err().to_string();
+        let e = GptNeoXConfig::from_json_str(&text, "x.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vocab_size"), "{e}");
     }
 

@@ -1,7 +1,9 @@
 //! Batched sampling with a KV cache from left-padded prompts.
 //!
 //! Matches the reference code's evaluation sampling: temperature 1, HF's default top-k 50, a
-//! maximum TOTAL length that counts the (padded) prompt, stop at EOS. Each prompt has its own
+//! maximum TOTAL length that counts the prompt, stop at EOS. The length limit applies per
+//! prompt (its own length plus its generated tokens), not to the padded batch as HF's
+//! `generate` does, so that a sample never depends on the other prompts of its batch. Each prompt has its own
 //! random stream derived from (seed, prompt index), so a sample does not depend on which other
 //! prompts share its batch.
 
@@ -16,7 +18,7 @@ pub struct SampleConfig {
     pub temperature: f64,
     /// Keep only the k most likely tokens (ties at the k-th logit kept); None for no filter.
     pub top_k: Option<usize>,
-    /// Maximum total length: padded prompt + generated tokens.
+    /// Maximum total length: prompt + generated tokens, per prompt.
     pub max_length: usize,
     pub seed: u64,
     /// Prompts per forward batch.
@@ -77,7 +79,13 @@ pub fn pick_token(logits: &[f32], temperature: f64, top_k: Option<usize>, rng: &
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let weights: Vec<f32> = logits
         .iter()
-        .map(|&x| if x >= threshold { ((x - m) / t).exp() } else { 0.0 })
+        .map(|&x| {
+            if x >= threshold {
+                ((x - m) / t).exp()
+            } else {
+                0.0
+            }
+        })
         .collect();
     let total: f32 = weights.iter().sum();
     let mut u = rng.random::<f32>() * total;
@@ -125,8 +133,12 @@ fn generate_batch(
         bail!("cannot sample from an empty prompt");
     }
     if p >= cfg.max_length {
-        bail!("prompt length {p} leaves no room under max_length {}", cfg.max_length);
+        bail!(
+            "prompt length {p} leaves no room under max_length {}",
+            cfg.max_length
+        );
     }
+    let max_new: Vec<usize> = prompts.iter().map(|x| cfg.max_length - x.len()).collect();
     let mut rngs: Vec<StdRng> = (0..b)
         .map(|i| {
             let idx = (first_index + i) as u64;
@@ -157,7 +169,7 @@ fn generate_batch(
         .collect();
     // Rows of the running batch -> index of their prompt.
     let mut active: Vec<usize> = (0..b).collect();
-    for _step in 0..(cfg.max_length - p) {
+    for _step in 0..max_new.iter().copied().max().unwrap_or(0) {
         let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
@@ -168,7 +180,7 @@ fn generate_batch(
             samples[i].logps.push(lp);
             if tok == eos_id {
                 samples[i].finished = true;
-            } else {
+            } else if samples[i].tokens.len() < max_new[i] {
                 keep.push(r);
                 next.push(tok);
             }
@@ -177,9 +189,13 @@ fn generate_batch(
             break;
         }
         if keep.len() != active.len() {
-            let idx = Tensor::from_vec(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), keep.len(), &dev)?;
+            let idx = Tensor::from_vec(
+                keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                keep.len(),
+                &dev,
+            )?;
             cache.select_rows(&idx)?;
-            full_mask = full_mask.index_select(&idx, 0)?;
+            full_mask = full_mask.contiguous()?.index_select(&idx, 0)?;
             active = keep.iter().map(|&r| active[r]).collect();
             next_pos = keep.iter().map(|&r| next_pos[r]).collect();
         }
@@ -216,9 +232,14 @@ mod tests {
         let logits = [0.0f32, 3f32.ln()];
         let mut rng = StdRng::seed_from_u64(7);
         let n = 20000;
-        let ones = (0..n).filter(|_| pick_token(&logits, 1.0, None, &mut rng) == 1).count();
+        let ones = (0..n)
+            .filter(|_| pick_token(&logits, 1.0, None, &mut rng) == 1)
+            .count();
         let frac = ones as f64 / n as f64;
         // 5 standard errors
-        assert!((frac - 0.75).abs() < 5.0 * (0.75f64 * 0.25 / n as f64).sqrt(), "{frac}");
+        assert!(
+            (frac - 0.75).abs() < 5.0 * (0.75f64 * 0.25 / n as f64).sqrt(),
+            "{frac}"
+        );
     }
 }

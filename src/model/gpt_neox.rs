@@ -50,9 +50,12 @@ impl LayerNorm {
                     .broadcast_mul(&self.weight)?
                     .broadcast_add(&self.bias)
             }
-            OpPath::Fused => {
-                candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
-            }
+            OpPath::Fused => candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            ),
         }
     }
 }
@@ -103,8 +106,14 @@ impl Rotary {
     fn gather(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = position_ids.dims2()?;
         let flat = position_ids.flatten_all()?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, self.ndims))?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, self.ndims))?;
+        let cos = self
+            .cos
+            .index_select(&flat, 0)?
+            .reshape((b, 1, t, self.ndims))?;
+        let sin = self
+            .sin
+            .index_select(&flat, 0)?
+            .reshape((b, 1, t, self.ndims))?;
         Ok((cos, sin))
     }
 
@@ -163,10 +172,10 @@ impl KvCache {
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for l in &mut self.layers {
             if let Some(k) = &l.k {
-                l.k = Some(k.index_select(rows, 0)?);
+                l.k = Some(k.contiguous()?.index_select(rows, 0)?);
             }
             if let Some(v) = &l.v {
-                l.v = Some(v.index_select(rows, 0)?);
+                l.v = Some(v.contiguous()?.index_select(rows, 0)?);
             }
         }
         Ok(())
@@ -211,7 +220,9 @@ impl Attention {
             .transpose(1, 2)?; // (b, h, t, 3*hs)
         let q = qkv.narrow(D::Minus1, 0, self.head_size)?;
         let k = qkv.narrow(D::Minus1, self.head_size, self.head_size)?;
-        let v = qkv.narrow(D::Minus1, 2 * self.head_size, self.head_size)?.contiguous()?;
+        let v = qkv
+            .narrow(D::Minus1, 2 * self.head_size, self.head_size)?
+            .contiguous()?;
         let q = rotary.apply(&q, &cos_sin.0, &cos_sin.1)?;
         let k = rotary.apply(&k, &cos_sin.0, &cos_sin.1)?;
         let (k, v) = match cache {
@@ -255,8 +266,18 @@ impl Mlp {
     fn new(cfg: &GptNeoXConfig, vb: VarBuilder) -> Result<Self> {
         let std = cfg.initializer_range;
         Ok(Self {
-            dense_h_to_4h: linear(cfg.hidden_size, cfg.intermediate_size, std, vb.pp("dense_h_to_4h"))?,
-            dense_4h_to_h: linear(cfg.intermediate_size, cfg.hidden_size, std, vb.pp("dense_4h_to_h"))?,
+            dense_h_to_4h: linear(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                std,
+                vb.pp("dense_h_to_4h"),
+            )?,
+            dense_4h_to_h: linear(
+                cfg.intermediate_size,
+                cfg.hidden_size,
+                std,
+                vb.pp("dense_4h_to_h"),
+            )?,
         })
     }
 
@@ -348,14 +369,14 @@ pub fn attention_bias(key_mask: &Tensor, q_len: usize) -> Result<Tensor> {
         .flat_map(|i| (0..k_len).map(move |j| u8::from(j <= i + offset)))
         .collect();
     let causal = Tensor::from_vec(causal, (1, 1, q_len, k_len), dev)?;
-    let keys = key_mask
-        .to_dtype(DType::U8)?
-        .reshape((b, 1, 1, k_len))?;
+    let keys = key_mask.to_dtype(DType::U8)?.reshape((b, 1, 1, k_len))?;
     let allowed = causal.broadcast_mul(&keys)?; // (b,1,q,k) in {0,1}
     // A finite minimum keeps fully masked rows (left padding) free of NaN.
     let neg = Tensor::full(f32::MIN, (b, 1, q_len, k_len), dev)?;
     let zero = Tensor::zeros((b, 1, q_len, k_len), DType::F32, dev)?;
-    allowed.broadcast_as((b, 1, q_len, k_len))?.where_cond(&zero, &neg)
+    allowed
+        .broadcast_as((b, 1, q_len, k_len))?
+        .where_cond(&zero, &neg)
 }
 
 /// Position ids from an attention mask: cumsum(mask) - 1, clamped at 0 (padding positions).
@@ -393,7 +414,11 @@ impl GptNeoX {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(cfg, base.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, base.pp("final_layer_norm"))?;
+        let final_layer_norm = LayerNorm::new(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            base.pp("final_layer_norm"),
+        )?;
         let w = vb.pp("embed_out").get_with_hints(
             (cfg.vocab_size, cfg.hidden_size),
             "weight",
@@ -441,7 +466,10 @@ impl GptNeoX {
 
     /// Every parameter as (HF name, tensor).
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("gpt_neox.embed_in.weight".to_string(), self.embed_in.embeddings().clone())];
+        let mut out = vec![(
+            "gpt_neox.embed_in.weight".to_string(),
+            self.embed_in.embeddings().clone(),
+        )];
         let ln = |out: &mut Vec<(String, Tensor)>, p: &str, l: &LayerNorm| {
             out.push((format!("{p}.weight"), l.weight.clone()));
             out.push((format!("{p}.bias"), l.bias.clone()));
@@ -454,14 +482,42 @@ impl GptNeoX {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("gpt_neox.layers.{i}");
-            ln(&mut out, &format!("{p}.input_layernorm"), &layer.input_layernorm);
-            ln(&mut out, &format!("{p}.post_attention_layernorm"), &layer.post_attention_layernorm);
-            lin(&mut out, &format!("{p}.attention.query_key_value"), &layer.attention.query_key_value);
-            lin(&mut out, &format!("{p}.attention.dense"), &layer.attention.dense);
-            lin(&mut out, &format!("{p}.mlp.dense_h_to_4h"), &layer.mlp.dense_h_to_4h);
-            lin(&mut out, &format!("{p}.mlp.dense_4h_to_h"), &layer.mlp.dense_4h_to_h);
+            ln(
+                &mut out,
+                &format!("{p}.input_layernorm"),
+                &layer.input_layernorm,
+            );
+            ln(
+                &mut out,
+                &format!("{p}.post_attention_layernorm"),
+                &layer.post_attention_layernorm,
+            );
+            lin(
+                &mut out,
+                &format!("{p}.attention.query_key_value"),
+                &layer.attention.query_key_value,
+            );
+            lin(
+                &mut out,
+                &format!("{p}.attention.dense"),
+                &layer.attention.dense,
+            );
+            lin(
+                &mut out,
+                &format!("{p}.mlp.dense_h_to_4h"),
+                &layer.mlp.dense_h_to_4h,
+            );
+            lin(
+                &mut out,
+                &format!("{p}.mlp.dense_4h_to_h"),
+                &layer.mlp.dense_4h_to_h,
+            );
         }
-        ln(&mut out, "gpt_neox.final_layer_norm", &self.final_layer_norm);
+        ln(
+            &mut out,
+            "gpt_neox.final_layer_norm",
+            &self.final_layer_norm,
+        );
         lin(&mut out, "embed_out", &self.embed_out);
         out
     }
@@ -558,6 +614,7 @@ impl GptNeoX {
     ) -> Result<Tensor> {
         let (_, t_new) = input_ids.dims2()?;
         let bias = attention_bias(full_mask, t_new)?;
-        self.run(input_ids, position_ids, &bias, Some(cache), true)?.i((.., 0, ..))
+        self.run(input_ids, position_ids, &bias, Some(cache), true)?
+            .i((.., 0, ..))
     }
 }

@@ -36,7 +36,9 @@ pub fn hub_file(repo: &hf_hub::Repo, file: &str) -> Result<PathBuf> {
     if let Some(p) = cache.repo(repo.clone()).get(file) {
         return Ok(p);
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1").unwrap_or(false);
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .map(|v| v == "1")
+        .unwrap_or(false);
     if offline {
         bail!(
             "{file} of {} (revision {}) is not in the hub cache {} and HF_HUB_OFFLINE=1",
@@ -59,7 +61,10 @@ pub fn hub_file(repo: &hf_hub::Repo, file: &str) -> Result<PathBuf> {
     })
 }
 
-fn weights_from_index(index: &Path, resolve: &dyn Fn(&str) -> Result<PathBuf>) -> Result<Vec<PathBuf>> {
+fn weights_from_index(
+    index: &Path,
+    resolve: &dyn Fn(&str) -> Result<PathBuf>,
+) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index)
         .with_context(|| format!("cannot read {}", index.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)
@@ -71,9 +76,12 @@ fn weights_from_index(index: &Path, resolve: &dyn Fn(&str) -> Result<PathBuf>) -
     let mut files: Vec<String> = map
         .values()
         .map(|f| {
-            f.as_str()
-                .map(String::from)
-                .ok_or_else(|| anyhow!("{}: `weight_map` values must be file names", index.display()))
+            f.as_str().map(String::from).ok_or_else(|| {
+                anyhow!(
+                    "{}: `weight_map` values must be file names",
+                    index.display()
+                )
+            })
         })
         .collect::<Result<_>>()?;
     files.sort();
@@ -116,7 +124,9 @@ pub fn locate(source: &str, revision: Option<&str>) -> Result<ModelFiles> {
         });
     }
     if source.starts_with('.') || source.starts_with('/') || source.split('/').count() != 2 {
-        bail!("model {source:?} is neither an existing directory nor a hub id of the form org/name");
+        bail!(
+            "model {source:?} is neither an existing directory nor a hub id of the form org/name"
+        );
     }
     let repo = hf_hub::Repo::with_revision(
         source.to_string(),
@@ -128,7 +138,9 @@ pub fn locate(source: &str, revision: Option<&str>) -> Result<ModelFiles> {
         Ok(p) => vec![p],
         Err(single_err) => {
             let index = hub_file(&repo, "model.safetensors.index.json").map_err(|_| {
-                single_err.context(format!("{source}: no model.safetensors nor a sharded index"))
+                single_err.context(format!(
+                    "{source}: no model.safetensors nor a sharded index"
+                ))
             })?;
             weights_from_index(&index, &|f| hub_file(&repo, f))?
         }
@@ -143,15 +155,24 @@ pub fn locate(source: &str, revision: Option<&str>) -> Result<ModelFiles> {
 
 /// Read the tensors of safetensors files into memory, checking each file's integrity.
 /// Errors name the file (and the tensor when one is at fault).
-pub fn read_safetensors(files: &[PathBuf], device: &Device) -> Result<HashMap<String, (Tensor, PathBuf)>> {
+pub fn read_safetensors(
+    files: &[PathBuf],
+    device: &Device,
+) -> Result<HashMap<String, (Tensor, PathBuf)>> {
     let mut out = HashMap::new();
     for f in files {
-        let bytes = std::fs::read(f).with_context(|| format!("cannot read weights file {}", f.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("weights file {} is not a valid safetensors file (truncated or corrupt?): {e}", f.display()))?;
+        let bytes = std::fs::read(f)
+            .with_context(|| format!("cannot read weights file {}", f.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow!(
+                "weights file {} is not a valid safetensors file (truncated or corrupt?): {e}",
+                f.display()
+            )
+        })?;
         for (name, view) in st.tensors() {
-            let t = candle_core::safetensors::Load::load(&view, device)
-                .with_context(|| format!("weights file {}: cannot load tensor {name}", f.display()))?;
+            let t = candle_core::safetensors::Load::load(&view, device).with_context(|| {
+                format!("weights file {}: cannot load tensor {name}", f.display())
+            })?;
             out.insert(name, (t, f.clone()));
         }
     }
@@ -167,7 +188,10 @@ pub fn assign_weights(varmap: &VarMap, tensors: &HashMap<String, (Tensor, PathBu
     for (name, var) in sorted {
         let (t, file) = tensors.get(name.as_str()).ok_or_else(|| {
             anyhow!("tensor {name} is missing from the weights ({} file(s))", {
-                let mut fs: Vec<_> = tensors.values().map(|(_, f)| f.display().to_string()).collect();
+                let mut fs: Vec<_> = tensors
+                    .values()
+                    .map(|(_, f)| f.display().to_string())
+                    .collect();
                 fs.sort();
                 fs.dedup();
                 fs.join(", ")
@@ -188,7 +212,10 @@ pub fn assign_weights(varmap: &VarMap, tensors: &HashMap<String, (Tensor, PathBu
             || name.ends_with(".attention.bias")
             || name.ends_with(".attention.masked_bias");
         if !data.contains_key(name) && !is_buffer {
-            bail!("weights file {}: unexpected tensor {name} (not a GPT-NeoX parameter)", file.display());
+            bail!(
+                "weights file {}: unexpected tensor {name} (not a GPT-NeoX parameter)",
+                file.display()
+            );
         }
     }
     Ok(())
@@ -216,7 +243,12 @@ pub fn fresh(cfg: &GptNeoXConfig, dtype: DType, device: &Device, seed: u64) -> R
 }
 
 /// Load a model from a directory or hub id, with trainable variables in `dtype`.
-pub fn load(source: &str, revision: Option<&str>, dtype: DType, device: &Device) -> Result<LoadedModel> {
+pub fn load(
+    source: &str,
+    revision: Option<&str>,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel> {
     let files = locate(source, revision)?;
     let cfg = GptNeoXConfig::from_file(&files.config)?;
     let varmap = VarMap::new();
@@ -235,7 +267,11 @@ pub fn load(source: &str, revision: Option<&str>, dtype: DType, device: &Device)
 /// `config.json`, atomically (temporary names, then rename).
 pub fn save_hf(model: &GptNeoX, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors: HashMap<String, Tensor> = model.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect();
+    let tensors: HashMap<String, Tensor> = model
+        .named_parameters()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach()))
+        .collect();
     let tmp = dir.join(".model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;

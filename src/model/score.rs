@@ -34,7 +34,11 @@ pub fn collate(
     device: &Device,
 ) -> Result<SeqBatch> {
     if prompts.len() != responses.len() {
-        bail!("{} prompts but {} responses", prompts.len(), responses.len());
+        bail!(
+            "{} prompts but {} responses",
+            prompts.len(),
+            responses.len()
+        );
     }
     if prompts.is_empty() {
         bail!("cannot score an empty batch");
@@ -53,7 +57,9 @@ pub fn collate(
         .collect();
     for (i, (s, pl)) in seqs.iter().enumerate() {
         if *pl == 0 {
-            bail!("row {i}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)");
+            bail!(
+                "row {i}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)"
+            );
         }
         if s.len() == *pl {
             bail!("row {i}: empty response");
@@ -96,7 +102,10 @@ pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
     let logits = logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = logp
-        .gather(&batch.targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
+        .gather(
+            &batch.targets.unsqueeze(D::Minus1)?.contiguous()?,
+            D::Minus1,
+        )?
         .squeeze(D::Minus1)?;
     Ok(picked.mul(&batch.label_mask)?)
 }
@@ -124,7 +133,11 @@ pub fn score_pairs(
         let r: Vec<&[u32]> = responses[start..end].iter().map(|x| x.as_slice()).collect();
         let batch = collate(&p, &r, append_eos, pad_id, inf.device())?;
         let lp = sequence_logps(&inf, &batch)?.to_vec1::<f32>()?;
-        out.extend(lp.into_iter().map(|x| x as f64).zip(batch.n_response_tokens.iter().copied()));
+        out.extend(
+            lp.into_iter()
+                .map(|x| x as f64)
+                .zip(batch.n_response_tokens.iter().copied()),
+        );
     }
     Ok(out)
 }

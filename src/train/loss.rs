@@ -48,12 +48,16 @@ impl Objective {
     /// Parse a short name; R-DPO takes its alpha, DPO label smoothing 0.
     pub fn from_name(name: &str, rdpo_alpha: f64) -> anyhow::Result<Self> {
         Ok(match name {
-            "dpo" => Objective::Dpo { label_smoothing: 0.0 },
+            "dpo" => Objective::Dpo {
+                label_smoothing: 0.0,
+            },
             "ipo" => Objective::Ipo,
             "ipo_paper" => Objective::IpoPaper,
             "slic" => Objective::Slic,
             "rdpo" => Objective::Rdpo { alpha: rdpo_alpha },
-            s => anyhow::bail!("unknown objective {s:?}: expected dpo, ipo, ipo_paper, slic or rdpo"),
+            s => {
+                anyhow::bail!("unknown objective {s:?}: expected dpo, ipo, ipo_paper, slic or rdpo")
+            }
         })
     }
 }
@@ -188,8 +192,12 @@ mod tests {
         let lw = Tensor::new(&[5f32, 7.0, 3.0], &dev).unwrap();
         let ll = Tensor::new(&[4f32, 9.0, 3.0], &dev).unwrap();
         let objs = [
-            Objective::Dpo { label_smoothing: 0.0 },
-            Objective::Dpo { label_smoothing: 0.2 },
+            Objective::Dpo {
+                label_smoothing: 0.0,
+            },
+            Objective::Dpo {
+                label_smoothing: 0.2,
+            },
             Objective::Ipo,
             Objective::IpoPaper,
             Objective::Slic,

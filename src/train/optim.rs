@@ -97,7 +97,11 @@ impl RmsProp {
     pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
         let mut total = 0f64;
         for g in grads.iter().flatten() {
-            total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            total += g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
         }
         Ok(total.sqrt())
     }
@@ -105,7 +109,11 @@ impl RmsProp {
     /// One step with gradients aligned with the variables (None: no gradient, var untouched).
     pub fn step_with(&mut self, grads: &[Option<Tensor>]) -> Result<StepInfo> {
         if grads.len() != self.vars.len() {
-            candle_core::bail!("{} gradients for {} variables", grads.len(), self.vars.len());
+            candle_core::bail!(
+                "{} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            );
         }
         let norm = Self::grad_norm(grads)?;
         let clip = match self.cfg.max_grad_norm {
@@ -129,12 +137,18 @@ impl RmsProp {
             *sq = next_sq;
         }
         self.step += 1;
-        Ok(StepInfo { grad_norm: norm, lr })
+        Ok(StepInfo {
+            grad_norm: norm,
+            lr,
+        })
     }
 
     /// Gradients of a `GradStore` aligned with the variables.
     pub fn grads_of(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
-        self.vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect()
+        self.vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect()
     }
 
     /// Optimizer state (squared averages by variable index, and the step count) for checkpoints.
@@ -151,11 +165,15 @@ impl RmsProp {
     /// Restore the state written by [`RmsProp::state`].
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: usize) -> Result<()> {
         for (i, sq) in self.square_avg.iter_mut().enumerate() {
-            let t = tensors
-                .get(&format!("square_avg.{i}"))
-                .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks square_avg.{i}")))?;
+            let t = tensors.get(&format!("square_avg.{i}")).ok_or_else(|| {
+                candle_core::Error::Msg(format!("optimizer state lacks square_avg.{i}"))
+            })?;
             if t.dims() != sq.dims() {
-                candle_core::bail!("optimizer state square_avg.{i} has shape {:?}, expected {:?}", t.dims(), sq.dims());
+                candle_core::bail!(
+                    "optimizer state square_avg.{i} has shape {:?}, expected {:?}",
+                    t.dims(),
+                    sq.dims()
+                );
             }
             *sq = t.to_dtype(DType::F32)?.to_device(sq.device())?;
         }

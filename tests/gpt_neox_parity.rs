@@ -1,0 +1,543 @@
+//! Parity of the candle GPT-NeoX with HF transformers on tiny random models.
+//! Fixtures: tests/fixtures/make_gpt_neox.py (torch 2.15, transformers 5.24).
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use overopt::data::tokenizer::Tok;
+use overopt::model::generate::{SampleConfig, generate};
+use overopt::model::gpt_neox::{KvCache, position_ids_from_mask};
+use overopt::model::load;
+use overopt::model::score::{collate, sequence_logps};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gpt_neox")
+        .join(name)
+}
+
+fn expected(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("expected.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn pairs() -> Vec<(String, String)> {
+    std::fs::read_to_string(fixture("pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["prompt"].as_str().unwrap().to_string(),
+                v["response"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+const NAMES: [&str; 2] = ["parallel", "sequential"];
+
+#[test]
+fn logits_match_hf_on_a_right_padded_batch() {
+    for name in NAMES {
+        let lm = load::load(
+            fixture(name).to_str().unwrap(),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let exp = expected(name);
+        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+        let mask = exp["attention_mask"].to_dtype(DType::U8).unwrap();
+        let logits = lm.model.forward(&ids, Some(&mask), None).unwrap();
+        let want = &exp["logits"];
+        let m = mask.to_vec2::<u8>().unwrap();
+        let mut worst = 0f32;
+        for (i, row) in m.iter().enumerate() {
+            let n = row.iter().filter(|&&x| x == 1).count();
+            let a = logits.i((i, 0..n)).unwrap();
+            let b = want.i((i, 0..n)).unwrap();
+            worst = worst.max(max_abs_diff(&a, &b));
+        }
+        assert!(worst < 1e-4, "{name}: max |logit diff| = {worst}");
+        // The fused inference path computes the same function.
+        let fused = lm.model.inference_copy().unwrap();
+        let lf = fused.forward(&ids, Some(&mask), None).unwrap();
+        for (i, row) in m.iter().enumerate() {
+            let n = row.iter().filter(|&&x| x == 1).count();
+            let d = max_abs_diff(&lf.i((i, 0..n)).unwrap(), &logits.i((i, 0..n)).unwrap());
+            assert!(
+                d < 1e-4,
+                "{name}: fused vs differentiable path differ by {d}"
+            );
+        }
+    }
+}
+
+fn fixture_batch(name: &str, lm: &load::LoadedModel) -> overopt::model::score::SeqBatch {
+    let tok = Tok::from_file(
+        &fixture(name).join("tokenizer.json"),
+        lm.model.config().eos_token_id,
+    )
+    .unwrap();
+    let ps = pairs();
+    let p: Vec<Vec<u32>> = ps.iter().map(|(p, _)| tok.encode(p).unwrap()).collect();
+    let r: Vec<Vec<u32>> = ps.iter().map(|(_, r)| tok.encode(r).unwrap()).collect();
+    let pr: Vec<&[u32]> = p.iter().map(|x| x.as_slice()).collect();
+    let rr: Vec<&[u32]> = r.iter().map(|x| x.as_slice()).collect();
+    collate(&pr, &rr, Some(tok.eos_id), tok.pad_id, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn summed_logps_and_gradients_match_hf() {
+    for name in NAMES {
+        let lm = load::load(
+            fixture(name).to_str().unwrap(),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let exp = expected(name);
+        let batch = fixture_batch(name, &lm);
+        // The collated batch is the one HF scored.
+        assert_eq!(
+            batch
+                .input_ids
+                .to_dtype(DType::I64)
+                .unwrap()
+                .to_vec2::<i64>()
+                .unwrap(),
+            exp["input_ids"].to_vec2::<i64>().unwrap()
+        );
+        let lp = sequence_logps(&lm.model, &batch).unwrap();
+        let d = max_abs_diff(&lp, &exp["seq_logps"]);
+        assert!(d < 1e-4, "{name}: summed log-probs differ by {d}");
+
+        let loss = (lp * &exp["loss_weights"]).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = lm.varmap.data().lock().unwrap();
+        let mut checked = 0;
+        for (k, want) in &exp {
+            let Some(pname) = k.strip_prefix("grad.") else {
+                continue;
+            };
+            let var = vars.get(pname).unwrap_or_else(|| panic!("no var {pname}"));
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
+            let scale = want
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let rel = max_abs_diff(got, want) / scale.max(1e-12);
+            assert!(
+                rel < 1e-3,
+                "{name}: gradient of {pname} off by {rel} (relative to max {scale})"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 7);
+    }
+}
+
+#[test]
+fn every_parameter_receives_a_gradient() {
+    for name in NAMES {
+        let lm = load::load(
+            fixture(name).to_str().unwrap(),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let batch = fixture_batch(name, &lm);
+        let loss = sequence_logps(&lm.model, &batch)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = lm.varmap.data().lock().unwrap();
+        assert_eq!(vars.len(), 4 + 12 * 2);
+        for (pname, var) in vars.iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: {pname} has no gradient"));
+            let n = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                n > 0.0 && n.is_finite(),
+                "{name}: {pname} gradient norm^2 = {n}"
+            );
+        }
+    }
+}
+
+/// Greedy decoding by recomputing the full forward at every step (no cache).
+fn greedy_recompute(
+    model: &overopt::model::GptNeoX,
+    prompt: &[u32],
+    steps: usize,
+    eos: u32,
+) -> (Vec<u32>, Vec<f32>) {
+    let mut seq = prompt.to_vec();
+    let mut toks = vec![];
+    let mut lps = vec![];
+    for _ in 0..steps {
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&ids, None, None).unwrap();
+        let last = logits.i((0, seq.len() - 1)).unwrap();
+        let lsm = candle_nn::ops::log_softmax(&last, 0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let t = last.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        toks.push(t);
+        lps.push(lsm[t as usize]);
+        seq.push(t);
+        if t == eos {
+            break;
+        }
+    }
+    (toks, lps)
+}
+
+#[test]
+fn greedy_generation_with_kv_cache_matches_recompute_and_hf() {
+    for name in NAMES {
+        let lm = load::load(
+            fixture(name).to_str().unwrap(),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let exp = expected(name);
+        let cfg = lm.model.config().clone();
+        let eos = cfg.eos_token_id.unwrap();
+        let gids = exp["gen_input_ids"].to_vec2::<i64>().unwrap();
+        let gmask = exp["gen_attention_mask"].to_vec2::<i64>().unwrap();
+        let hf_out = exp["gen_output"].to_vec2::<i64>().unwrap();
+        let prompts: Vec<Vec<u32>> = gids
+            .iter()
+            .zip(&gmask)
+            .map(|(r, m)| {
+                r.iter()
+                    .zip(m)
+                    .filter(|(_, m)| **m == 1)
+                    .map(|(t, _)| *t as u32)
+                    .collect()
+            })
+            .collect();
+        let p = gids[0].len();
+        let sc = SampleConfig {
+            temperature: 0.0,
+            top_k: None,
+            max_length: p + 10,
+            seed: 0,
+            batch_size: 8,
+        };
+        let samples = generate(&lm.model, &prompts, &sc, eos, 1).unwrap();
+        for (i, s) in samples.iter().enumerate() {
+            let (toks, lps) =
+                greedy_recompute(&lm.model, &prompts[i], p + 10 - prompts[i].len(), eos);
+            assert_eq!(
+                s.tokens, toks,
+                "{name} row {i}: cached vs recomputed tokens"
+            );
+            for (a, b) in s.logps.iter().zip(&lps) {
+                assert!((a - b).abs() < 1e-4, "{name} row {i}: logp {a} vs {b}");
+            }
+            // HF pads finished rows with the pad id after EOS.
+            let hf: Vec<u32> = hf_out[i].iter().map(|&t| t as u32).collect();
+            // HF's limit is on the padded batch (10 new tokens for every row).
+            let n = s.tokens.len().min(10);
+            assert_eq!(&hf[..n], &s.tokens[..n], "{name} row {i}: HF greedy output");
+        }
+    }
+}
+
+#[test]
+fn left_padded_cached_prefill_matches_unpadded_forward() {
+    let lm = load::load(
+        fixture("parallel").to_str().unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let m = lm.model.inference_copy().unwrap();
+    let a: Vec<u32> = vec![5, 17, 42, 8, 9];
+    let b: Vec<u32> = vec![250, 11];
+    let ids = Tensor::new(&[[5u32, 17, 42, 8, 9], [1, 1, 1, 250, 11]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u8, 1, 1, 1, 1], [0, 0, 0, 1, 1]], &Device::Cpu).unwrap();
+    let pos = position_ids_from_mask(&mask).unwrap();
+    assert_eq!(
+        pos.to_vec2::<u32>().unwrap(),
+        vec![vec![0, 1, 2, 3, 4], vec![0, 0, 0, 0, 1]]
+    );
+    let mut cache = KvCache::new(2);
+    let logits = m.forward_cached(&ids, &mask, &pos, &mut cache).unwrap();
+    for (row, seq, off) in [(0usize, &a, 0usize), (1, &b, 3)] {
+        let solo = m
+            .forward(
+                &Tensor::new(seq.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+                None,
+            )
+            .unwrap();
+        let d = max_abs_diff(
+            &logits.i((row, off..off + seq.len())).unwrap(),
+            &solo.i(0).unwrap(),
+        );
+        assert!(d < 1e-4, "row {row}: {d}");
+    }
+}
+
+#[test]
+fn sampling_is_seeded_and_independent_of_batching() {
+    let lm = load::load(
+        fixture("parallel").to_str().unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![5, 17, 42],
+        vec![250, 11],
+        vec![2],
+        vec![12, 13, 14, 15],
+    ];
+    let mut sc = SampleConfig {
+        temperature: 1.0,
+        top_k: Some(50),
+        max_length: 20,
+        seed: 3,
+        batch_size: 4,
+    };
+    let a = generate(&lm.model, &prompts, &sc, 0, 1).unwrap();
+    let b = generate(&lm.model, &prompts, &sc, 0, 1).unwrap();
+    assert_eq!(a, b);
+    sc.batch_size = 1;
+    let c = generate(&lm.model, &prompts, &sc, 0, 1).unwrap();
+    for (x, y) in a.iter().zip(&c) {
+        assert_eq!(x.tokens, y.tokens);
+    }
+    sc.seed = 4;
+    let d = generate(&lm.model, &prompts, &sc, 0, 1).unwrap();
+    assert_ne!(a, d);
+    for (s, p) in a.iter().zip(&prompts) {
+        assert!(s.tokens.len() <= 20 - p.len() && (s.finished || s.tokens.len() == 20 - p.len()));
+        assert_eq!(s.finished, s.tokens.last() == Some(&0));
+    }
+}
+
+#[test]
+fn bad_weights_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("parallel");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    // Missing weights.
+    let e = load::load(dir.path().to_str().unwrap(), None, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    // Truncated file.
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        load::load(dir.path().to_str().unwrap(), None, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    // A shape that does not match the config.
+    std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+    let e = format!(
+        "{:#}",
+        load::load(dir.path().to_str().unwrap(), None, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("dense_") && e.contains("shape") && e.contains("model.safetensors"),
+        "{e}"
+    );
+    // A missing shard of a sharded model.
+    let dir2 = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixture("sequential")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir2.path().join(f.file_name())).unwrap();
+    }
+    std::fs::remove_file(dir2.path().join("model-00003-of-00009.safetensors")).unwrap();
+    let e = format!(
+        "{:#}",
+        load::load(
+            dir2.path().to_str().unwrap(),
+            None,
+            DType::F32,
+            &Device::Cpu
+        )
+        .err()
+        .unwrap()
+    );
+    assert!(e.contains("model-00003-of-00009.safetensors"), "{e}");
+}
+
+#[test]
+fn saved_checkpoint_round_trips() {
+    let lm = load::load(
+        fixture("sequential").to_str().unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    load::save_hf(&lm.model, dir.path()).unwrap();
+    let back = load::load(dir.path().to_str().unwrap(), None, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(back.model.config(), lm.model.config());
+    let ids = Tensor::new(&[[3u32, 4, 5, 6]], &Device::Cpu).unwrap();
+    let d = max_abs_diff(
+        &lm.model.forward(&ids, None, None).unwrap(),
+        &back.model.forward(&ids, None, None).unwrap(),
+    );
+    assert_eq!(d, 0.0);
+}
+
+#[test]
+fn bf16_forward_is_close_to_f32() {
+    let f32m = load::load(
+        fixture("parallel").to_str().unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let bf = load::load(
+        fixture("parallel").to_str().unwrap(),
+        None,
+        DType::BF16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[3u32, 4, 5, 6, 7, 8]], &Device::Cpu).unwrap();
+    let a = f32m.model.forward(&ids, None, None).unwrap();
+    let b = bf
+        .model
+        .forward(&ids, None, None)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let scale = a
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d = max_abs_diff(&a, &b);
+    assert!(d / scale < 0.05, "bf16 relative error {}", d / scale);
+}
+
+#[test]
+fn score_cli_reproduces_hf_logps() {
+    for name in NAMES {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_overopt"))
+            .args([
+                "score",
+                "--model",
+                fixture(name).to_str().unwrap(),
+                "--input",
+            ])
+            .arg(fixture("pairs.jsonl"))
+            .arg("--output")
+            .arg(out.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let exp = expected(name)["seq_logps"].to_vec1::<f32>().unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), exp.len());
+        for (l, e) in lines.iter().zip(&exp) {
+            assert!(
+                (l["logp"].as_f64().unwrap() - *e as f64).abs() < 1e-4,
+                "{name}: {l} vs {e}"
+            );
+        }
+        assert_eq!(lines[1]["n_tokens"], 2); // "w7" + EOS
+    }
+    // A bad JSON line is reported with its line number.
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        bad.path(),
+        "{\"prompt\": \"w5\", \"response\": \"w6\"}\n{\"prompt\": \"w5\"}\n",
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_overopt"))
+        .args([
+            "score",
+            "--model",
+            fixture("parallel").to_str().unwrap(),
+            "--input",
+        ])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 2") && err.contains("response"), "{err}");
+}
