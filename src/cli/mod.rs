@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod judge_cmd;
 mod model_cmds;
 
 #[derive(Parser, Debug)]
@@ -24,6 +25,10 @@ pub enum Command {
     /// Sample continuations of prompts: reads JSON lines {"prompt"}, writes
     /// {"prompt", "response", "tokens", "logps", "finished"} per line.
     Sample(model_cmds::SampleArgs),
+    /// Judge candidate summaries against reference summaries with an OpenAI-compatible judge:
+    /// reads JSON lines {"prompt", "candidate", "reference"} (optional "id"), writes one verdict
+    /// line per input and a summary JSON (win rate, interval, position bias, tokens, cost).
+    Judge(judge_cmd::JudgeArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -34,5 +39,6 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => model_cmds::score(a),
         Command::Sample(a) => model_cmds::sample(a),
+        Command::Judge(a) => judge_cmd::run(a),
     }
 }

@@ -1,0 +1,709 @@
+//! A judge behind an OpenAI-compatible chat-completions endpoint
+//! (`POST {base_url}/chat/completions`).
+//!
+//! Request: `{"model", "messages": [{"role": "user", "content": <prompt>}], "temperature",
+//! "max_tokens"}` with `Authorization: Bearer <key>` when a key is configured. Reply: the text
+//! of `choices[0].message.content`, and `usage.prompt_tokens` / `usage.completion_tokens`.
+//!
+//! Failure handling, per comparison:
+//! * retried with exponential backoff (`backoff_base_ms * 2^k`, capped at `backoff_cap_ms`,
+//!   times a random factor in [0.5, 1]): timeouts, connection errors, HTTP 429 and 5xx; a
+//!   `Retry-After: <seconds>` header on those replaces the backoff (capped at
+//!   `max_retry_after_s`). After `max_retries` retries the comparison is recorded as failed.
+//! * not retried, recorded as failed with the status: other non-2xx statuses (e.g. 400, 401).
+//! * not retried, recorded as failed: a 2xx body that is not chat-completions JSON.
+//! * recorded as unparseable: a reply whose text has no readable `Preferred:` line.
+//!
+//! The API key goes only into the `Authorization` header. It is never serialized
+//! ([`OpenAiJudgeConfig`] skips it), never shown by `Debug`, and any occurrence of it in a
+//! server's reply or error body is replaced by `<redacted>` before the text is kept anywhere.
+
+use super::cache::{CACHE_VERSION, CacheEntry, VerdictCache, cache_key};
+use super::prompt::{flip_for, post_text, render};
+use super::{
+    Judge, JudgeItem, JudgeReport, JudgeSummary, Prices, Usage, Verdict, check_unique_ids,
+};
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Base URL used when neither the config nor `OPENAI_BASE_URL` names one.
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+/// The paper's judge.
+pub const DEFAULT_MODEL: &str = "gpt-4-turbo";
+/// Environment variable read for the base URL when the config has none.
+pub const BASE_URL_ENV: &str = "OPENAI_BASE_URL";
+
+const REDACTED: &str = "<redacted>";
+
+/// An API key. `Debug` prints `ApiKey(<redacted>)`; it has no `Display` and no `Serialize`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    fn header_value(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKey({REDACTED})")
+    }
+}
+
+/// Settings of [`OpenAiJudge`]. Every field has a default, so a TOML/JSON config may name only
+/// what it changes. `api_key` is read from config files but never written back out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiJudgeConfig {
+    /// Judge model name sent to the server.
+    pub model: String,
+    /// e.g. `https://api.openai.com/v1`; the request goes to `{base_url}/chat/completions`.
+    /// When unset: `$OPENAI_BASE_URL`, else [`DEFAULT_BASE_URL`].
+    pub base_url: Option<String>,
+    /// The API key. When unset, the environment variable named by `api_key_env` is read; with
+    /// neither, requests carry no `Authorization` header (fine for local servers).
+    #[serde(skip_serializing)]
+    pub api_key: Option<ApiKey>,
+    /// Environment variable holding the key (default `OPENAI_API_KEY`); empty to read none.
+    pub api_key_env: String,
+    /// Sampling temperature of the judge (the protocol uses 0).
+    pub temperature: f64,
+    /// Token limit of the judge's reply.
+    pub max_tokens: u32,
+    /// Seed of the per-comparison order (combined with each item's id).
+    pub seed: u64,
+    /// Requests in flight at most (worker threads).
+    pub concurrency: usize,
+    /// Retries after the first request of a comparison.
+    pub max_retries: u32,
+    /// First backoff delay, doubled per retry, capped at `backoff_cap_ms`, then jittered.
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// Upper bound on a server's `Retry-After`.
+    pub max_retry_after_s: f64,
+    /// TCP connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Timeout of each socket read and write (a stalled server times out after this long).
+    pub read_timeout_ms: u64,
+    /// Folder of cached replies; no caching when unset.
+    pub cache_dir: Option<PathBuf>,
+    /// Prices per 1000 prompt / completion tokens, for the reported cost.
+    pub price_prompt_per_1k: f64,
+    pub price_completion_per_1k: f64,
+}
+
+impl Default for OpenAiJudgeConfig {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL.to_string(),
+            base_url: None,
+            api_key: None,
+            api_key_env: "OPENAI_API_KEY".to_string(),
+            temperature: 0.0,
+            max_tokens: 256,
+            seed: 0,
+            concurrency: 4,
+            max_retries: 6,
+            backoff_base_ms: 1000,
+            backoff_cap_ms: 60_000,
+            max_retry_after_s: 600.0,
+            connect_timeout_ms: 10_000,
+            read_timeout_ms: 120_000,
+            cache_dir: None,
+            price_prompt_per_1k: 0.0,
+            price_completion_per_1k: 0.0,
+        }
+    }
+}
+
+impl OpenAiJudgeConfig {
+    pub fn prices(&self) -> Prices {
+        Prices {
+            prompt_per_1k: self.price_prompt_per_1k,
+            completion_per_1k: self.price_completion_per_1k,
+        }
+    }
+}
+
+type Sleeper = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// The chat-completions judge. See the module documentation for the protocol.
+pub struct OpenAiJudge {
+    config: OpenAiJudgeConfig,
+    base_url: String,
+    endpoint: String,
+    api_key: Option<ApiKey>,
+    agent: ureq::Agent,
+    sleeper: Sleeper,
+}
+
+impl std::fmt::Debug for OpenAiJudge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiJudge")
+            .field("model", &self.config.model)
+            .field("endpoint", &self.endpoint)
+            .field("api_key", &self.api_key.as_ref().map(|_| REDACTED))
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One comparison to fetch (deduplicated by cache key).
+struct Job {
+    key: String,
+    flipped: bool,
+    body: String,
+}
+
+/// What came back for a job.
+enum Fetched {
+    Reply {
+        content: String,
+        usage: Usage,
+        response_model: Option<String>,
+    },
+    Failed {
+        error: String,
+        http_status: Option<u16>,
+    },
+}
+
+/// The result of one HTTP request.
+enum Step {
+    Done(Fetched),
+    Retry {
+        error: String,
+        http_status: Option<u16>,
+        wait: Option<Duration>,
+    },
+}
+
+impl OpenAiJudge {
+    /// Build a judge, filling the base URL and the key from the environment where the config
+    /// leaves them unset.
+    pub fn new(config: OpenAiJudgeConfig) -> Result<Self> {
+        Self::with_env(config, |name| std::env::var(name).ok())
+    }
+
+    /// A judge configured from the environment alone (`OPENAI_API_KEY`, `OPENAI_BASE_URL`).
+    pub fn from_env() -> Result<Self> {
+        Self::new(OpenAiJudgeConfig::default())
+    }
+
+    fn with_env(
+        mut config: OpenAiJudgeConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let nonempty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+        let base_url = config
+            .base_url
+            .clone()
+            .or_else(|| nonempty(env(BASE_URL_ENV)))
+            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        let base_url = base_url.trim().trim_end_matches('/').to_string();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            bail!("judge base URL {base_url:?} must start with http:// or https://");
+        }
+        let api_key = config.api_key.take().or_else(|| {
+            if config.api_key_env.is_empty() {
+                None
+            } else {
+                nonempty(env(&config.api_key_env)).map(ApiKey)
+            }
+        });
+        if api_key
+            .as_ref()
+            .is_some_and(|k| k.0.chars().any(|c| c.is_control() || c == ' '))
+        {
+            bail!("judge API key contains whitespace or control characters");
+        }
+        if config.model.trim().is_empty() {
+            bail!("judge model name is empty");
+        }
+        if config.max_retry_after_s.is_nan() || config.max_retry_after_s < 0.0 {
+            bail!(
+                "judge max_retry_after_s must be >= 0, got {}",
+                config.max_retry_after_s
+            );
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_millis(config.connect_timeout_ms.max(1)))
+            .timeout_read(Duration::from_millis(config.read_timeout_ms.max(1)))
+            .timeout_write(Duration::from_millis(config.read_timeout_ms.max(1)))
+            .redirects(0)
+            .try_proxy_from_env(false)
+            .build();
+        let endpoint = format!("{base_url}/chat/completions");
+        Ok(Self {
+            config,
+            base_url,
+            endpoint,
+            api_key,
+            agent,
+            sleeper: Arc::new(std::thread::sleep),
+        })
+    }
+
+    /// Replace how the client waits between retries (default: `std::thread::sleep`); tests use
+    /// it to record the delays instead of sleeping.
+    pub fn with_sleeper(mut self, sleeper: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        self.sleeper = Arc::new(sleeper);
+        self
+    }
+
+    /// The settings in use (the key removed).
+    pub fn config(&self) -> &OpenAiJudgeConfig {
+        &self.config
+    }
+
+    /// The resolved base URL, without a trailing slash.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The judging prompt of an item and its order (true: candidate shown as B).
+    pub fn prompt_for(&self, item: &JudgeItem) -> (String, bool) {
+        let flipped = flip_for(self.config.seed, &item.id);
+        let post = post_text(&item.prompt);
+        let text = if flipped {
+            render(post, &item.reference, &item.candidate)
+        } else {
+            render(post, &item.candidate, &item.reference)
+        };
+        (text, flipped)
+    }
+
+    /// Replace every occurrence of the key in text from the server.
+    fn redact(&self, s: &str) -> String {
+        match &self.api_key {
+            Some(k) if !k.0.is_empty() && s.contains(&k.0) => s.replace(&k.0, REDACTED),
+            _ => s.to_string(),
+        }
+    }
+
+    /// A short, single-line, redacted excerpt of a body for error messages.
+    fn excerpt(&self, body: &str) -> String {
+        let one_line: String = body
+            .chars()
+            .take(300)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let more = if body.chars().count() > 300 {
+            "..."
+        } else {
+            ""
+        };
+        self.redact(&format!("{}{more}", one_line.trim()))
+    }
+
+    fn backoff(&self, retry: u32) -> Duration {
+        let exp = self
+            .config
+            .backoff_base_ms
+            .saturating_mul(1u64 << retry.min(32));
+        let capped = exp.min(self.config.backoff_cap_ms) as f64;
+        let jitter = 0.5 + 0.5 * rand::random::<f64>();
+        Duration::from_secs_f64(capped * jitter / 1000.0)
+    }
+
+    fn retry_after(&self, value: Option<&str>) -> Option<Duration> {
+        let secs: f64 = value?.trim().parse().ok()?;
+        (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(self.config.max_retry_after_s)))
+    }
+
+    fn send_once(&self, body: &str) -> Step {
+        let mut req = self
+            .agent
+            .post(&self.endpoint)
+            .set("Content-Type", "application/json");
+        if let Some(k) = &self.api_key {
+            req = req.set("Authorization", &k.header_value());
+        }
+        match req.send_string(body) {
+            Ok(resp) => {
+                let status = resp.status();
+                match resp.into_string() {
+                    Err(e) => Step::Retry {
+                        error: self.redact(&format!("reading the response body failed: {e}")),
+                        http_status: Some(status),
+                        wait: None,
+                    },
+                    Ok(text) if (200..300).contains(&status) => {
+                        Step::Done(self.parse_response(&text))
+                    }
+                    Ok(text) => Step::Done(Fetched::Failed {
+                        error: format!("HTTP {status}: {}", self.excerpt(&text)),
+                        http_status: Some(status),
+                    }),
+                }
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                let wait = self.retry_after(resp.header("retry-after"));
+                let text = resp.into_string().unwrap_or_default();
+                let error = format!("HTTP {code}: {}", self.excerpt(&text));
+                if code == 429 || (500..600).contains(&code) {
+                    Step::Retry {
+                        error,
+                        http_status: Some(code),
+                        wait,
+                    }
+                } else {
+                    Step::Done(Fetched::Failed {
+                        error,
+                        http_status: Some(code),
+                    })
+                }
+            }
+            Err(ureq::Error::Transport(t)) => {
+                use ureq::ErrorKind as K;
+                let error = self.redact(&format!("transport error: {t}"));
+                match t.kind() {
+                    K::Dns
+                    | K::ConnectionFailed
+                    | K::Io
+                    | K::BadStatus
+                    | K::BadHeader
+                    | K::ProxyConnect => Step::Retry {
+                        error,
+                        http_status: None,
+                        wait: None,
+                    },
+                    _ => Step::Done(Fetched::Failed {
+                        error,
+                        http_status: None,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn parse_response(&self, text: &str) -> Fetched {
+        let v: serde_json::Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                return Fetched::Failed {
+                    error: format!("response body is not JSON ({e}): {}", self.excerpt(text)),
+                    http_status: None,
+                };
+            }
+        };
+        let Some(content) = v
+            .pointer("/choices/0/message/content")
+            .and_then(|c| c.as_str())
+        else {
+            return Fetched::Failed {
+                error: format!(
+                    "response JSON has no choices[0].message.content: {}",
+                    self.excerpt(text)
+                ),
+                http_status: None,
+            };
+        };
+        let tokens = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+        Fetched::Reply {
+            content: self.redact(content),
+            usage: Usage {
+                prompt_tokens: tokens("/usage/prompt_tokens"),
+                completion_tokens: tokens("/usage/completion_tokens"),
+            },
+            response_model: v
+                .get("model")
+                .and_then(|m| m.as_str())
+                .map(|m| self.redact(m)),
+        }
+    }
+
+    /// One comparison with retries: the outcome and the number of requests made.
+    fn fetch(&self, body: &str) -> (Fetched, u32) {
+        let mut requests = 0u32;
+        loop {
+            requests += 1;
+            match self.send_once(body) {
+                Step::Done(f) => return (f, requests),
+                Step::Retry {
+                    error,
+                    http_status,
+                    wait,
+                } => {
+                    if requests > self.config.max_retries {
+                        let error =
+                            format!("gave up after {requests} requests; last error: {error}");
+                        return (Fetched::Failed { error, http_status }, requests);
+                    }
+                    (self.sleeper)(wait.unwrap_or_else(|| self.backoff(requests - 1)));
+                }
+            }
+        }
+    }
+
+    fn request_body(&self, prompt: &str) -> String {
+        serde_json::json!({
+            "model": self.config.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": self.config.temperature,
+            "max_tokens": self.config.max_tokens,
+        })
+        .to_string()
+    }
+}
+
+impl Judge for OpenAiJudge {
+    fn judge(&self, items: &[JudgeItem]) -> Result<JudgeReport> {
+        check_unique_ids(items)?;
+        let cache = self
+            .config
+            .cache_dir
+            .as_deref()
+            .map(VerdictCache::open)
+            .transpose()?;
+        let cfg = &self.config;
+
+        // Deduplicate comparisons by cache key: identical comparisons are fetched once.
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut job_of_key: HashMap<String, usize> = HashMap::new();
+        let mut job_of_item: Vec<usize> = Vec::with_capacity(items.len());
+        for item in items {
+            let (prompt, flipped) = self.prompt_for(item);
+            let key = cache_key(
+                &cfg.model,
+                cfg.temperature,
+                cfg.max_tokens,
+                flipped,
+                &prompt,
+            );
+            let j = *job_of_key.entry(key.clone()).or_insert_with(|| {
+                jobs.push(Job {
+                    key,
+                    flipped,
+                    body: self.request_body(&prompt),
+                });
+                jobs.len() - 1
+            });
+            job_of_item.push(j);
+        }
+
+        // Cache lookups, then a bounded pool of workers for the rest.
+        let mut results: Vec<Option<(Fetched, u32)>> = jobs
+            .iter()
+            .map(|job| {
+                let hit = cache.as_ref()?.get(&job.key)?;
+                Some((
+                    Fetched::Reply {
+                        content: hit.reply,
+                        usage: hit.usage,
+                        response_model: hit.response_model,
+                    },
+                    0,
+                ))
+            })
+            .collect();
+        let pending: Vec<usize> = (0..jobs.len()).filter(|&j| results[j].is_none()).collect();
+        let workers = cfg.concurrency.max(1).min(pending.len());
+        let next = AtomicUsize::new(0);
+        let (tx, rx) = mpsc::channel::<(usize, (Fetched, u32))>();
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                let tx = tx.clone();
+                let (next, pending, jobs, cache) = (&next, &pending, &jobs, &cache);
+                s.spawn(move || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&j) = pending.get(i) else { break };
+                        let job = &jobs[j];
+                        let (fetched, requests) = self.fetch(&job.body);
+                        if let (
+                            Some(cache),
+                            Fetched::Reply {
+                                content,
+                                usage,
+                                response_model,
+                            },
+                        ) = (cache, &fetched)
+                        {
+                            let entry = CacheEntry {
+                                version: CACHE_VERSION,
+                                key: job.key.clone(),
+                                model: self.config.model.clone(),
+                                flipped: job.flipped,
+                                reply: content.clone(),
+                                usage: *usage,
+                                response_model: response_model.clone(),
+                                created_unix: SystemTime::now()
+                                    .duration_since(UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_secs()),
+                            };
+                            if let Err(e) = cache.put(&entry) {
+                                eprintln!("warning: judge cache: {e:#}");
+                            }
+                        }
+                        if tx.send((j, (fetched, requests))).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        drop(tx);
+        for (j, r) in rx {
+            results[j] = Some(r);
+        }
+
+        // One verdict per item; a job's requests are charged to its first item only.
+        let mut charged = vec![false; jobs.len()];
+        let mut verdicts = Vec::with_capacity(items.len());
+        for (item, &j) in items.iter().zip(&job_of_item) {
+            let Some((fetched, requests)) = &results[j] else {
+                bail!(
+                    "internal error: comparison for item {:?} was never fetched",
+                    item.id
+                );
+            };
+            let flipped = jobs[j].flipped;
+            let mut v = match fetched {
+                Fetched::Reply { content, usage, .. } => {
+                    Verdict::from_reply(&item.id, flipped, content.clone(), *usage)
+                }
+                Fetched::Failed { error, http_status } => {
+                    Verdict::failed(&item.id, flipped, error.clone(), *http_status)
+                }
+            };
+            let first = !std::mem::replace(&mut charged[j], true);
+            v.cached = !first || *requests == 0;
+            v.requests = if first { *requests } else { 0 };
+            verdicts.push(v);
+        }
+        let summary = JudgeSummary::from_verdicts(&verdicts, cfg.prices());
+        Ok(JudgeReport { verdicts, summary })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn config_and_environment_precedence() {
+        let env = env_of(&[
+            ("OPENAI_API_KEY", "sk-from-env-123"),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/"),
+        ]);
+        let j = OpenAiJudge::with_env(OpenAiJudgeConfig::default(), &env).unwrap();
+        assert_eq!(j.base_url(), "http://127.0.0.1:9/v1");
+        assert_eq!(j.endpoint, "http://127.0.0.1:9/v1/chat/completions");
+        assert_eq!(j.api_key, Some(ApiKey::new("sk-from-env-123")));
+
+        let cfg = OpenAiJudgeConfig {
+            base_url: Some("http://localhost:8000/v1".into()),
+            api_key: Some(ApiKey::new("sk-from-config-456")),
+            ..Default::default()
+        };
+        let j = OpenAiJudge::with_env(cfg, &env).unwrap();
+        assert_eq!(j.base_url(), "http://localhost:8000/v1");
+        assert_eq!(j.api_key, Some(ApiKey::new("sk-from-config-456")));
+        assert!(
+            j.config().api_key.is_none(),
+            "the key is held once, outside the config"
+        );
+
+        let j = OpenAiJudge::with_env(OpenAiJudgeConfig::default(), env_of(&[])).unwrap();
+        assert_eq!(j.base_url(), DEFAULT_BASE_URL);
+        assert!(j.api_key.is_none());
+        let cfg = OpenAiJudgeConfig {
+            api_key_env: String::new(),
+            ..Default::default()
+        };
+        assert!(OpenAiJudge::with_env(cfg, &env).unwrap().api_key.is_none());
+
+        let cfg = OpenAiJudgeConfig {
+            base_url: Some("ftp://x".into()),
+            ..Default::default()
+        };
+        assert!(OpenAiJudge::with_env(cfg, &env).is_err());
+    }
+
+    #[test]
+    fn key_is_never_serialized_or_debugged() {
+        let secret = "sk-unit-SECRET-0a1b2c3d";
+        let cfg: OpenAiJudgeConfig = toml::from_str(&format!(
+            "model = \"m\"\napi_key = \"{secret}\"\nseed = 3\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.api_key, Some(ApiKey::new(secret)));
+        assert!(!format!("{cfg:?}").contains(secret));
+        assert!(!serde_json::to_string(&cfg).unwrap().contains(secret));
+        assert!(!toml::to_string(&cfg).unwrap().contains(secret));
+        let j = OpenAiJudge::with_env(cfg, env_of(&[])).unwrap();
+        let dbg = format!("{j:?} {j:#?}");
+        assert!(!dbg.contains(secret) && dbg.contains(REDACTED), "{dbg}");
+        assert_eq!(
+            j.redact(&format!("echo {secret}!")),
+            format!("echo {REDACTED}!")
+        );
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let cfg = OpenAiJudgeConfig {
+            backoff_base_ms: 100,
+            backoff_cap_ms: 1000,
+            ..Default::default()
+        };
+        let j = OpenAiJudge::with_env(cfg, env_of(&[])).unwrap();
+        for retry in 0..40 {
+            let full = (100u64 << retry.min(20)).min(1000) as f64 / 1000.0;
+            let d = j.backoff(retry).as_secs_f64();
+            assert!(
+                d >= 0.5 * full - 1e-9 && d <= full + 1e-9,
+                "retry {retry}: {d} vs {full}"
+            );
+        }
+        assert_eq!(j.retry_after(Some(" 3 ")), Some(Duration::from_secs(3)));
+        assert_eq!(
+            j.retry_after(Some("1.5")),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(j.retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
+        assert_eq!(j.retry_after(Some("-1")), None);
+        assert_eq!(
+            j.retry_after(Some("100000")),
+            Some(Duration::from_secs(600))
+        );
+    }
+
+    #[test]
+    fn request_body_is_chat_completions() {
+        let cfg = OpenAiJudgeConfig {
+            model: "judge-x".into(),
+            max_tokens: 99,
+            ..Default::default()
+        };
+        let j = OpenAiJudge::with_env(cfg, env_of(&[])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&j.request_body("hello")).unwrap();
+        assert_eq!(v["model"], "judge-x");
+        assert_eq!(v["messages"][0]["role"], "user");
+        assert_eq!(v["messages"][0]["content"], "hello");
+        assert_eq!(v["temperature"], 0.0);
+        assert_eq!(v["max_tokens"], 99);
+    }
+}
