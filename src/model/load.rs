@@ -281,3 +281,42 @@ pub fn save_hf(model: &GptNeoX, dir: &Path) -> Result<()> {
         serde_json::to_string_pretty(&model.config().to_hf_json())?.as_bytes(),
     )
 }
+
+/// An independent copy of a model (new variables, copied storage): for a frozen reference
+/// that must not see the policy's updates.
+pub fn deep_copy(lm: &LoadedModel) -> Result<LoadedModel> {
+    let cfg = lm.model.config().clone();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, lm.model.dtype(), lm.model.device());
+    let model = GptNeoX::new(&cfg, vb)?.with_op_path(lm.model.op_path());
+    {
+        let data = varmap.data().lock().unwrap();
+        for (name, t) in lm.model.named_parameters() {
+            let var = data
+                .get(&name)
+                .ok_or_else(|| anyhow!("copy: no variable {name}"))?;
+            var.set(&t.detach().copy()?)?;
+        }
+    }
+    Ok(LoadedModel {
+        model,
+        varmap,
+        files: lm.files.clone(),
+    })
+}
+
+/// A content hash of a model's weights (names, shapes and f32 values), e.g. to key caches of
+/// values computed with a frozen reference model.
+pub fn weights_hash(model: &GptNeoX) -> Result<String> {
+    let mut h = crate::util::Hasher::new();
+    let mut params = model.named_parameters();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in params {
+        h.update(name.as_bytes());
+        h.update(format!("{:?}", t.dims()).as_bytes());
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        h.update(&bytes);
+    }
+    Ok(h.hex())
+}

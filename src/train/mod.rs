@@ -1,3 +1,11 @@
 //! Training: DAA losses, the RMSProp optimizer, and the SFT / DAA trainers.
+pub mod checkpoint;
+pub mod daa;
 pub mod loss;
 pub mod optim;
+pub mod sft;
+pub mod trainer;
+
+pub use daa::{DaaConfig, train_daa};
+pub use sft::{SpecialTokens, train_sft};
+pub use trainer::{LoopConfig, TrainOutcome};
