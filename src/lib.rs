@@ -5,6 +5,7 @@
 //! `data` -> `model` -> `train` -> `eval` -> `analysis` -> `plots`, plus `toy_mdp` and the
 //! sweep runner on top.
 
+pub mod analysis;
 pub mod cli;
 pub mod data;
 pub mod eval;
