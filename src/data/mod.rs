@@ -1,2 +1,3 @@
 //! Data: tokenization and the data sets of both scales.
+pub mod synthetic;
 pub mod tokenizer;
