@@ -1,4 +1,5 @@
 //! Data: tokenization and the data sets of both scales.
+pub mod synthetic;
 pub mod tokenizer;
 
 use serde::{Deserialize, Serialize};
