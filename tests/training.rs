@@ -47,24 +47,63 @@ fn pref_data(n: usize, seed: u64) -> Vec<PrefExample> {
 fn params(lm: &LoadedModel) -> Vec<f32> {
     let mut p = lm.model.named_parameters();
     p.sort_by(|a, b| a.0.cmp(&b.0));
-    p.into_iter().flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    p.into_iter()
+        .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
 }
 
-fn heldout_stats(policy: &LoadedModel, reference: &LoadedModel, data: &[PrefExample], beta: f64) -> (f64, f64) {
+fn heldout_stats(
+    policy: &LoadedModel,
+    reference: &LoadedModel,
+    data: &[PrefExample],
+    beta: f64,
+) -> (f64, f64) {
     let idx: Vec<usize> = (0..data.len()).collect();
-    let cfg = DaaConfig { objective: Objective::Dpo { label_smoothing: 0.0 }, beta, online_reference: true, reference_cache: None };
+    let cfg = DaaConfig {
+        objective: Objective::Dpo {
+            label_smoothing: 0.0,
+        },
+        beta,
+        online_reference: true,
+        reference_cache: None,
+    };
     let r = reference.model.inference_copy().unwrap();
-    let out = daa_micro(&policy.model.inference_copy().unwrap(), data, &idx, TOK, &cfg, ReferenceSource::Online(&r)).unwrap();
-    let acc = out.metrics.iter().find(|(k, _)| *k == "rewards_accuracy").unwrap().1;
+    let out = daa_micro(
+        &policy.model.inference_copy().unwrap(),
+        data,
+        &idx,
+        TOK,
+        &cfg,
+        ReferenceSource::Online(&r),
+    )
+    .unwrap();
+    let acc = out
+        .metrics
+        .iter()
+        .find(|(k, _)| *k == "rewards_accuracy")
+        .unwrap()
+        .1;
     (out.loss.to_scalar::<f32>().unwrap() as f64, acc)
 }
 
 fn quiet(batch: usize, micro: usize) -> LoopConfig {
-    LoopConfig { batch_size: batch, micro_batch_size: micro, seed: 5, checkpoints: vec![0.5, 1.0], log_every: 0, resume: true, progress_bar: false }
+    LoopConfig {
+        batch_size: batch,
+        micro_batch_size: micro,
+        seed: 5,
+        checkpoints: vec![0.5, 1.0],
+        log_every: 0,
+        resume: true,
+        progress_bar: false,
+    }
 }
 
 fn optim(lr: f64) -> RmsPropConfig {
-    RmsPropConfig { lr, warmup_steps: 2, ..RmsPropConfig::default() }
+    RmsPropConfig {
+        lr,
+        warmup_steps: 2,
+        ..RmsPropConfig::default()
+    }
 }
 
 #[test]
@@ -78,8 +117,26 @@ fn dpo_lowers_loss_and_raises_accuracy_and_large_beta_stays_near_reference() {
         let reference = deep_copy(&sft).unwrap();
         let (l0, a0) = heldout_stats(&policy, &reference, &held, beta);
         let dir = tempfile::tempdir().unwrap();
-        let cfg = DaaConfig { objective: Objective::Dpo { label_smoothing: 0.0 }, beta, online_reference: false, reference_cache: None };
-        let out = train_daa(&policy, &reference.model, &train, TOK, &cfg, &quiet(8, 4), &optim(3e-3), &dir.path().join("run"), &serde_json::json!({})).unwrap();
+        let cfg = DaaConfig {
+            objective: Objective::Dpo {
+                label_smoothing: 0.0,
+            },
+            beta,
+            online_reference: false,
+            reference_cache: None,
+        };
+        let out = train_daa(
+            &policy,
+            &reference.model,
+            &train,
+            TOK,
+            &cfg,
+            &quiet(8, 4),
+            &optim(3e-3),
+            &dir.path().join("run"),
+            &serde_json::json!({}),
+        )
+        .unwrap();
         assert_eq!(out.total_steps, 12);
         assert_eq!(out.checkpoints.len(), 2);
         let (l1, a1) = heldout_stats(&policy, &reference, &held, beta);
@@ -87,18 +144,38 @@ fn dpo_lowers_loss_and_raises_accuracy_and_large_beta_stays_near_reference() {
         let idx: Vec<usize> = (0..held.len()).collect();
         let (pw, pl, _, _) = pair_logps(&policy.model, &held, &idx, TOK).unwrap();
         let (rw, rl, _, _) = pair_logps(&reference.model, &held, &idx, TOK).unwrap();
-        let drift = ((pw - rw).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()
-            + (pl - rl).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()) as f64
+        let drift = ((pw - rw)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            + (pl - rl)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()) as f64
             / 2.0;
         ends.push((beta, l0, l1, a0, a1, drift));
     }
     let (_, l0, l1, a0, a1, drift_small) = ends[0];
-    assert!(l1 < l0 - 0.05, "held-out DPO loss did not fall: {l0} -> {l1}");
+    assert!(
+        l1 < l0 - 0.05,
+        "held-out DPO loss did not fall: {l0} -> {l1}"
+    );
     assert!(a1 > a0 && a1 >= 0.9, "accuracy did not rise: {a0} -> {a1}");
     let drift_large = ends[1].5;
     // RMSProp normalises the gradient scale, but at beta = 1e4 the loss saturates at once
     // (sigmoid(beta*h) ~ 1 after the first small step) and the gradients vanish.
-    assert!(drift_large < 0.25 * drift_small, "large beta drifted {drift_large} vs {drift_small}");
+    assert!(
+        drift_large < 0.25 * drift_small,
+        "large beta drifted {drift_large} vs {drift_small}"
+    );
 }
 
 #[test]
@@ -110,10 +187,33 @@ fn cached_and_online_reference_give_the_same_losses() {
         let policy = deep_copy(&sft).unwrap();
         let reference = deep_copy(&sft).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let cfg = DaaConfig { objective: Objective::Ipo, beta: 0.3, online_reference: online, reference_cache: None };
-        train_daa(&policy, &reference.model, &data, TOK, &cfg, &quiet(4, 2), &optim(1e-3), &dir.path().join("run"), &serde_json::json!({})).unwrap();
+        let cfg = DaaConfig {
+            objective: Objective::Ipo,
+            beta: 0.3,
+            online_reference: online,
+            reference_cache: None,
+        };
+        train_daa(
+            &policy,
+            &reference.model,
+            &data,
+            TOK,
+            &cfg,
+            &quiet(4, 2),
+            &optim(1e-3),
+            &dir.path().join("run"),
+            &serde_json::json!({}),
+        )
+        .unwrap();
         let text = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
-        let losses: Vec<f64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
+        let losses: Vec<f64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
         logs.push(losses);
     }
     assert_eq!(logs[0].len(), 4);
@@ -127,10 +227,12 @@ fn reference_cache_is_reused_and_keyed() {
     let data = pref_data(10, 3);
     let sft = model(4);
     let dir = tempfile::tempdir().unwrap();
-    let a = overopt::train::daa::reference_logps(&sft.model, &data, TOK, 4, Some(dir.path())).unwrap();
+    let a =
+        overopt::train::daa::reference_logps(&sft.model, &data, TOK, 4, Some(dir.path())).unwrap();
     let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(files.len(), 1);
-    let b = overopt::train::daa::reference_logps(&sft.model, &data, TOK, 3, Some(dir.path())).unwrap();
+    let b =
+        overopt::train::daa::reference_logps(&sft.model, &data, TOK, 3, Some(dir.path())).unwrap();
     assert_eq!(a, b);
     // Other data or another reference gets its own entry.
     overopt::train::daa::reference_logps(&sft.model, &data[..9], TOK, 4, Some(dir.path())).unwrap();
@@ -142,42 +244,114 @@ fn reference_cache_is_reused_and_keyed() {
 fn a_killed_run_resumes_and_ends_identical() {
     let data = pref_data(32, 7);
     let sft = model(9);
-    let cfg = DaaConfig { objective: Objective::Slic, beta: 0.5, online_reference: false, reference_cache: None };
-    let lc = LoopConfig { checkpoints: vec![0.25, 0.5, 0.75, 1.0], ..quiet(4, 2) };
+    let cfg = DaaConfig {
+        objective: Objective::Slic,
+        beta: 0.5,
+        online_reference: false,
+        reference_cache: None,
+    };
+    let lc = LoopConfig {
+        checkpoints: vec![0.25, 0.5, 0.75, 1.0],
+        ..quiet(4, 2)
+    };
     // Uninterrupted.
     let full = deep_copy(&sft).unwrap();
     let reference = deep_copy(&sft).unwrap();
     let d1 = tempfile::tempdir().unwrap();
-    train_daa(&full, &reference.model, &data, TOK, &cfg, &lc, &optim(2e-3), &d1.path().join("run"), &serde_json::json!({})).unwrap();
+    train_daa(
+        &full,
+        &reference.model,
+        &data,
+        TOK,
+        &cfg,
+        &lc,
+        &optim(2e-3),
+        &d1.path().join("run"),
+        &serde_json::json!({}),
+    )
+    .unwrap();
     // Killed after step 5 (a checkpoint was written at step 4), then resumed in a new process
     // state: a fresh policy object starting from the SFT weights.
     let d2 = tempfile::tempdir().unwrap();
     let out = d2.path().join("run");
     let first = deep_copy(&sft).unwrap();
-    let ref_data = overopt::train::daa::reference_logps(&reference.model, &data, TOK, 4, None).unwrap();
+    let ref_data =
+        overopt::train::daa::reference_logps(&reference.model, &data, TOK, 4, None).unwrap();
     let mut calls = 0;
-    let err = run_epoch(&first, data.len(), &lc, &optim(2e-3), &out, &serde_json::json!({}), "kill", &mut |idx| {
-        calls += 1;
-        if calls > 10 {
-            anyhow::bail!("simulated kill");
-        }
-        daa_micro(&first.model, &data, idx, TOK, &cfg, ReferenceSource::Cached(&ref_data))
-    })
+    let err = run_epoch(
+        &first,
+        data.len(),
+        &lc,
+        &optim(2e-3),
+        &out,
+        &serde_json::json!({}),
+        "kill",
+        &mut |idx| {
+            calls += 1;
+            if calls > 10 {
+                anyhow::bail!("simulated kill");
+            }
+            daa_micro(
+                &first.model,
+                &data,
+                idx,
+                TOK,
+                &cfg,
+                ReferenceSource::Cached(&ref_data),
+            )
+        },
+    )
     .unwrap_err();
     assert!(err.to_string().contains("simulated kill"));
     let resumed = deep_copy(&sft).unwrap();
-    let o = train_daa(&resumed, &reference.model, &data, TOK, &cfg, &lc, &optim(2e-3), &out, &serde_json::json!({})).unwrap();
+    let o = train_daa(
+        &resumed,
+        &reference.model,
+        &data,
+        TOK,
+        &cfg,
+        &lc,
+        &optim(2e-3),
+        &out,
+        &serde_json::json!({}),
+    )
+    .unwrap();
     assert_eq!(o.resumed_from, 4);
-    assert_eq!(params(&resumed), params(&full), "resumed run differs from the uninterrupted one");
+    assert_eq!(
+        params(&resumed),
+        params(&full),
+        "resumed run differs from the uninterrupted one"
+    );
     let l1 = std::fs::read_to_string(d1.path().join("run/metrics.jsonl")).unwrap();
     let l2 = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let losses = |t: &str| t.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect::<Vec<_>>();
-    assert_eq!(losses(&l1), losses(&l2), "the log has each step exactly once");
+    let losses = |t: &str| {
+        t.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        losses(&l1),
+        losses(&l2),
+        "the log has each step exactly once"
+    );
     // Checkpoints are loadable in the HF layout with metadata.
     let meta = overopt::train::checkpoint::read_meta(&out.join("step-000008")).unwrap();
-    assert_eq!((meta.step, meta.total_steps, meta.examples_seen), (8, 8, 32));
+    assert_eq!(
+        (meta.step, meta.total_steps, meta.examples_seen),
+        (8, 8, 32)
+    );
     assert!(out.join("step-000008/config.json").is_file());
-    overopt::model::load::load(out.join("step-000002").to_str().unwrap(), None, DType::F32, &Device::Cpu).unwrap();
+    overopt::model::load::load(
+        out.join("step-000002").to_str().unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -186,49 +360,116 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let lm = model(2);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let lc = LoopConfig { checkpoints: vec![0.25, 0.5, 0.75, 1.0], ..quiet(2, 2) };
+    let lc = LoopConfig {
+        checkpoints: vec![0.25, 0.5, 0.75, 1.0],
+        ..quiet(2, 2)
+    };
     let mut step = 0;
-    let err = run_epoch(&lm, data.len(), &lc, &optim(1e-3), &out, &serde_json::json!({}), "nan", &mut |idx| {
-        step += 1;
-        let lp = pair_logps(&lm.model, &data, idx, TOK).unwrap().0;
-        let loss = lp.mean_all()?.neg()?;
-        let loss = if step == 5 { (loss * f64::NAN)? } else { loss };
-        Ok(MicroOutput { loss, metrics: vec![] })
-    })
+    let err = run_epoch(
+        &lm,
+        data.len(),
+        &lc,
+        &optim(1e-3),
+        &out,
+        &serde_json::json!({}),
+        "nan",
+        &mut |idx| {
+            step += 1;
+            let lp = pair_logps(&lm.model, &data, idx, TOK).unwrap().0;
+            let loss = lp.mean_all()?.neg()?;
+            let loss = if step == 5 { (loss * f64::NAN)? } else { loss };
+            Ok(MicroOutput {
+                loss,
+                metrics: vec![],
+            })
+        },
+    )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("step 5") && err.contains("non-finite"), "{err}");
+    assert!(
+        err.contains("step 5") && err.contains("non-finite"),
+        "{err}"
+    );
     let ck = overopt::train::checkpoint::list(&out).unwrap();
     assert_eq!(ck.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4]);
-    let back = overopt::model::load::load(ck[1].1.to_str().unwrap(), None, DType::F32, &Device::Cpu).unwrap();
+    let back =
+        overopt::model::load::load(ck[1].1.to_str().unwrap(), None, DType::F32, &Device::Cpu)
+            .unwrap();
     assert!(params(&back).iter().all(|x| x.is_finite()));
 }
 
 #[test]
 fn gradient_accumulation_matches_one_big_batch() {
-    let data: Vec<SftExample> = pref_data(8, 1).into_iter().map(|p| SftExample { prompt: p.prompt, response: p.chosen }).collect();
+    let data: Vec<SftExample> = pref_data(8, 1)
+        .into_iter()
+        .map(|p| SftExample {
+            prompt: p.prompt,
+            response: p.chosen,
+        })
+        .collect();
     let sft = model(3);
     let mut results = vec![];
     for micro in [8, 2] {
         let lm = deep_copy(&sft).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let lc = LoopConfig { checkpoints: vec![1.0], ..quiet(8, micro) };
-        train_sft(&lm, &data, TOK, &lc, &optim(1e-2), dir.path(), &serde_json::json!({})).unwrap();
+        let lc = LoopConfig {
+            checkpoints: vec![1.0],
+            ..quiet(8, micro)
+        };
+        train_sft(
+            &lm,
+            &data,
+            TOK,
+            &lc,
+            &optim(1e-2),
+            dir.path(),
+            &serde_json::json!({}),
+        )
+        .unwrap();
         results.push(params(&lm));
     }
-    let worst = results[0].iter().zip(&results[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let worst = results[0]
+        .iter()
+        .zip(&results[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(worst < 1e-5, "accumulated step differs by {worst}");
 }
 
 #[test]
 fn sft_lowers_the_nll() {
-    let data: Vec<SftExample> = pref_data(64, 1).into_iter().map(|p| SftExample { prompt: p.prompt, response: p.chosen }).collect();
+    let data: Vec<SftExample> = pref_data(64, 1)
+        .into_iter()
+        .map(|p| SftExample {
+            prompt: p.prompt,
+            response: p.chosen,
+        })
+        .collect();
     let lm = model(3);
     let dir = tempfile::tempdir().unwrap();
-    let lc = LoopConfig { checkpoints: vec![1.0], ..quiet(8, 8) };
-    train_sft(&lm, &data, TOK, &lc, &optim(1e-2), dir.path(), &serde_json::json!({})).unwrap();
+    let lc = LoopConfig {
+        checkpoints: vec![1.0],
+        ..quiet(8, 8)
+    };
+    train_sft(
+        &lm,
+        &data,
+        TOK,
+        &lc,
+        &optim(1e-2),
+        dir.path(),
+        &serde_json::json!({}),
+    )
+    .unwrap();
     let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let l: Vec<f64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
+    let l: Vec<f64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
     assert_eq!(l.len(), 8);
     assert!(l[7] < l[0] * 0.8, "{l:?}");
     let _ = Tensor::new(&[0f32], &Device::Cpu);
