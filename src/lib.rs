@@ -42,3 +42,12 @@ pub fn dtype(name: &str) -> anyhow::Result<candle_core::DType> {
         s => anyhow::bail!("unknown dtype {s:?}: expected f32, bf16 or f16"),
     }
 }
+
+/// The variables of a `VarMap`, sorted by name (a stable order for initialisation and
+/// optimizer state).
+pub fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    let data = varmap.data().lock().unwrap();
+    let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

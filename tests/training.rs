@@ -1,7 +1,7 @@
 //! Trainer behaviour on tiny models: DAA learns, large beta stays near the reference,
 //! resume is exact, non-finite losses stop the run, cached == online reference, accumulation.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use overopt::data::{PrefExample, SftExample};
 use overopt::model::load::{deep_copy, fresh};
 use overopt::model::{GptNeoXConfig, LoadedModel};
@@ -106,13 +106,31 @@ fn optim(lr: f64) -> RmsPropConfig {
     }
 }
 
+fn drift(policy: &LoadedModel, reference: &LoadedModel, held: &[PrefExample]) -> f64 {
+    // Mean |log pi - log pi_ref| of held-out chosen and rejected responses.
+    let idx: Vec<usize> = (0..held.len()).collect();
+    let (pw, pl, _, _) = pair_logps(&policy.model, held, &idx, TOK).unwrap();
+    let (rw, rl, _, _) = pair_logps(&reference.model, held, &idx, TOK).unwrap();
+    let m = |a: candle_core::Tensor, b: candle_core::Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    (m(pw, rw) + m(pl, rl)) / 2.0
+}
+
 #[test]
 fn dpo_lowers_loss_and_raises_accuracy_and_large_beta_stays_near_reference() {
-    let train = pref_data(96, 1);
+    let train = pref_data(192, 1);
     let held = pref_data(32, 2);
     let sft = model(11);
-    let mut ends = vec![];
-    for beta in [0.5, 1e4] {
+    let mut drifts = vec![];
+    for beta in [0.1, 5.0, 1e4] {
         let policy = deep_copy(&sft).unwrap();
         let reference = deep_copy(&sft).unwrap();
         let (l0, a0) = heldout_stats(&policy, &reference, &held, beta);
@@ -131,50 +149,30 @@ fn dpo_lowers_loss_and_raises_accuracy_and_large_beta_stays_near_reference() {
             &train,
             TOK,
             &cfg,
-            &quiet(8, 4),
-            &optim(3e-3),
+            &quiet(8, 8),
+            &optim(1e-3),
             &dir.path().join("run"),
             &serde_json::json!({}),
         )
         .unwrap();
-        assert_eq!(out.total_steps, 12);
+        assert_eq!(out.total_steps, 24);
         assert_eq!(out.checkpoints.len(), 2);
-        let (l1, a1) = heldout_stats(&policy, &reference, &held, beta);
-        // KL proxy: mean |policy - reference| summed log-prob change on held-out chosen+rejected.
-        let idx: Vec<usize> = (0..held.len()).collect();
-        let (pw, pl, _, _) = pair_logps(&policy.model, &held, &idx, TOK).unwrap();
-        let (rw, rl, _, _) = pair_logps(&reference.model, &held, &idx, TOK).unwrap();
-        let drift = ((pw - rw)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            + (pl - rl)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()) as f64
-            / 2.0;
-        ends.push((beta, l0, l1, a0, a1, drift));
+        if beta == 0.1 {
+            let (l1, a1) = heldout_stats(&policy, &reference, &held, beta);
+            assert!(
+                l1 < l0 - 0.05,
+                "held-out DPO loss did not fall: {l0} -> {l1}"
+            );
+            assert!(a1 > a0 && a1 >= 0.9, "accuracy did not rise: {a0} -> {a1}");
+        }
+        drifts.push(drift(&policy, &reference, &held));
     }
-    let (_, l0, l1, a0, a1, drift_small) = ends[0];
+    // The KL penalty: the larger beta, the closer the policy stays to the reference. RMSProp
+    // normalises the gradient scale, so even a saturated loss moves the weights by about lr in
+    // the first steps: a floor, not zero (measured: 5.4 / 1.2 / 1.3 nats at beta 0.1 / 5 / 1e4).
     assert!(
-        l1 < l0 - 0.05,
-        "held-out DPO loss did not fall: {l0} -> {l1}"
-    );
-    assert!(a1 > a0 && a1 >= 0.9, "accuracy did not rise: {a0} -> {a1}");
-    let drift_large = ends[1].5;
-    // RMSProp normalises the gradient scale, but at beta = 1e4 the loss saturates at once
-    // (sigmoid(beta*h) ~ 1 after the first small step) and the gradients vanish.
-    assert!(
-        drift_large < 0.25 * drift_small,
-        "large beta drifted {drift_large} vs {drift_small}"
+        drifts[1] < 0.4 * drifts[0] && drifts[2] < 0.4 * drifts[0],
+        "drift by beta: {drifts:?}"
     );
 }
 
@@ -400,6 +398,8 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn gradient_accumulation_matches_one_big_batch() {
+    use overopt::train::optim::{GradAccum, named_vars};
+    use overopt::train::sft::sft_micro;
     let data: Vec<SftExample> = pref_data(8, 1)
         .into_iter()
         .map(|p| SftExample {
@@ -407,38 +407,61 @@ fn gradient_accumulation_matches_one_big_batch() {
             response: p.chosen,
         })
         .collect();
-    let sft = model(3);
-    let mut results = vec![];
-    for micro in [8, 2] {
-        let lm = deep_copy(&sft).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let lc = LoopConfig {
-            checkpoints: vec![1.0],
-            ..quiet(8, micro)
-        };
-        train_sft(
-            &lm,
-            &data,
-            TOK,
-            &lc,
-            &optim(1e-2),
-            dir.path(),
-            &serde_json::json!({}),
-        )
-        .unwrap();
-        results.push(params(&lm));
+    let lm = model(3);
+    let vars: Vec<_> = named_vars(&lm.varmap).into_iter().map(|(_, v)| v).collect();
+    let all: Vec<usize> = (0..8).collect();
+    let mut one = GradAccum::new(&vars);
+    one.add(
+        &sft_micro(&lm, &data, &all, TOK)
+            .unwrap()
+            .loss
+            .backward()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut acc = GradAccum::new(&vars);
+    for chunk in all.chunks(2) {
+        let l = (sft_micro(&lm, &data, chunk, TOK).unwrap().loss / 4.0).unwrap();
+        acc.add(&l.backward().unwrap()).unwrap();
     }
-    let worst = results[0]
-        .iter()
-        .zip(&results[1])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(worst < 1e-5, "accumulated step differs by {worst}");
+    let (a, b) = (one.take(), acc.take());
+    let mut n = 0;
+    for (x, y) in a.iter().zip(&b) {
+        let (Some(x), Some(y)) = (x, y) else {
+            panic!("missing gradient")
+        };
+        let scale = x
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d / scale < 1e-4,
+            "accumulated gradient differs: {d} (scale {scale})"
+        );
+        n += 1;
+    }
+    assert_eq!(n, vars.len());
 }
 
 #[test]
 fn sft_lowers_the_nll() {
-    let data: Vec<SftExample> = pref_data(64, 1)
+    let data: Vec<SftExample> = pref_data(256, 1)
         .into_iter()
         .map(|p| SftExample {
             prompt: p.prompt,
@@ -456,7 +479,7 @@ fn sft_lowers_the_nll() {
         &data,
         TOK,
         &lc,
-        &optim(1e-2),
+        &optim(3e-3),
         dir.path(),
         &serde_json::json!({}),
     )
@@ -465,12 +488,14 @@ fn sft_lowers_the_nll() {
     let l: Vec<f64> = text
         .lines()
         .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["nll_per_token"]
                 .as_f64()
                 .unwrap()
         })
         .collect();
-    assert_eq!(l.len(), 8);
-    assert!(l[7] < l[0] * 0.8, "{l:?}");
-    let _ = Tensor::new(&[0f32], &Device::Cpu);
+    assert_eq!(l.len(), 32);
+    let first: f64 = l[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = l[28..].iter().sum::<f64>() / 4.0;
+    // Uniform over 32 tokens is ln 32 = 3.47 nats; responses use 10 of them plus EOS.
+    assert!(last < first - 0.5, "per-token NLL {first} -> {last}: {l:?}");
 }

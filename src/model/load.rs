@@ -228,13 +228,31 @@ pub struct LoadedModel {
     pub files: Option<ModelFiles>,
 }
 
-/// A fresh, randomly initialised model (for the tiny teaching models). `seed` makes it
-/// reproducible.
+/// A fresh, randomly initialised model (for the tiny teaching models), reproducible from
+/// `seed` on every device: weights normal(0, initializer_range), biases 0, layer norms 1 (HF's
+/// GPT-NeoX initialisation). Each parameter draws from its own stream (seed, name).
 pub fn fresh(cfg: &GptNeoXConfig, dtype: DType, device: &Device, seed: u64) -> Result<LoadedModel> {
-    device.set_seed(seed)?;
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, device);
     let model = GptNeoX::new(cfg, vb)?;
+    let normal = rand_distr::Normal::new(0.0f32, cfg.initializer_range as f32)?;
+    for (name, var) in crate::sorted_vars(&varmap) {
+        let n = var.elem_count();
+        let is_norm = name.contains("layernorm") || name.contains("layer_norm");
+        let values: Vec<f32> = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if is_norm {
+            vec![1.0; n]
+        } else {
+            let stream = u64::from_str_radix(&crate::util::sha256_hex(name.as_bytes())[..16], 16)?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ stream);
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        };
+        let t = Tensor::from_vec(values, var.shape(), device)?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
     Ok(LoadedModel {
         model,
         varmap,

@@ -66,13 +66,7 @@ pub struct StepInfo {
     pub lr: f64,
 }
 
-/// The variables of a `VarMap`, sorted by name (a stable order for optimizer state).
-pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().unwrap();
-    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
+pub use crate::sorted_vars as named_vars;
 
 #[derive(Debug)]
 pub struct RmsProp {
