@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod model;
+pub mod sweep;
 pub mod train;
 pub mod util;
 

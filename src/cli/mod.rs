@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 
 mod judge_cmd;
 mod model_cmds;
+mod reproduce;
+mod train_cmds;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,6 +27,13 @@ pub enum Command {
     /// Sample continuations of prompts: reads JSON lines {"prompt"}, writes
     /// {"prompt", "response", "tokens", "logps", "finished"} per line.
     Sample(model_cmds::SampleArgs),
+    /// Supervised fine-tuning from a TOML run configuration (one epoch, checkpoints, resume).
+    Sft(train_cmds::TrainArgs),
+    /// DPO / IPO / SLiC / R-DPO training from a TOML run configuration with a [daa] table.
+    Daa(train_cmds::TrainArgs),
+    /// Reproduce the paper's sections: train, evaluate, and write the results table, figures
+    /// and claim verdicts (teach scale, CPU, offline by default).
+    Reproduce(reproduce::ReproduceArgs),
     /// Judge candidate summaries against reference summaries with an OpenAI-compatible judge:
     /// reads JSON lines {"prompt", "candidate", "reference"} (optional "id"), writes one verdict
     /// line per input and a summary JSON (win rate, interval, position bias, tokens, cost).
@@ -39,6 +48,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => model_cmds::score(a),
         Command::Sample(a) => model_cmds::sample(a),
+        Command::Sft(a) => train_cmds::sft(a),
+        Command::Daa(a) => train_cmds::daa(a),
         Command::Judge(a) => judge_cmd::run(a),
+        Command::Reproduce(a) => reproduce::run(a),
     }
 }

@@ -2,3 +2,4 @@
 //! reference summaries (win rate).
 
 pub mod judge;
+pub mod policy;

@@ -1,5 +1,6 @@
 //! Training: DAA losses, the RMSProp optimizer, and the SFT / DAA trainers.
 pub mod checkpoint;
+pub mod config;
 pub mod daa;
 pub mod loss;
 pub mod optim;

@@ -10,7 +10,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
-use candle_nn::{Optimizer, VarMap};
+use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 

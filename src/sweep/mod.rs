@@ -1,0 +1,3 @@
+//! The sweep runner: the top of the pipeline, holding the state of a whole reproduction.
+pub mod tables;
+pub mod teach;

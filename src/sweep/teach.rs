@@ -1,0 +1,715 @@
+//! The teach-scale pipeline: synthetic task -> three tiny GPT-NeoX models -> SFT -> preference
+//! pairs from the SFT model's own samples, labelled by a biased Bradley-Terry labeler -> the
+//! DAA grid (objectives x betas x sizes, 4 checkpoints each) -> evaluation of every checkpoint
+//! with the exact gold judge -> one results table.
+//!
+//! Every stage writes its outputs atomically and is skipped when they exist, so a killed sweep
+//! resumes where it stopped; each DAA run's evaluated rows land in `results/<run>.json` only
+//! when the run is complete, and the table is assembled from those files.
+
+use crate::analysis::table::{ResultRow, SampleRow};
+use crate::data::synthetic::{PrefPair, Task, TaskConfig};
+use crate::data::{PrefExample, SftExample};
+use crate::eval::policy::{EvalConfig, PolicyEval, evaluate_policy};
+use crate::model::GptNeoXConfig;
+use crate::model::generate::{SampleConfig, generate};
+use crate::model::load::{self, LoadedModel};
+use crate::train::checkpoint;
+use crate::train::loss::Objective;
+use crate::train::optim::RmsPropConfig;
+use crate::train::{DaaConfig, LoopConfig, SpecialTokens, train_daa, train_sft};
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A teaching model size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeSpec {
+    pub name: String,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftStage {
+    /// Fresh (post, reference) examples, one pass.
+    pub examples: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub data_seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairStage {
+    /// The SFT model whose samples become the candidates (as in TL;DR, one policy's samples
+    /// serve every model size).
+    pub source_size: String,
+    /// Prompts offered; pairs with identical responses are dropped.
+    pub prompts: usize,
+    pub n_train: usize,
+    pub n_heldout: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaaStage {
+    pub objectives: Vec<String>,
+    pub betas: Vec<f64>,
+    pub lr: f64,
+    /// Scale the learning rate by (reference width / width), reference width = the first
+    /// size's hidden size (TEACH-TASK: with a fixed rate larger models moved further).
+    #[serde(default)]
+    pub lr_inverse_width: bool,
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    /// Warmup as a fraction of the epoch's steps.
+    pub warmup_frac: f64,
+    #[serde(default = "default_checkpoints")]
+    pub checkpoints: Vec<f64>,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+}
+
+fn default_checkpoints() -> Vec<f64> {
+    vec![0.25, 0.5, 0.75, 1.0]
+}
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+/// Length-regularized DPO runs (section 3.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RdpoStage {
+    pub size: String,
+    pub alpha: f64,
+    pub betas: Vec<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalStage {
+    pub n_prompts: usize,
+    pub samples_per_prompt: usize,
+    pub seed: u64,
+    pub prompt_seed: u64,
+}
+
+/// The whole teach-scale configuration (artifact/configs/teach/teach.toml).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeachConfig {
+    #[serde(default)]
+    pub task: TaskConfig,
+    pub sizes: Vec<SizeSpec>,
+    pub model_seed: u64,
+    pub sft: SftStage,
+    pub pairs: PairStage,
+    pub daa: DaaStage,
+    #[serde(default)]
+    pub rdpo: Option<RdpoStage>,
+    pub eval: EvalStage,
+}
+
+impl TeachConfig {
+    pub fn from_toml(text: &str, ctx: &str) -> Result<Self> {
+        let c: TeachConfig =
+            toml::from_str(text).with_context(|| format!("{ctx}: invalid teach configuration"))?;
+        c.validate().with_context(|| ctx.to_string())?;
+        Ok(c)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.sizes.is_empty() {
+            bail!("`sizes` is empty");
+        }
+        self.size(&self.pairs.source_size)
+            .context("`pairs.source_size`")?;
+        if let Some(r) = &self.rdpo {
+            self.size(&r.size).context("`rdpo.size`")?;
+        }
+        for o in &self.daa.objectives {
+            Objective::from_name(o, 0.0).context("`daa.objectives`")?;
+        }
+        if self.daa.betas.iter().any(|b| !(*b > 0.0)) {
+            bail!("`daa.betas` must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn size(&self, name: &str) -> Result<&SizeSpec> {
+        self.sizes.iter().find(|s| s.name == name).ok_or_else(|| {
+            anyhow!(
+                "unknown size {name:?} (sizes: {:?})",
+                self.sizes.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        })
+    }
+
+    /// The GPT-NeoX config of a size for this task's vocabulary.
+    pub fn model_config(&self, task: &Task, s: &SizeSpec) -> Result<GptNeoXConfig> {
+        let prompt_max = 2 + self.task.post.max_len;
+        let v = serde_json::json!({
+            "model_type": "gpt_neox",
+            "vocab_size": task.vocab_size(),
+            "hidden_size": s.hidden_size,
+            "num_hidden_layers": s.num_hidden_layers,
+            "num_attention_heads": s.num_attention_heads,
+            "intermediate_size": s.intermediate_size,
+            "max_position_embeddings": (prompt_max + task.max_response_tokens() + 8).next_power_of_two(),
+            "rotary_pct": 0.25,
+            "rotary_emb_base": 10000,
+            "use_parallel_residual": true,
+            "bos_token_id": crate::data::synthetic::EOS,
+            "eos_token_id": crate::data::synthetic::EOS,
+            "pad_token_id": crate::data::synthetic::PAD,
+            "initializer_range": 0.02,
+        });
+        GptNeoXConfig::from_json_str(&v.to_string(), &format!("size {}", s.name))
+    }
+
+    /// Every DAA run of the grid, in a fixed order.
+    pub fn runs(&self) -> Vec<RunSpec> {
+        let mut out = vec![];
+        for seed in &self.daa.seeds {
+            for s in &self.sizes {
+                for o in &self.daa.objectives {
+                    for &b in &self.daa.betas {
+                        out.push(RunSpec {
+                            objective: o.clone(),
+                            beta: b,
+                            size: s.name.clone(),
+                            seed: *seed,
+                            alpha: 0.0,
+                        });
+                    }
+                }
+            }
+            if let Some(r) = &self.rdpo {
+                for &b in &r.betas {
+                    out.push(RunSpec {
+                        objective: "rdpo".into(),
+                        beta: b,
+                        size: r.size.clone(),
+                        seed: *seed,
+                        alpha: r.alpha,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One DAA run of the grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub objective: String,
+    pub beta: f64,
+    pub size: String,
+    pub seed: u64,
+    /// R-DPO length coefficient (0 otherwise).
+    pub alpha: f64,
+}
+
+impl RunSpec {
+    pub fn id(&self) -> String {
+        let a = if self.objective == "rdpo" {
+            format!("-a{}", self.alpha)
+        } else {
+            String::new()
+        };
+        format!(
+            "{}-b{}{a}-{}-s{}",
+            self.objective, self.beta, self.size, self.seed
+        )
+    }
+
+    pub fn objective(&self) -> Result<Objective> {
+        Objective::from_name(&self.objective, self.alpha)
+    }
+}
+
+/// Everything evaluated for one policy: table rows (one per checkpoint) and sample rows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunResults {
+    pub rows: Vec<ResultRow>,
+    pub samples: Vec<SampleRow>,
+    pub seconds: f64,
+}
+
+const TOKENS: SpecialTokens = SpecialTokens {
+    eos: crate::data::synthetic::EOS,
+    pad: crate::data::synthetic::PAD,
+};
+
+/// The teach pipeline bound to an output directory.
+pub struct Teach {
+    pub cfg: TeachConfig,
+    pub task: Task,
+    pub out: PathBuf,
+    pub device: Device,
+    /// Print progress lines.
+    pub verbose: bool,
+}
+
+fn sft_examples(task: &Task, n: usize, seed: u64) -> Vec<SftExample> {
+    task.sft_examples(n, seed)
+        .iter()
+        .map(|e| {
+            let (prompt, response) = task.sft_ids(e);
+            SftExample { prompt, response }
+        })
+        .collect()
+}
+
+impl Teach {
+    pub fn new(cfg: TeachConfig, out: &Path) -> Result<Self> {
+        let task = Task::new(cfg.task.clone())?;
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        Ok(Self {
+            cfg,
+            task,
+            out: out.to_path_buf(),
+            device: Device::Cpu,
+            verbose: true,
+        })
+    }
+
+    fn say(&self, msg: &str) {
+        if self.verbose {
+            println!("{msg}");
+        }
+    }
+
+    /// Hash of the settings that determine a run's results.
+    pub fn config_hash(&self, run: Option<&RunSpec>) -> String {
+        let v = serde_json::json!({"task": self.cfg.task, "sizes": self.cfg.sizes, "model_seed": self.cfg.model_seed,
+            "sft": self.cfg.sft, "pairs": self.cfg.pairs, "eval": self.cfg.eval,
+            "daa": run.map(|_| serde_json::json!({"lr": self.cfg.daa.lr, "lr_inverse_width": self.cfg.daa.lr_inverse_width,
+                "batch": self.cfg.daa.batch_size, "warmup": self.cfg.daa.warmup_frac, "checkpoints": self.cfg.daa.checkpoints})),
+            "run": run});
+        crate::util::sha256_hex(v.to_string().as_bytes())[..16].to_string()
+    }
+
+    fn sft_dir(&self, size: &str) -> PathBuf {
+        self.out.join("models").join(format!("sft-{size}"))
+    }
+
+    /// The SFT model of a size: trained on first use, then loaded from its final checkpoint.
+    pub fn sft_model(&self, size: &str) -> Result<LoadedModel> {
+        let dir = self.sft_dir(size);
+        let spec = self.cfg.size(size)?;
+        let mcfg = self.cfg.model_config(&self.task, spec)?;
+        let st = &self.cfg.sft;
+        let total = st.examples / st.batch_size;
+        if let Some((step, d)) = checkpoint::list(&dir)?.pop() {
+            if step == total {
+                return Ok(load::load(
+                    d.to_str().unwrap(),
+                    None,
+                    DType::F32,
+                    &self.device,
+                )?);
+            }
+        }
+        let t0 = Instant::now();
+        self.say(&format!(
+            "sft {size}: {} parameters, {} steps of {}",
+            mcfg.n_params(),
+            total,
+            st.batch_size
+        ));
+        let lm = load::fresh(&mcfg, DType::F32, &self.device, self.cfg.model_seed)?;
+        let data = sft_examples(&self.task, st.examples, st.data_seed);
+        let lc = LoopConfig {
+            batch_size: st.batch_size,
+            micro_batch_size: st.batch_size,
+            seed: st.data_seed,
+            checkpoints: vec![0.5, 1.0],
+            log_every: (total / 5).max(1),
+            resume: true,
+            progress_bar: false,
+        };
+        let opt = RmsPropConfig {
+            lr: st.lr,
+            warmup_steps: st.warmup_steps,
+            ..RmsPropConfig::default()
+        };
+        train_sft(
+            &lm,
+            &data,
+            TOKENS,
+            &lc,
+            &opt,
+            &dir,
+            &serde_json::to_value(&self.cfg.sft)?,
+        )?;
+        self.task
+            .save_tokenizer(&checkpoint::checkpoint_dir(&dir, total).join("tokenizer.json"))?;
+        self.say(&format!(
+            "sft {size}: done in {:.0} s",
+            t0.elapsed().as_secs_f64()
+        ));
+        Ok(lm)
+    }
+
+    fn pairs_path(&self, split: &str) -> PathBuf {
+        self.out.join("data").join(format!("pairs_{split}.jsonl"))
+    }
+
+    /// Preference pairs (train, held-out) from the source SFT model's samples.
+    pub fn pairs(&self) -> Result<(Vec<PrefPair>, Vec<PrefPair>)> {
+        let (tr, he) = (self.pairs_path("train"), self.pairs_path("heldout"));
+        if tr.is_file() && he.is_file() {
+            return Ok((crate::util::read_jsonl(&tr)?, crate::util::read_jsonl(&he)?));
+        }
+        let pc = &self.cfg.pairs;
+        let src = self.sft_model(&pc.source_size)?;
+        let t0 = Instant::now();
+        let posts = self.task.posts(pc.prompts, pc.seed);
+        let prompts: Vec<Vec<u32>> = posts
+            .iter()
+            .flat_map(|p| {
+                let ids = self.task.prompt_ids(p);
+                [ids.clone(), ids]
+            })
+            .collect();
+        let max_len =
+            prompts.iter().map(|p| p.len()).max().unwrap_or(0) + self.task.max_response_tokens();
+        let sc = SampleConfig {
+            temperature: 1.0,
+            top_k: None,
+            max_length: max_len,
+            seed: pc.seed,
+            batch_size: 256,
+        };
+        let samples = generate(&src.model, &prompts, &sc, TOKENS.eos, TOKENS.pad)?;
+        let cands = posts.iter().enumerate().map(|(i, p)| {
+            (
+                p.clone(),
+                samples[2 * i].tokens.clone(),
+                samples[2 * i + 1].tokens.clone(),
+            )
+        });
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(pc.seed ^ 0x5eed);
+        let (pairs, stats) = self.task.preference_pairs(cands, &mut rng);
+        if pairs.len() < pc.n_train + pc.n_heldout {
+            bail!(
+                "only {} distinct pairs from {} prompts; need {} train + {} held-out: raise `pairs.prompts`",
+                pairs.len(),
+                pc.prompts,
+                pc.n_train,
+                pc.n_heldout
+            );
+        }
+        let train = pairs[..pc.n_train].to_vec();
+        let held = pairs[pc.n_train..pc.n_train + pc.n_heldout].to_vec();
+        crate::util::write_atomic(
+            &self.out.join("data/pair_stats.json"),
+            serde_json::to_string_pretty(&stats)?.as_bytes(),
+        )?;
+        crate::util::write_atomic(&he, crate::util::to_jsonl(&held)?.as_bytes())?;
+        crate::util::write_atomic(&tr, crate::util::to_jsonl(&train)?.as_bytes())?;
+        self.say(&format!(
+            "pairs: {} kept of {} ({} identical), chosen has higher gold in {:.2}, chosen longer in {:.2} ({:.0} s)",
+            stats.kept, stats.offered, stats.dropped_identical, stats.chosen_higher_gold, stats.chosen_longer,
+            t0.elapsed().as_secs_f64()
+        ));
+        Ok((train, held))
+    }
+
+    fn to_examples(&self, pairs: &[PrefPair]) -> Vec<PrefExample> {
+        pairs
+            .iter()
+            .map(|p| {
+                let (prompt, chosen, rejected) = self.task.pair_ids(p);
+                PrefExample {
+                    prompt,
+                    chosen,
+                    rejected,
+                }
+            })
+            .collect()
+    }
+
+    /// Held-out evaluation prompts (posts with their reference summaries).
+    pub fn eval_set(&self) -> Vec<crate::data::synthetic::SftExample> {
+        self.task
+            .sft_examples(self.cfg.eval.n_prompts, self.cfg.eval.prompt_seed)
+    }
+
+    fn eval_config(&self, prompts: &[Vec<u32>]) -> EvalConfig {
+        EvalConfig {
+            samples_per_prompt: self.cfg.eval.samples_per_prompt,
+            seed: self.cfg.eval.seed,
+            temperature: 1.0,
+            top_k: Some(50),
+            max_length: prompts.iter().map(|p| p.len()).max().unwrap_or(0)
+                + self.task.max_response_tokens(),
+            batch_size: 256,
+        }
+    }
+
+    /// Evaluate one policy checkpoint against the SFT reference.
+    pub fn evaluate(
+        &self,
+        policy: &LoadedModel,
+        reference: &LoadedModel,
+        objective: Option<(Objective, f64)>,
+        held: &[PrefExample],
+    ) -> Result<PolicyEval> {
+        let set = self.eval_set();
+        let prompts: Vec<Vec<u32>> = set.iter().map(|e| self.task.prompt_ids(&e.post)).collect();
+        let judge =
+            |i: usize, sample: &[u32]| self.task.gold_win(&set[i].post, sample, &set[i].reference);
+        evaluate_policy(
+            &policy.model,
+            &reference.model,
+            &prompts,
+            held,
+            objective,
+            &self.eval_config(&prompts),
+            TOKENS,
+            &judge,
+        )
+    }
+
+    fn row(
+        &self,
+        e: &PolicyEval,
+        objective: &str,
+        beta: f64,
+        size: &str,
+        n_params: u64,
+        ck: f64,
+        seed: u64,
+        hash: &str,
+    ) -> ResultRow {
+        ResultRow {
+            objective: objective.into(),
+            beta,
+            size: size.into(),
+            n_params,
+            checkpoint: ck,
+            seed,
+            kl: e.kl,
+            kl_se: e.kl_se,
+            win_rate: e.win_rate,
+            win_rate_lo: e.win_rate_lo,
+            win_rate_hi: e.win_rate_hi,
+            mean_length: e.mean_length,
+            heldout_loss: e.heldout_loss,
+            implicit_accuracy: e.implicit_accuracy,
+            chosen_reward: e.chosen_reward,
+            config_hash: hash.into(),
+            length_corrected_win_rate: None,
+        }
+    }
+
+    fn sample_rows(
+        e: &PolicyEval,
+        objective: &str,
+        beta: f64,
+        size: &str,
+        ck: f64,
+        seed: u64,
+    ) -> Vec<SampleRow> {
+        e.samples
+            .iter()
+            .map(|s| SampleRow {
+                objective: objective.into(),
+                beta,
+                size: size.into(),
+                checkpoint: ck,
+                seed,
+                log_ratio: s.log_ratio,
+                length: s.length,
+            })
+            .collect()
+    }
+
+    fn results_path(&self, id: &str) -> PathBuf {
+        self.out.join("results").join(format!("{id}.json"))
+    }
+
+    /// The SFT policy of a size evaluated like every checkpoint (checkpoint 0 rows).
+    pub fn run_sft_eval(&self, size: &str) -> Result<RunResults> {
+        let id = format!("sft-{size}");
+        let path = self.results_path(&id);
+        if path.is_file() {
+            return read_results(&path);
+        }
+        let t0 = Instant::now();
+        let sft = self.sft_model(size)?;
+        let e = self.evaluate(&sft, &sft, None, &[])?;
+        let hash = self.config_hash(None);
+        let n = sft.model.config().n_params() as u64;
+        let res = RunResults {
+            rows: vec![self.row(&e, "sft", 0.0, size, n, 0.0, 0, &hash)],
+            samples: Self::sample_rows(&e, "sft", 0.0, size, 0.0, 0),
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        crate::util::write_atomic(&path, serde_json::to_string(&res)?.as_bytes())?;
+        self.say(&format!(
+            "eval {id}: win {:.3} length {:.2}",
+            e.win_rate, e.mean_length
+        ));
+        Ok(res)
+    }
+
+    /// Train and evaluate one DAA run (skipped when its results exist).
+    pub fn run_daa(&self, run: &RunSpec) -> Result<RunResults> {
+        let id = run.id();
+        let path = self.results_path(&id);
+        if path.is_file() {
+            return read_results(&path);
+        }
+        let t0 = Instant::now();
+        let (train, held) = self.pairs()?;
+        let (train, held) = (self.to_examples(&train), self.to_examples(&held));
+        let sft = self.sft_model(&run.size)?;
+        let reference = load::deep_copy(&sft)?;
+        let spec = self.cfg.size(&run.size)?;
+        let d = &self.cfg.daa;
+        let lr = if d.lr_inverse_width {
+            d.lr * self.cfg.sizes[0].hidden_size as f64 / spec.hidden_size as f64
+        } else {
+            d.lr
+        };
+        let total = train.len() / d.batch_size;
+        let opt = RmsPropConfig {
+            lr,
+            warmup_steps: ((total as f64) * d.warmup_frac).round() as usize,
+            ..RmsPropConfig::default()
+        };
+        let lc = LoopConfig {
+            batch_size: d.batch_size,
+            micro_batch_size: d.micro_batch_size,
+            seed: run.seed,
+            checkpoints: d.checkpoints.clone(),
+            log_every: 0,
+            resume: true,
+            progress_bar: false,
+        };
+        let obj = run.objective()?;
+        let daa = DaaConfig {
+            objective: obj,
+            beta: run.beta,
+            online_reference: false,
+            reference_cache: Some(self.out.join("ref-cache")),
+        };
+        let run_dir = self.out.join("runs").join(&id);
+        let hash = self.config_hash(Some(run));
+        let out = train_daa(
+            &sft,
+            &reference.model,
+            &train,
+            TOKENS,
+            &daa,
+            &lc,
+            &opt,
+            &run_dir,
+            &serde_json::json!({"run": run, "hash": hash}),
+        )?;
+        let n = sft.model.config().n_params() as u64;
+        let mut res = RunResults::default();
+        for (_, dir) in &out.checkpoints {
+            let meta = checkpoint::read_meta(dir)?;
+            let policy = load::load(dir.to_str().unwrap(), None, DType::F32, &self.device)?;
+            let e = self.evaluate(&policy, &reference, Some((obj, run.beta)), &held)?;
+            let ck = (meta.fraction * 1e6).round() / 1e6;
+            res.rows.push(self.row(
+                &e,
+                &run.objective,
+                run.beta,
+                &run.size,
+                n,
+                ck,
+                run.seed,
+                &hash,
+            ));
+            res.samples.extend(Self::sample_rows(
+                &e,
+                &run.objective,
+                run.beta,
+                &run.size,
+                ck,
+                run.seed,
+            ));
+        }
+        res.seconds = t0.elapsed().as_secs_f64();
+        crate::util::write_atomic(&path, serde_json::to_string(&res)?.as_bytes())?;
+        if let Some(last) = res.rows.last() {
+            self.say(&format!(
+                "{id}: kl {:.2} win {:.3} length {:.2} ({:.0} s)",
+                last.kl, last.win_rate, last.mean_length, res.seconds
+            ));
+        }
+        Ok(res)
+    }
+
+    /// Run everything (SFT of every size, pairs, SFT evaluations, the DAA grid) and assemble
+    /// the tables. `only` restricts the DAA grid to runs whose id contains one of the strings.
+    pub fn run_all(&self, only: &[String]) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+        for s in &self.cfg.sizes {
+            self.sft_model(&s.name)?;
+        }
+        self.pairs()?;
+        for s in &self.cfg.sizes {
+            self.run_sft_eval(&s.name)?;
+        }
+        for run in self.cfg.runs() {
+            if only.is_empty() || only.iter().any(|o| run.id().contains(o.as_str())) {
+                self.run_daa(&run)?;
+            }
+        }
+        self.collect()
+    }
+
+    /// Assemble every finished result file into the tables (sorted, deduplicated by file).
+    pub fn collect(&self) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+        collect_results(&self.out.join("results"))
+    }
+}
+
+fn read_results(path: &Path) -> Result<RunResults> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: corrupt results file", path.display()))
+}
+
+/// Read every `*.json` result file in `dir` (e.g. written by separate jobs) in name order.
+pub fn collect_results(dir: &Path) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect(),
+        Err(_) => vec![],
+    };
+    files.sort();
+    let mut rows = vec![];
+    let mut samples = vec![];
+    for f in files {
+        let r = read_results(&f)?;
+        rows.extend(r.rows);
+        samples.extend(r.samples);
+    }
+    Ok((rows, samples))
+}

@@ -1,0 +1,123 @@
+//! TOML run configurations for `overopt sft` and `overopt daa`. Unknown keys are rejected
+//! with their name.
+
+use super::daa::DaaConfig;
+use super::optim::RmsPropConfig;
+use super::trainer::LoopConfig;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A model directory in the HF layout, or a hub id.
+    pub source: String,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Tokenizer file; by default the model's tokenizer.json.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// JSON lines: {"prompt", "response"} for SFT, {"prompt", "chosen", "rejected"} for DAA.
+    pub train: PathBuf,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default = "default_max_prompt_length")]
+    pub max_prompt_length: usize,
+}
+
+fn default_max_length() -> usize {
+    512
+}
+fn default_max_prompt_length() -> usize {
+    256
+}
+
+/// A whole training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub out_dir: PathBuf,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub train: LoopConfig,
+    #[serde(default)]
+    pub optim: RmsPropConfig,
+    /// Only for `overopt daa`.
+    #[serde(default)]
+    pub daa: Option<DaaConfig>,
+    /// The frozen reference for `overopt daa` (default: the model itself, i.e. the SFT policy).
+    #[serde(default)]
+    pub reference: Option<ModelSpec>,
+}
+
+impl RunConfig {
+    pub fn from_toml(text: &str, ctx: &str) -> Result<Self> {
+        let cfg: RunConfig =
+            toml::from_str(text).with_context(|| format!("{ctx}: invalid run configuration"))?;
+        cfg.train.validate().with_context(|| ctx.to_string())?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+out_dir = "runs/x"
+[model]
+source = "EleutherAI/pythia-1b"
+[data]
+train = "pairs.jsonl"
+[train]
+batch_size = 128
+micro_batch_size = 16
+[optim]
+lr = 5e-7
+warmup_steps = 150
+[daa]
+objective = { name = "dpo", label_smoothing = 0.0 }
+beta = 0.1
+"#;
+
+    #[test]
+    fn parses_and_rejects_unknown_keys() {
+        let c = RunConfig::from_toml(CFG, "c.toml").unwrap();
+        assert_eq!(c.train.accumulation_steps(), 8);
+        assert_eq!(c.optim.max_grad_norm, Some(10.0));
+        assert_eq!(c.daa.unwrap().beta, 0.1);
+        let bad = CFG.replace("warmup_steps = 150", "warmup_steps = 150\nwarmup = 3");
+        let e = format!("{:#}", RunConfig::from_toml(&bad, "c.toml").unwrap_err());
+        assert!(
+            e.contains("c.toml") && e.contains("unknown field `warmup`"),
+            "{e}"
+        );
+        let bad = CFG.replace("micro_batch_size = 16", "micro_batch_size = 48");
+        let e = format!("{:#}", RunConfig::from_toml(&bad, "c.toml").unwrap_err());
+        assert!(e.contains("micro_batch_size"), "{e}");
+    }
+}

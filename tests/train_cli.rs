@@ -1,0 +1,101 @@
+//! `overopt sft` and `overopt daa` end to end on the tiny HF fixture model.
+
+use std::path::Path;
+use std::process::Command;
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gpt_neox")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_overopt"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn sft_then_dpo_from_toml_configs() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let mut sft = String::new();
+    let mut pref = String::new();
+    for i in 0..16 {
+        let a = 3 + i % 7;
+        sft.push_str(&format!(
+            "{{\"prompt\": \"w{a} w{} w{}\", \"response\": \"w{} w{}\"}}\n",
+            a + 1,
+            a + 2,
+            100 + a,
+            101 + a
+        ));
+        pref.push_str(&format!(
+            "{{\"prompt\": \"w{a} w{}\", \"chosen\": \"w{}\", \"rejected\": \"w{} w{} w{}\"}}\n",
+            a + 1,
+            100 + a,
+            200 + a,
+            201 + a,
+            202 + a
+        ));
+    }
+    std::fs::write(p.join("sft.jsonl"), sft).unwrap();
+    std::fs::write(p.join("pref.jsonl"), pref).unwrap();
+    let sft_cfg = format!(
+        "out_dir = \"{o}/sft\"\n[model]\nsource = \"{m}\"\n[data]\ntrain = \"{o}/sft.jsonl\"\n[train]\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\n[optim]\nlr = 1e-3\nwarmup_steps = 1\n",
+        o = p.display(),
+        m = fixture("parallel")
+    );
+    std::fs::write(p.join("sft.toml"), &sft_cfg).unwrap();
+    let o = run(&["sft", "--config", p.join("sft.toml").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("sft: step 4/4"), "{stdout}");
+    let last = p.join("sft/step-000004");
+    assert!(last.join("model.safetensors").is_file() && last.join("tokenizer.json").is_file());
+    // DPO from the SFT checkpoint.
+    let daa_cfg = format!(
+        "out_dir = \"{o}/dpo\"\n[model]\nsource = \"{m}\"\n[data]\ntrain = \"{o}/pref.jsonl\"\n[train]\nbatch_size = 4\nmicro_batch_size = 4\n[optim]\nlr = 1e-3\nwarmup_steps = 0\n[daa]\nobjective = {{ name = \"dpo\" }}\nbeta = 0.1\n",
+        o = p.display(),
+        m = last.display()
+    );
+    std::fs::write(p.join("dpo.toml"), &daa_cfg).unwrap();
+    let o = run(&["daa", "--config", p.join("dpo.toml").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = std::fs::read_to_string(p.join("dpo/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    for k in [
+        "loss",
+        "rewards_chosen",
+        "rewards_rejected",
+        "rewards_margin",
+        "rewards_accuracy",
+        "logps_chosen",
+        "logps_rejected",
+        "grad_norm",
+        "lr",
+        "examples_per_s",
+    ] {
+        assert!(first.get(k).is_some(), "metric {k} missing: {first}");
+    }
+    // At step 1 the policy is the reference: DPO loss ln 2.
+    assert!((first["loss"].as_f64().unwrap() - 2f64.ln()).abs() < 1e-4);
+    // The reference log-probs were cached beside the run.
+    assert_eq!(std::fs::read_dir(p.join("ref-cache")).unwrap().count(), 1);
+    // An unknown key is named.
+    std::fs::write(
+        p.join("bad.toml"),
+        daa_cfg.replace("beta = 0.1", "beta = 0.1\nbeta2 = 3"),
+    )
+    .unwrap();
+    let o = run(&["daa", "--config", p.join("bad.toml").to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("unknown field `beta2`") && e.contains("bad.toml"),
+        "{e}"
+    );
+}
