@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod data;
 pub mod model;
+pub mod toy_mdp;
 pub mod train;
 pub mod util;
 
