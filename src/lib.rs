@@ -10,11 +10,8 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod model;
-<<<<<<< HEAD
 pub mod sweep;
-=======
 pub mod toy_mdp;
->>>>>>> toy
 pub mod train;
 pub mod util;
 
