@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 echo "== cargo test (all targets) =="
-cargo test --locked --all-targets 2>&1
+cargo test --locked --all-targets --no-run 2>&1 | tail -3
+cargo test --locked 2>&1
