@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit and integration tests (parity with HF fixtures included).
-# Self-contained: needs only the machine's Rust toolchain and the crates.io registry.
+# The whole test suite: Rust unit and integration tests (parity with HF fixtures included),
+# then the environment scripts the Docker image runs (here with CPU features) and the
+# Dockerfile checks (tests/test_dockerfile.py).
+# Self-contained: needs only the machine's Rust toolchain, python3 and the package registries
+# (crates.io, PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 echo "== cargo test (all targets) =="
 cargo test --locked --all-targets --no-run 2>&1 | tail -3
 cargo test --locked 2>&1
+
+echo "== environment scripts of the Docker image (CPU) =="
+bash environment/install-rust.sh
+PROFILE=dev bash environment/build.sh
+
+echo "== Dockerfile checks =="
+VENV=environment/.venv-tests
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r environment/requirements-tests.txt
+"$VENV/bin/python" tests/test_dockerfile.py
