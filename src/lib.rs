@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod model;
+pub mod plots;
 pub mod sweep;
 pub mod toy_mdp;
 pub mod train;
