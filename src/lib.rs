@@ -3,12 +3,13 @@
 //!
 //! Modules in pipeline order; no stage imports a later one:
 //! `data` -> `model` -> `train` -> `eval` -> `analysis` -> `plots`, plus `toy_mdp` and the
-//! sweep runner on top.
+//! sweep runner on top. `hub` (cache-first hub access) and `util` sit below every stage.
 
 pub mod analysis;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod hub;
 pub mod model;
 pub mod plots;
 pub mod sweep;
