@@ -103,8 +103,7 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
         a.out.join("figures").display()
     );
     for v in &report.verdicts {
-        let kind = serde_json::to_value(&v.verdict)?;
-        println!("{} {}: {}", v.id, kind.as_str().unwrap_or("?"), v.summary);
+        println!("{}", v.summary);
     }
     println!(
         "reproduce: done in {:.0} s; outputs in {}",
