@@ -3,13 +3,14 @@
 //!
 //! Modules in pipeline order; no stage imports a later one:
 //! `data` -> `model` -> `train` -> `eval` -> `analysis` -> `plots`, plus `toy_mdp` and the
-//! sweep runner on top.
+//! sweep runner on top, and `notebook`, the notebooks' facade, above everything.
 
 pub mod analysis;
 pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod model;
+pub mod notebook;
 pub mod sweep;
 pub mod toy_mdp;
 pub mod train;
