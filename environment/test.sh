@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 SECONDS=0
 echo "== cargo test (all targets) =="
-cargo test --locked --all-targets 2>&1
+cargo test --locked --all-targets --no-run 2>&1 | tail -3
+cargo test --locked 2>&1
 echo "== cargo test: ${SECONDS} s =="
 
 echo "== notebooks: setup (venv, evcxr_jupyter, kernel spec) =="

@@ -24,8 +24,7 @@ use crate::analysis::fits::{FitOptions, Form, fit_table};
 use crate::analysis::length::length_fits;
 use crate::analysis::metrics::{Metric, metric_correlations, signed_sqrt_neg};
 use crate::analysis::table::{STANDARD_OBJECTIVES, fkey};
-use crate::sweep::teach::{RunSpec, SizeSpec, collect_results};
-use crate::sweep::teach::{DaaStage, EvalStage, PairStage, RdpoStage, SftStage};
+use crate::sweep::teach::{RunSpec, collect_results};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
@@ -93,7 +92,10 @@ pub struct Markdown(pub String);
 impl Markdown {
     /// Called by evcxr for a cell's final value: one `text/markdown` block.
     pub fn evcxr_display(&self) {
-        println!("EVCXR_BEGIN_CONTENT text/markdown\n{}\nEVCXR_END_CONTENT", self.0);
+        println!(
+            "EVCXR_BEGIN_CONTENT text/markdown\n{}\nEVCXR_END_CONTENT",
+            self.0
+        );
     }
 
     /// Join several blocks with a blank line (a cell shows only its last markdown block).
@@ -204,9 +206,10 @@ pub fn profile_named(scale: Scale) -> Result<Profile> {
         .unwrap_or(out_default);
     let (teach, toy, source) = match scale {
         Scale::Smoke => (
-            Some(smoke_config()),
+            Some(smoke_config()?),
             smoke_toy_config(),
-            "smoke profile (tiny configuration built in code: overopt::notebook::smoke_config)"
+            "smoke profile (artifact/configs/teach/smoke.toml; the toy MDP with 4 seeds and \
+             fewer steps)"
                 .to_string(),
         ),
         Scale::Teach => {
@@ -239,58 +242,14 @@ pub fn profile_named(scale: Scale) -> Result<Profile> {
     })
 }
 
-/// The smoke profile: the whole teach pipeline in miniature (two tiny sizes, two betas, DPO and
-/// IPO, R-DPO at both betas, few SFT steps and evaluation prompts). It checks that every
-/// notebook runs end to end; its numbers mean nothing.
-pub fn smoke_config() -> TeachConfig {
-    let size = |name: &str, h: usize, layers: usize| SizeSpec {
-        name: name.into(),
-        hidden_size: h,
-        num_hidden_layers: layers,
-        num_attention_heads: 2,
-        intermediate_size: 2 * h,
-    };
-    TeachConfig {
-        task: Default::default(),
-        sizes: vec![size("tiny", 16, 1), size("small", 32, 1)],
-        model_seed: 0,
-        sft: SftStage {
-            examples: 1024,
-            batch_size: 64,
-            lr: 3e-3,
-            warmup_steps: 2,
-            data_seed: 1,
-        },
-        pairs: PairStage {
-            source_size: "small".into(),
-            prompts: 400,
-            n_train: 128,
-            n_heldout: 32,
-            seed: 2,
-        },
-        daa: DaaStage {
-            objectives: vec!["dpo".into(), "ipo".into()],
-            betas: vec![0.1, 1.0],
-            lr: 1e-3,
-            lr_inverse_width: false,
-            batch_size: 32,
-            micro_batch_size: 32,
-            warmup_frac: 0.0,
-            checkpoints: vec![0.25, 0.5, 0.75, 1.0],
-            seeds: vec![0],
-        },
-        rdpo: Some(RdpoStage {
-            size: "small".into(),
-            alpha: 0.05,
-            betas: vec![0.1, 1.0],
-        }),
-        eval: EvalStage {
-            n_prompts: 32,
-            samples_per_prompt: 2,
-            seed: 3,
-            prompt_seed: 4,
-        },
-    }
+/// The teach configuration of the smoke profile: `artifact/configs/teach/smoke.toml`, the whole
+/// teach pipeline in miniature (two tiny sizes, two betas, DPO and IPO, R-DPO, a few SFT steps
+/// and evaluation prompts). It checks that every notebook runs end to end; its numbers mean
+/// nothing.
+pub fn smoke_config() -> Result<TeachConfig> {
+    Ok(TeachConfig::from_file(
+        &repo_root().join("artifact/configs/teach/smoke.toml"),
+    )?)
 }
 
 /// The toy MDP in the smoke profile: 4 seeds, fewer steps.
@@ -436,10 +395,10 @@ fn sizes_by_params(rows: &[ResultRow]) -> Vec<String> {
 fn expected_hashes(t: &Teach) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     for s in &t.cfg.sizes {
-        m.insert(format!("sft-{}", s.name), t.config_hash(None));
+        m.insert(format!("sft-{}", s.name), t.config_hash(&s.name, None));
     }
     for r in t.cfg.runs() {
-        m.insert(r.id(), t.config_hash(Some(&r)));
+        m.insert(r.id(), t.config_hash(&r.size, Some(&r)));
     }
     m
 }
@@ -891,7 +850,11 @@ pub fn intra_epoch_table(r: &Results) -> Markdown {
     s.push('\n');
     for ((_, os, _, b), v) in lines {
         let (o, sz) = os.split_once('|').unwrap_or((&os, ""));
-        s.push_str(&format!("| {o} | {sz} | {} | {} |\n", b as f64 / 1e9, v.join(" | ")));
+        s.push_str(&format!(
+            "| {o} | {sz} | {} | {} |\n",
+            b as f64 / 1e9,
+            v.join(" | ")
+        ));
     }
     Markdown(s)
 }
@@ -942,7 +905,9 @@ pub fn fit_table_md(groups: &[FitGroup]) -> Markdown {
 pub fn rdpo_table(r: &Results) -> Markdown {
     let rd: Vec<&ResultRow> = r.rows.iter().filter(|x| x.objective == "rdpo").collect();
     let Some(size) = rd.first().map(|x| x.size.clone()) else {
-        return Markdown("No R-DPO rows in these results (the configuration has no `[rdpo]`).".into());
+        return Markdown(
+            "No R-DPO rows in these results (the configuration has no `[rdpo]`).".into(),
+        );
     };
     let rows: Vec<ResultRow> = r
         .end_of_epoch()
@@ -954,13 +919,21 @@ pub fn rdpo_table(r: &Results) -> Markdown {
         "Size `{size}`, end of epoch.\n\n| objective | beta | KL | win rate | mean length |\n|---|---|---|---|---|\n"
     );
     let mut keys: Vec<_> = cells.keys().cloned().collect();
-    keys.sort_by(|a, b| objective_order(&a.0).cmp(&objective_order(&b.0)).then(a.2.cmp(&b.2)));
+    keys.sort_by(|a, b| {
+        objective_order(&a.0)
+            .cmp(&objective_order(&b.0))
+            .then(a.2.cmp(&b.2))
+    });
     for k in keys {
         let rs = &cells[&k];
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",
             k.0,
-            if k.0 == "sft" { "-".into() } else { format!("{}", rs[0].beta) },
+            if k.0 == "sft" {
+                "-".into()
+            } else {
+                format!("{}", rs[0].beta)
+            },
             f3(mean_of(rs, |x| x.kl)),
             f3(mean_of(rs, |x| x.win_rate)),
             f2(mean_of(rs, |x| x.mean_length)),
@@ -1035,11 +1008,19 @@ pub fn metric_table(cs: &[MetricCorrelation], metrics: &[Metric]) -> Markdown {
     for c in cs.iter().filter(|c| metrics.contains(&c.metric)) {
         let (rho, r) = match &c.corr {
             Some(k) => (
-                format!("{} [{}, {}]", f2(k.spearman), f2(k.spearman_lo), f2(k.spearman_hi)),
+                format!(
+                    "{} [{}, {}]",
+                    f2(k.spearman),
+                    f2(k.spearman_lo),
+                    f2(k.spearman_hi)
+                ),
                 f2(k.pearson),
             ),
             None => (
-                format!("- ({})", md_cell(c.problem.as_deref().unwrap_or("undefined"))),
+                format!(
+                    "- ({})",
+                    md_cell(c.problem.as_deref().unwrap_or("undefined"))
+                ),
                 "-".into(),
             ),
         };
@@ -1073,7 +1054,12 @@ pub fn likelihood_table(r: &Results) -> Markdown {
     keys.sort_by(|a, b| {
         objective_order(&a.0)
             .cmp(&objective_order(&b.0))
-            .then(sizes.iter().position(|s| *s == a.1).cmp(&sizes.iter().position(|s| *s == b.1)))
+            .then(
+                sizes
+                    .iter()
+                    .position(|s| *s == a.1)
+                    .cmp(&sizes.iter().position(|s| *s == b.1)),
+            )
             .then(a.2.cmp(&b.2))
     });
     let mut s = String::from(
@@ -1159,7 +1145,11 @@ pub fn toy_c9_md(r: &ToyMdpReport) -> Markdown {
             f3(o.ood_increase.median),
             f3(o.peak_ood.median),
             if o.substantial { "yes" } else { "no" },
-            if o.substantial_during_training { "yes" } else { "no" },
+            if o.substantial_during_training {
+                "yes"
+            } else {
+                "no"
+            },
         ));
     }
     s.push_str(&format!(
@@ -1204,7 +1194,10 @@ mod tests {
     }
 
     fn results() -> Results {
-        let mut rows = vec![row("sft", "a", 0.0, 0.0, 0.0, 0.3), row("sft", "b", 0.0, 0.0, 0.0, 0.35)];
+        let mut rows = vec![
+            row("sft", "a", 0.0, 0.0, 0.0, 0.3),
+            row("sft", "b", 0.0, 0.0, 0.0, 0.35),
+        ];
         for (i, b) in [0.1, 1.0].iter().enumerate() {
             for ck in [0.5, 1.0] {
                 rows.push(row("dpo", "b", *b, ck, 2.0 - i as f64, 0.4));
@@ -1219,15 +1212,13 @@ mod tests {
 
     #[test]
     fn smoke_config_is_valid_and_small() {
-        let c = smoke_config();
-        c.validate().unwrap();
+        let c = smoke_config().unwrap();
         assert!(c.sizes.len() == 2 && c.daa.betas.len() == 2);
         // Every DAA run has at least one optimizer step per checkpoint.
         let steps = c.pairs.n_train / c.daa.batch_size;
         assert!(steps >= c.daa.checkpoints.len(), "{steps} steps");
+        assert!(c.rdpo.is_some(), "notebook 03 shows R-DPO");
         smoke_toy_config().validate().unwrap();
-        let toml = toml::to_string(&c).unwrap();
-        assert_eq!(TeachConfig::from_toml(&toml, "round trip").unwrap(), c);
     }
 
     #[test]
@@ -1267,16 +1258,16 @@ mod tests {
     #[test]
     fn stale_results_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let t = Teach::new(smoke_config(), dir.path()).unwrap();
+        let t = Teach::new(smoke_config().unwrap(), dir.path()).unwrap();
         assert_eq!(check_stale(&t).unwrap(), 0);
-        let mut r = row("sft", "tiny", 0.0, 0.0, 0.0, 0.3);
-        r.config_hash = t.config_hash(None);
+        let mut r = row("sft", "xs", 0.0, 0.0, 0.0, 0.3);
+        r.config_hash = t.config_hash("xs", None);
         let res = crate::sweep::teach::RunResults {
             rows: vec![r.clone()],
             samples: vec![],
             seconds: 0.0,
         };
-        let p = dir.path().join("results/sft-tiny.json");
+        let p = dir.path().join("results/sft-xs.json");
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, serde_json::to_string(&res).unwrap()).unwrap();
         assert_eq!(check_stale(&t).unwrap(), 1);
@@ -1288,21 +1279,24 @@ mod tests {
         };
         std::fs::write(&p, serde_json::to_string(&res).unwrap()).unwrap();
         let e = check_stale(&t).unwrap_err().to_string();
-        assert!(e.contains("another configuration") && e.contains("sft-tiny"), "{e}");
+        assert!(
+            e.contains("another configuration") && e.contains("sft-xs"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rdpo_rows_match_their_run_ids() {
-        let t = Teach::new(smoke_config(), tempfile::tempdir().unwrap().path()).unwrap();
+        let t = Teach::new(smoke_config().unwrap(), tempfile::tempdir().unwrap().path()).unwrap();
         let want = expected_hashes(&t);
-        let r = row("rdpo", "small", 0.1, 1.0, 1.0, 0.4);
+        let r = row("rdpo", "s", 0.1, 1.0, 1.0, 0.4);
         let pat = row_id(&r);
         assert_eq!(
             want.keys().filter(|id| id_matches(&pat, id)).count(),
             1,
             "{pat}"
         );
-        assert!(!id_matches("rdpo-b0.1-*-small-s0", "rdpo-b0.1-a0.05-tiny-s0"));
+        assert!(!id_matches("rdpo-b0.1-*-s-s0", "rdpo-b0.1-a0.05-xs-s0"));
     }
 
     #[test]

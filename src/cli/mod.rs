@@ -34,6 +34,13 @@ pub enum Command {
     /// Reproduce the paper's sections: train, evaluate, and write the results table, figures
     /// and claim verdicts (teach scale, CPU, offline by default).
     Reproduce(reproduce::ReproduceArgs),
+    /// The teach grid as independent jobs: --list the runs, --prepare the shared stages, --run
+    /// one (by id or index: a scheduler array task). Each job writes its own result file.
+    Sweep(reproduce::SweepArgs),
+    /// Merge the per-run result files of a sweep into OUT/results.parquet (+ CSV).
+    Collect(reproduce::CollectArgs),
+    /// Compare a results table with an expected one, within tolerances.
+    Compare(reproduce::CompareArgs),
     /// Judge candidate summaries against reference summaries with an OpenAI-compatible judge:
     /// reads JSON lines {"prompt", "candidate", "reference"} (optional "id"), writes one verdict
     /// line per input and a summary JSON (win rate, interval, position bias, tokens, cost).
@@ -52,5 +59,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Daa(a) => train_cmds::daa(a),
         Command::Judge(a) => judge_cmd::run(a),
         Command::Reproduce(a) => reproduce::run(a),
+        Command::Sweep(a) => reproduce::sweep(a),
+        Command::Collect(a) => reproduce::collect(a),
+        Command::Compare(a) => reproduce::compare(a),
     }
 }

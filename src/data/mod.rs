@@ -74,7 +74,8 @@ mod tests {
         let (a, b) = truncate_pair(&p[..10], &r[..10], 512, 256);
         assert_eq!((a.len(), b.len()), (10, 10));
         // Cutting the prompt can be enough.
-        let (a, b) = truncate_pair(&p, &r[..100], 512, 256);
+        let long: Vec<u32> = (0..450).collect();
+        let (a, b) = truncate_pair(&long, &r[..100], 512, 256);
         assert_eq!((a.len(), b.len()), (256, 100));
     }
 }

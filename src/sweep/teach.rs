@@ -297,13 +297,18 @@ impl Teach {
         }
     }
 
-    /// Hash of the settings that determine a run's results.
-    pub fn config_hash(&self, run: Option<&RunSpec>) -> String {
-        let v = serde_json::json!({"task": self.cfg.task, "sizes": self.cfg.sizes, "model_seed": self.cfg.model_seed,
-            "sft": self.cfg.sft, "pairs": self.cfg.pairs, "eval": self.cfg.eval,
-            "daa": run.map(|_| serde_json::json!({"lr": self.cfg.daa.lr, "lr_inverse_width": self.cfg.daa.lr_inverse_width,
-                "batch": self.cfg.daa.batch_size, "warmup": self.cfg.daa.warmup_frac, "checkpoints": self.cfg.daa.checkpoints})),
-            "run": run});
+    /// Hash of the settings that determine the results of a policy of size `size` (the SFT
+    /// policy when `run` is None, else that DAA run).
+    pub fn config_hash(&self, size: &str, run: Option<&RunSpec>) -> String {
+        let daa = run.map(|_| {
+            let d = &self.cfg.daa;
+            serde_json::json!({"lr": d.lr, "lr_inverse_width": d.lr_inverse_width, "batch": d.batch_size,
+                "warmup": d.warmup_frac, "checkpoints": d.checkpoints, "width0": self.cfg.sizes[0].hidden_size})
+        });
+        let pair_size = self.cfg.size(&self.cfg.pairs.source_size).ok();
+        let v = serde_json::json!({"task": self.cfg.task, "size": self.cfg.size(size).ok(), "model_seed": self.cfg.model_seed,
+            "sft": self.cfg.sft, "pairs": self.cfg.pairs, "pair_source": pair_size, "eval": self.cfg.eval,
+            "daa": daa, "run": run});
         crate::util::sha256_hex(v.to_string().as_bytes())[..16].to_string()
     }
 
@@ -558,7 +563,7 @@ impl Teach {
         let t0 = Instant::now();
         let sft = self.sft_model(size)?;
         let e = self.evaluate(&sft, &sft, None, &[])?;
-        let hash = self.config_hash(None);
+        let hash = self.config_hash(size, None);
         let n = sft.model.config().n_params() as u64;
         let res = RunResults {
             rows: vec![self.row(&e, "sft", 0.0, size, n, 0.0, 0, &hash)],
@@ -615,7 +620,7 @@ impl Teach {
             reference_cache: Some(self.out.join("ref-cache")),
         };
         let run_dir = self.out.join("runs").join(&id);
-        let hash = self.config_hash(Some(run));
+        let hash = self.config_hash(&run.size, Some(run));
         let out = train_daa(
             &sft,
             &reference.model,

@@ -1,0 +1,110 @@
+//! The teach grid run as separate processes through the job-array entry points (prepare,
+//! one process per run index, collect) ends with the same results table as one process.
+
+use std::path::Path;
+use std::process::Command;
+
+fn overopt(args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_overopt"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "overopt {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The table as JSON (NaN, e.g. the SFT rows' held-out loss, serializes as null and so
+/// compares equal).
+fn table(dir: &Path) -> Vec<serde_json::Value> {
+    let rows = overopt::sweep::tables::read_results_parquet(&dir.join("results.parquet")).unwrap();
+    rows.iter()
+        .map(|r| serde_json::to_value(r).unwrap())
+        .collect()
+}
+
+#[test]
+fn job_array_matches_single_process_and_resumes() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifact/configs/teach/smoke.toml");
+    let cfg = cfg.to_str().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let single = d.path().join("single");
+    let jobs = d.path().join("jobs");
+    overopt(&[
+        "reproduce",
+        "--section",
+        "overoptimization",
+        "--config",
+        cfg,
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    let list = Command::new(env!("CARGO_BIN_EXE_overopt"))
+        .args(["sweep", "--config", cfg, "--list"])
+        .output()
+        .unwrap();
+    let ids: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(ids.len(), 2 * 2 * 2 + 1, "{ids:?}");
+    let j = jobs.to_str().unwrap();
+    overopt(&["sweep", "--config", cfg, "--out", j, "--prepare"]);
+    // Out of order, by index and by id, as a scheduler might.
+    for i in (0..ids.len()).rev() {
+        if i % 2 == 0 {
+            overopt(&[
+                "sweep",
+                "--config",
+                cfg,
+                "--out",
+                j,
+                "--run",
+                &i.to_string(),
+            ]);
+        } else {
+            overopt(&["sweep", "--config", cfg, "--out", j, "--run", &ids[i]]);
+        }
+    }
+    overopt(&["collect", "--out", j]);
+    let (a, b) = (table(&single), table(&jobs));
+    assert_eq!(a.len(), 2 + 9 * 2, "2 SFT rows + 9 runs x 2 checkpoints");
+    assert_eq!(a, b, "job array and single process differ");
+    // Re-running the finished sweep skips everything and rewrites the same table.
+    overopt(&[
+        "reproduce",
+        "--section",
+        "overoptimization",
+        "--config",
+        cfg,
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    assert_eq!(table(&single), a);
+    // A lost run result is recomputed identically from its checkpoints' run directory.
+    let victim = single.join("results").join(format!("{}.json", ids[3]));
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::remove_dir_all(single.join("runs").join(&ids[3])).unwrap();
+    overopt(&[
+        "reproduce",
+        "--section",
+        "overoptimization",
+        "--config",
+        cfg,
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    assert_eq!(table(&single), a);
+    // compare: identical tables pass, a shifted one fails.
+    let out = single.join("results.parquet");
+    overopt(&[
+        "compare",
+        "--expected",
+        out.to_str().unwrap(),
+        "--actual",
+        jobs.join("results.parquet").to_str().unwrap(),
+    ]);
+}
