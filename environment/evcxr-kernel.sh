@@ -19,18 +19,27 @@ export PATH="$CARGO_BIN:$PATH"
 
 mkdir -p "$BUILD/target" "$BUILD/.cargo"
 # Profile overrides for the kernels' builds, read by cargo from this parent directory of every
-# slot (evcxr writes the generated crate's Cargo.toml with `[profile.dev] opt-level` from
-# evcxr.toml, which then applies to the cell crate only): dependencies and the overopt crate
-# at opt-level 1, which compiles about as fast as a debug build and runs the tiny models
-# several times faster than opt-level 0 (environment/bench-notebooks.sh measures it).
-cat > "$BUILD/.cargo/config.toml.new" <<EOF
-# Written by environment/evcxr-kernel.sh; applies to the notebook kernels' builds only.
-[profile.dev.package."*"]
-opt-level = ${OVEROPT_EVCXR_DEPS_OPT:-1}
-debug = false
-debug-assertions = false
-overflow-checks = false
-EOF
+# slot (evcxr's generated Cargo.toml sets `[profile.dev] opt-level` from evcxr.toml, which then
+# applies to the cell crate only). Compile time matters more than speed for most dependencies
+# (polars alone is a large part of the build, and the notebooks' tables are small): opt-level
+# 0. The crates that run the training and sampling get opt-level 1, which compiles much faster
+# than 2-3 and runs the tiny models many times faster than 0. No debug info or assertions.
+# OVEROPT_EVCXR_DEPS_OPT / OVEROPT_EVCXR_REST_OPT change the two levels (a change rebuilds).
+hot=${OVEROPT_EVCXR_DEPS_OPT:-1}
+{
+    echo "# Written by environment/evcxr-kernel.sh; applies to the notebook kernels' builds only."
+    echo '[profile.dev.package."*"]'
+    echo "opt-level = ${OVEROPT_EVCXR_REST_OPT:-0}"
+    echo "debug = false"
+    echo "debug-assertions = false"
+    echo "overflow-checks = false"
+    for p in overopt candle-core candle-nn gemm gemm-common gemm-f16 gemm-f32 gemm-f64 \
+        gemm-c32 gemm-c64 pulp half rayon rayon-core rand rand_core rand_chacha rand_distr; do
+        echo
+        echo "[profile.dev.package.$p]"
+        echo "opt-level = $hot"
+    done
+} > "$BUILD/.cargo/config.toml.new"
 if cmp -s "$BUILD/.cargo/config.toml.new" "$BUILD/.cargo/config.toml"; then
     rm "$BUILD/.cargo/config.toml.new"
 else

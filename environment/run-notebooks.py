@@ -23,7 +23,7 @@ OVEROPT_NOTEBOOK_PROFILE=smoke, one after the other, and its executed copy is wr
 
 Exit codes of cells prove nothing here; only these checks do. --self-test runs the broken
 fixture tests/fixtures/notebooks/broken.ipynb and passes only when every problem it plants
-(its metadata overopt.expect_problems) is reported.
+(its metadata overopt.expect_problems: kind and cell) is reported at its cell.
 
 Timings: the kernel start (with evcxr.toml's `:dep` on the crate, the first build of the crate
 happens here: cold when nothing is compiled, seconds when warm), the first cell, and each
@@ -31,8 +31,10 @@ notebook's total are printed.
 """
 
 import argparse
+import asyncio
 import json
 import os
+import queue
 import re
 import shutil
 import sys
@@ -41,14 +43,51 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from nbclient.exceptions import CellExecutionComplete, CellTimeoutError, DeadKernelError
+from nbclient.util import ensure_async
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTINEL = "NOTEBOOK OK:"
 KERNEL = "overopt-rust"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 PLOTLY_DIV = re.compile(r'class="plotly-graph-div"|Plotly\.newPlot\(')
 PANIC = re.compile(r"panicked at")
 FACADE_ERROR = re.compile(r"^\s*Error:", re.M)
+
+
+class LateOutputClient(NotebookClient):
+    """A NotebookClient that keeps collecting a cell's output for a moment after the kernel
+    reported the cell idle.
+
+    evcxr forwards the stderr of the process running the cells from a thread of its own, so a
+    panic message or the message of an error returned through `?` can reach the client just
+    AFTER the cell's "idle" status (stdout, read in the same loop as the end of the cell, cannot).
+    nbclient stops listening for a cell at "idle" and drops such lines, which would let exactly
+    the failures this runner looks for slip through. The next cell is only sent when this
+    returns, so late lines still carry this cell's parent id.
+    """
+
+    grace_s = 0.5
+
+    async def _async_poll_output_msg(self, parent_msg_id, cell, cell_index):
+        await super()._async_poll_output_msg(parent_msg_id, cell, cell_index)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                msg = await ensure_async(self.kc.iopub_channel.get_msg(timeout=left))
+            except queue.Empty:
+                return
+            if msg["parent_header"].get("msg_id") != parent_msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                try:
+                    self.process_message(msg, cell, cell_index)
+                except CellExecutionComplete:
+                    pass
 
 
 def text_of(output):
@@ -68,11 +107,13 @@ def check(nb, name, expect_figures):
     problems = []
     code_cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     figure_seen = False
+    stderr_lines = {}
     for i, cell in code_cells:
         for out in cell.get("outputs", []):
             kind = out.get("output_type")
             if kind == "error":
                 msg = " ".join(out.get("traceback", []) or [out.get("evalue", "")])
+                msg = re.sub(r"\s+", " ", ANSI.sub("", msg))
                 problems.append(("error-output", i, f"{out.get('ename', '')}: {msg}"[:400]))
             elif kind == "stream":
                 text = text_of(out)
@@ -82,10 +123,13 @@ def check(nb, name, expect_figures):
                     elif FACADE_ERROR.match(line):
                         problems.append(("question-mark-error", i, line.strip()[:400]))
                     elif out.get("name") == "stderr" and line.strip() and not allow_stderr:
-                        problems.append(("stderr", i, line.strip()[:400]))
+                        stderr_lines.setdefault(i, []).append(line.strip())
             elif kind in ("execute_result", "display_data"):
                 if PLOTLY_DIV.search(html_of(out)):
                     figure_seen = True
+    for i, lines in stderr_lines.items():
+        more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+        problems.append(("stderr", i, lines[0][:400] + more))
     if code_cells:
         i, last = code_cells[-1]
         printed = "".join(
@@ -120,13 +164,13 @@ def run_one(path, out_dir, args, nb=None):
         marks.setdefault("first_cell_index", cell_index)
         marks.setdefault(("start", cell_index), time.monotonic())
 
-    def on_complete(cell, cell_index, **_):
+    def on_executed(cell, cell_index, **_):
         marks[("end", cell_index)] = time.monotonic()
         if args.verbose:
             dt = marks[("end", cell_index)] - marks[("start", cell_index)]
             print(f"    cell {cell_index}: {dt:.1f} s", flush=True)
 
-    client = NotebookClient(
+    client = LateOutputClient(
         nb,
         kernel_name=args.kernel,
         timeout=args.cell_timeout,
@@ -136,7 +180,7 @@ def run_one(path, out_dir, args, nb=None):
         resources={"metadata": {"path": str(args.cwd)}},
         on_notebook_start=on_start,
         on_cell_execute=on_execute,
-        on_cell_complete=on_complete,
+        on_cell_executed=on_executed,
     )
     t0 = time.monotonic()
     crash = None
@@ -229,20 +273,21 @@ def main():
         fixture = ROOT / "tests" / "fixtures" / "notebooks" / "broken.ipynb"
         print(f"run-notebooks: self-test on {fixture.relative_to(ROOT)}", flush=True)
         nb = nbformat.read(fixture, as_version=4)
-        want = set(nb.metadata.get("overopt", {}).get("expect_problems", []))
+        want = {(k, c) for k, c in nb.metadata.get("overopt", {}).get("expect_problems", [])}
         if not want:
             print("run-notebooks: the fixture lists no expect_problems", file=sys.stderr)
             return 2
         res = run_one(fixture, args.out / "self-test", args)
         report(res)
-        found = {k for k, _, _ in res["problems"]}
+        found = {(k, c) for k, c, _ in res["problems"]}
         missed = sorted(want - found)
         if missed:
-            print(f"run-notebooks: SELF-TEST FAILED: not detected: {', '.join(missed)}",
-                  file=sys.stderr)
+            print("run-notebooks: SELF-TEST FAILED: not detected: "
+                  + ", ".join(f"{k} at cell {c}" for k, c in missed), file=sys.stderr)
             return 1
-        print(f"run-notebooks: self-test ok: the runner rejects the broken notebook "
-              f"({', '.join(sorted(found))})", flush=True)
+        print("run-notebooks: self-test ok: the runner rejects the broken notebook and finds "
+              "every planted problem (" + ", ".join(f"{k} at cell {c}" for k, c in sorted(want))
+              + ")", flush=True)
         return 0
 
     paths = sorted(args.notebooks.glob("*.ipynb"))

@@ -55,14 +55,14 @@ figure cells are left out; the tables below carry the same numbers. Regenerate w
 """)
 
 
-def profile_cell(default="teach"):
+def profile_cell(default="teach", describe="describe"):
     return code(f"""
 // The scale this notebook runs: "teach" (synthetic task, CPU, minutes) or "paper" (reads
 // paper-scale results; training them needs CUDA GPUs, the hub and a judge endpoint).
 // OVEROPT_NOTEBOOK_PROFILE / OVEROPT_SCALE in the environment take precedence.
 use overopt::notebook;
 let p = notebook::profile_for("{default}")?;
-p.describe()
+p.{describe}()
 """)
 
 
@@ -156,12 +156,14 @@ h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)], at beta =
 """),
         code("""
 use overopt::train::loss::{Objective, pair_loss};
+let margins = [-5.0, 0.0, 5.0, 10.0, 20.0];
+println!("h:    {}", margins.map(|h| format!("{h:>7}")).join(""));
 for name in ["dpo", "ipo", "slic"] {
     let o = Objective::from_name(name, 0.0)?;
-    let l: Vec<String> = [-5.0, 0.0, 5.0, 10.0, 20.0].iter()
-        .map(|h| format!("h={h}: {:.3}", pair_loss(o, 0.1, *h, 0.0, 0.0))).collect();
-    println!("{name:>5}  {}", l.join("  "));
+    let l = margins.map(|h| format!("{:>7.3}", pair_loss(o, 0.1, h, 0.0, 0.0)));
+    println!("{name:<5} {}", l.join(""));
 }
+println!("(beta = 0.1; IPO in the form of the DPO reference code)");
 """),
         md("""
 IPO's loss is smallest at h = 1/(2 beta) = 5 and grows beyond it: it asks for a fixed
@@ -469,9 +471,10 @@ trajectories never seen, and for DPO where it goes differs from run to run (**C9
 Appendix D reads the logits as soft Q-values: beta * logsumexp(Q/beta) tends to max Q as
 beta shrinks, so the value of a state bootstraps from its best action, seen or not.
 
-Nothing here depends on the scale: the toy runs in seconds and is recomputed every time.
+Nothing here depends on the scale: the toy runs in seconds and is recomputed every time (the
+smoke profile uses fewer seeds and steps).
 """),
-        profile_cell(),
+        profile_cell(describe="describe_toy"),
         code("""
 let toy = notebook::toy_mdp(&p)?;
 println!("{} SFT runs, {} DAA runs, {} parameters, {:.1} s",
@@ -524,15 +527,16 @@ mentions. docs/toy_mdp.md has a sensitivity table over these settings.
 # runner must catch, one per cell; expect_problems lists them all.
 FIXTURE = dict(
     section="fixture",
-    expect_problems=["error-output", "panic", "question-mark-error", "stderr",
-                     "missing-sentinel", "missing-figure"],
+    # (problem, cell index): the runner must report each of these; -1 is the whole notebook.
+    expect_problems=[["error-output", 2], ["panic", 3], ["question-mark-error", 4],
+                     ["stderr", 5], ["missing-sentinel", 6], ["missing-figure", -1]],
     cells=[
         md("""
 # Deliberately broken (test fixture)
 
 `environment/run-notebooks.py --self-test` runs this notebook and passes only when it reports
-every problem planted below. evcxr reports a panic or an error returned through `?` as a
-successful cell, so only the runner's checks of the outputs catch them.
+every problem planted below, each at its cell. evcxr reports a panic or an error returned
+through `?` as a successful cell, so only the runner's checks of the outputs catch them.
 """),
         code("""
 use overopt::notebook;
@@ -540,7 +544,7 @@ println!("this cell is fine");
 """),
         code("// error-output: a compile error\nlet x: u32 = \"not a number\";"),
         code("// panic\nlet v: Vec<u32> = Vec::new();\nprintln!(\"{}\", v[3]);"),
-        code("// question-mark-error: a facade error through `?`\nnotebook::profile_for(\"huge\")?;"),
+        code("// question-mark-error: a facade error through `?`\nnotebook::Scale::from_name(\"huge\")?;"),
         code("// stderr: a plain error through `?` (evcxr prints only its message)\nlet n: u32 = \"x\".parse()?;"),
         code("// missing-sentinel: the wrong name\nnotebook::done(\"not-broken\");"),
     ],

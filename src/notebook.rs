@@ -316,6 +316,26 @@ impl Profile {
         Markdown(s)
     }
 
+    /// The toy MDP settings (section 4), for the toy notebook's first cells.
+    pub fn describe_toy(&self) -> Markdown {
+        let c = &self.toy;
+        Markdown(format!(
+            "**Profile:** `{}`, {}.  \n**Toy MDP output:** `{}/toy_mdp`\n\n| setting | value |\n|---|---|\n| seeds | {} |\n| objectives | {} |\n| betas | {} |\n| policy | GRU, embedding {}, hidden {} |\n| SFT | {} full-batch steps, lr {} |\n| DAA | {} full-batch steps, lr {} |",
+            self.scale.name(),
+            self.source,
+            self.shown_out_dir(),
+            c.seeds.len(),
+            c.objectives.join(", "),
+            fmt_list(&c.betas),
+            c.policy.embed_dim,
+            c.policy.hidden,
+            c.sft.steps,
+            c.sft.optim.lr,
+            c.daa.steps,
+            c.daa.optim.lr,
+        ))
+    }
+
     /// The results directory, relative to the repository when inside it.
     pub fn shown_out_dir(&self) -> String {
         let root = repo_root();
@@ -594,7 +614,8 @@ pub fn pair_examples(p: &Profile, n: usize) -> Result<Markdown> {
         "| post | chosen | rejected | gold chosen | gold rejected |\n|---|---|---|---|---|\n",
     );
     for pair in train.iter().take(n) {
-        let (post, chosen, rejected) = t.task.pair_text(pair);
+        let (_, chosen, rejected) = t.task.pair_text(pair);
+        let post = t.task.text(&pair.post.tokens);
         s.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.2} |\n",
             md_cell(&post),
@@ -731,6 +752,8 @@ fn md_cell(s: &str) -> String {
 
 fn f3(x: f64) -> String {
     if x.is_finite() {
+        // No "-0.000" for estimates a hair below zero (the SFT policy's KL).
+        let x = if x.abs() < 5e-4 { 0.0 } else { x };
         format!("{x:.3}")
     } else {
         "-".into()
@@ -1230,6 +1253,7 @@ mod tests {
         let paper = profile_named(Scale::Paper).unwrap();
         assert!(paper.teach.is_none());
         assert!(paper.describe().0.contains("CUDA"));
+        assert!(p.describe_toy().0.contains("| seeds | 8 |"));
     }
 
     #[test]
