@@ -3,13 +3,15 @@
 # then the environment scripts the Docker image runs (here with CPU features) and the
 # Dockerfile checks (tests/test_dockerfile.py).
 # Self-contained: needs only the machine's Rust toolchain, python3 and the package registries
-# (crates.io, PyPI).
+# (crates.io, PyPI). The notebooks run separately: environment/test-notebooks.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
+SECONDS=0
 echo "== cargo test (all targets) =="
 cargo test --locked --all-targets --no-run 2>&1 | tail -3
 cargo test --locked 2>&1
+echo "== cargo test: ${SECONDS} s =="
 
 echo "== environment scripts of the Docker image (CPU) =="
 bash environment/install-rust.sh
@@ -20,3 +22,4 @@ VENV=environment/.venv-tests
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r environment/requirements-tests.txt
 "$VENV/bin/python" tests/test_dockerfile.py
+echo "== test.sh: all passed in ${SECONDS} s =="

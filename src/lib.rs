@@ -3,7 +3,8 @@
 //!
 //! Modules in pipeline order; no stage imports a later one:
 //! `data` -> `model` -> `train` -> `eval` -> `analysis` -> `plots`, plus `toy_mdp` and the
-//! sweep runner on top. `hub` (cache-first hub access) and `util` sit below every stage.
+//! sweep runner on top, and `notebook`, the notebooks' facade, above everything. `hub`
+//! (cache-first hub access) and `util` sit below every stage.
 
 pub mod analysis;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod data;
 pub mod eval;
 pub mod hub;
 pub mod model;
+pub mod notebook;
 pub mod plots;
 pub mod sweep;
 pub mod toy_mdp;

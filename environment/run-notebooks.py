@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Execute the notebooks headless in the evcxr Rust kernel and check what they printed.
+
+    environment/.venv/bin/python environment/run-notebooks.py [NAME ...]
+    environment/.venv/bin/python environment/run-notebooks.py --self-test
+
+Every notebooks/*.ipynb (or the NAMEs given, with or without .ipynb) runs top to bottom in
+the `overopt-rust` kernel (environment/setup-notebooks.sh installs it) with
+OVEROPT_NOTEBOOK_PROFILE=smoke, one after the other, and its executed copy is written to
+--out (default out/notebooks, git-ignored). A notebook FAILS when
+
+  error-output         a cell has an error output (compile errors; a dead kernel);
+  panic                a printed line contains "panicked at" (evcxr reports a panic as success);
+  question-mark-error  a printed line starts with "Error:" (the notebook facade's errors,
+                       returned through `?`, which evcxr also reports as success);
+  stderr               anything else reached stderr (a `?` on a non-facade error prints only
+                       its message there), unless the notebook's metadata sets
+                       overopt.allow_stderr;
+  missing-sentinel     the last code cell did not print "NOTEBOOK OK: <name>";
+  missing-figure       the notebook is expected to show figures (metadata
+                       overopt.expect_figures, or --figures / --no-figures) and no text/html
+                       output holds a plotly div.
+
+Exit codes of cells prove nothing here; only these checks do. --self-test runs the broken
+fixture tests/fixtures/notebooks/broken.ipynb and passes only when every problem it plants
+(its metadata overopt.expect_problems: kind and cell) is reported at its cell.
+
+Timings: the kernel start (with evcxr.toml's `:dep` on the crate, the first build of the crate
+happens here: cold when nothing is compiled, seconds when warm), the first cell, and each
+notebook's total are printed.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionComplete, CellTimeoutError, DeadKernelError
+from nbclient.util import ensure_async
+
+ROOT = Path(__file__).resolve().parent.parent
+SENTINEL = "NOTEBOOK OK:"
+KERNEL = "overopt-rust"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+PLOTLY_DIV = re.compile(r'class="plotly-graph-div"|Plotly\.newPlot\(')
+PANIC = re.compile(r"panicked at")
+FACADE_ERROR = re.compile(r"^\s*Error:", re.M)
+
+
+class LateOutputClient(NotebookClient):
+    """A NotebookClient that keeps collecting a cell's output for a moment after the kernel
+    reported the cell idle.
+
+    evcxr forwards the stderr of the process running the cells from a thread of its own, so a
+    panic message or the message of an error returned through `?` can reach the client just
+    AFTER the cell's "idle" status (stdout, read in the same loop as the end of the cell, cannot).
+    nbclient stops listening for a cell at "idle" and drops such lines, which would let exactly
+    the failures this runner looks for slip through. The next cell is only sent when this
+    returns, so late lines still carry this cell's parent id.
+    """
+
+    grace_s = 0.5
+
+    async def _async_poll_output_msg(self, parent_msg_id, cell, cell_index):
+        await super()._async_poll_output_msg(parent_msg_id, cell, cell_index)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                msg = await ensure_async(self.kc.iopub_channel.get_msg(timeout=left))
+            except queue.Empty:
+                return
+            if msg["parent_header"].get("msg_id") != parent_msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                try:
+                    self.process_message(msg, cell, cell_index)
+                except CellExecutionComplete:
+                    pass
+
+
+def text_of(output):
+    t = output.get("text", "")
+    return "".join(t) if isinstance(t, list) else t
+
+
+def html_of(output):
+    d = output.get("data", {}).get("text/html", "")
+    return "".join(d) if isinstance(d, list) else d
+
+
+def check(nb, name, expect_figures):
+    """The problems of an executed notebook: a list of (kind, cell index, detail)."""
+    meta = nb.metadata.get("overopt", {})
+    allow_stderr = bool(meta.get("allow_stderr", False))
+    problems = []
+    code_cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    figure_seen = False
+    stderr_lines = {}
+    for i, cell in code_cells:
+        for out in cell.get("outputs", []):
+            kind = out.get("output_type")
+            if kind == "error":
+                msg = " ".join(out.get("traceback", []) or [out.get("evalue", "")])
+                msg = re.sub(r"\s+", " ", ANSI.sub("", msg))
+                problems.append(("error-output", i, f"{out.get('ename', '')}: {msg}"[:400]))
+            elif kind == "stream":
+                text = text_of(out)
+                for line in text.splitlines():
+                    if PANIC.search(line):
+                        problems.append(("panic", i, line.strip()[:400]))
+                    elif FACADE_ERROR.match(line):
+                        problems.append(("question-mark-error", i, line.strip()[:400]))
+                    elif out.get("name") == "stderr" and line.strip() and not allow_stderr:
+                        stderr_lines.setdefault(i, []).append(line.strip())
+            elif kind in ("execute_result", "display_data"):
+                if PLOTLY_DIV.search(html_of(out)):
+                    figure_seen = True
+    for i, lines in stderr_lines.items():
+        more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+        problems.append(("stderr", i, lines[0][:400] + more))
+    if code_cells:
+        i, last = code_cells[-1]
+        printed = "".join(
+            text_of(o) for o in last.get("outputs", []) if o.get("output_type") == "stream"
+        )
+        if f"{SENTINEL} {name}" not in printed:
+            problems.append(
+                ("missing-sentinel", i, f"last code cell did not print '{SENTINEL} {name}'")
+            )
+    else:
+        problems.append(("missing-sentinel", -1, "no code cells"))
+    if expect_figures and not figure_seen:
+        problems.append(("missing-figure", -1, "no text/html output with a plotly div"))
+    return problems
+
+
+def run_one(path, out_dir, args, nb=None):
+    name = path.stem
+    if nb is None:
+        nb = nbformat.read(path, as_version=4)
+    meta = nb.metadata.get("overopt", {})
+    if args.figures is None:
+        expect_figures = bool(meta.get("expect_figures", False))
+    else:
+        expect_figures = args.figures
+    marks = {}
+
+    def on_start(**_):
+        marks["kernel_ready"] = time.monotonic()
+
+    def on_execute(cell, cell_index, **_):
+        marks.setdefault("first_cell_index", cell_index)
+        marks.setdefault(("start", cell_index), time.monotonic())
+
+    def on_executed(cell, cell_index, **_):
+        marks[("end", cell_index)] = time.monotonic()
+        if args.verbose:
+            dt = marks[("end", cell_index)] - marks[("start", cell_index)]
+            print(f"    cell {cell_index}: {dt:.1f} s", flush=True)
+
+    client = LateOutputClient(
+        nb,
+        kernel_name=args.kernel,
+        timeout=args.cell_timeout,
+        startup_timeout=args.startup_timeout,
+        allow_errors=True,
+        record_timing=True,
+        resources={"metadata": {"path": str(args.cwd)}},
+        on_notebook_start=on_start,
+        on_cell_execute=on_execute,
+        on_cell_executed=on_executed,
+    )
+    t0 = time.monotonic()
+    crash = None
+    try:
+        client.execute()
+    except (CellTimeoutError, DeadKernelError, RuntimeError) as e:
+        crash = f"{type(e).__name__}: {e}"
+    total = time.monotonic() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out_dir / path.name)
+
+    problems = check(nb, name, expect_figures)
+    if crash:
+        problems.insert(0, ("error-output", -1, crash[:400]))
+    start = marks.get("kernel_ready", t0) - t0
+    fi = marks.get("first_cell_index")
+    first = None
+    if fi is not None and ("end", fi) in marks:
+        first = marks[("end", fi)] - marks[("start", fi)]
+    return {
+        "name": name,
+        "problems": problems,
+        "kernel_start_s": round(start, 1),
+        "first_cell_s": None if first is None else round(first, 1),
+        "total_s": round(total, 1),
+        "expect_figures": expect_figures,
+        "executed": str(out_dir / path.name),
+    }
+
+
+def report(res):
+    first = "-" if res["first_cell_s"] is None else f"{res['first_cell_s']:.1f} s"
+    status = "ok" if not res["problems"] else "FAILED"
+    print(
+        f"  {res['name']}: {status}  kernel start {res['kernel_start_s']:.1f} s, "
+        f"first cell {first}, total {res['total_s']:.1f} s",
+        flush=True,
+    )
+    for kind, cell, detail in res["problems"]:
+        where = f"cell {cell}" if cell >= 0 else "notebook"
+        print(f"      [{kind}] {where}: {detail}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="notebooks to run (default: all)")
+    ap.add_argument("--notebooks", type=Path, default=ROOT / "notebooks")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "notebooks")
+    ap.add_argument("--cwd", type=Path, default=ROOT / "notebooks",
+                    help="kernel working directory (where evcxr.toml is)")
+    ap.add_argument("--profile", default="smoke",
+                    help="OVEROPT_NOTEBOOK_PROFILE for the kernels ('' leaves it unset)")
+    ap.add_argument("--kernel", default=KERNEL)
+    ap.add_argument("--cell-timeout", type=int, default=1200)
+    ap.add_argument("--startup-timeout", type=int, default=3600,
+                    help="seconds for the kernel to start (the cold crate build happens here)")
+    ap.add_argument("--keep-results", action="store_true",
+                    help="keep the smoke results directory (default: start from scratch)")
+    figs = ap.add_mutually_exclusive_group()
+    figs.add_argument("--figures", dest="figures", action="store_true", default=None,
+                      help="require figures in every notebook")
+    figs.add_argument("--no-figures", dest="figures", action="store_false",
+                      help="require figures in none (default: each notebook's metadata)")
+    ap.add_argument("--self-test", action="store_true",
+                    help="run the broken fixture and pass only if every planted problem is found")
+    ap.add_argument("--warm-only", action="store_true",
+                    help="start one kernel, run one cell that uses the crate, and stop: builds "
+                         "what the kernels need and prints the kernel start and first-cell time")
+    ap.add_argument("--json", type=Path, help="write the timings and problems here")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every cell's time")
+    args = ap.parse_args()
+
+    if args.profile:
+        os.environ["OVEROPT_NOTEBOOK_PROFILE"] = args.profile
+    else:
+        os.environ.pop("OVEROPT_NOTEBOOK_PROFILE", None)
+
+    if args.warm_only:
+        nb = nbformat.v4.new_notebook()
+        nb.cells.append(nbformat.v4.new_code_cell('overopt::notebook::done("warm");'))
+        nb.metadata["overopt"] = {"expect_figures": False}
+        res = run_one(Path("warm.ipynb"), args.out / "warm", args, nb=nb)
+        report(res)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=2))
+        return 1 if res["problems"] else 0
+
+    if args.self_test:
+        fixture = ROOT / "tests" / "fixtures" / "notebooks" / "broken.ipynb"
+        print(f"run-notebooks: self-test on {fixture.relative_to(ROOT)}", flush=True)
+        nb = nbformat.read(fixture, as_version=4)
+        want = {(k, c) for k, c in nb.metadata.get("overopt", {}).get("expect_problems", [])}
+        if not want:
+            print("run-notebooks: the fixture lists no expect_problems", file=sys.stderr)
+            return 2
+        res = run_one(fixture, args.out / "self-test", args)
+        report(res)
+        found = {(k, c) for k, c, _ in res["problems"]}
+        missed = sorted(want - found)
+        if missed:
+            print("run-notebooks: SELF-TEST FAILED: not detected: "
+                  + ", ".join(f"{k} at cell {c}" for k, c in missed), file=sys.stderr)
+            return 1
+        print("run-notebooks: self-test ok: the runner rejects the broken notebook and finds "
+              "every planted problem (" + ", ".join(f"{k} at cell {c}" for k, c in sorted(want))
+              + ")", flush=True)
+        return 0
+
+    paths = sorted(args.notebooks.glob("*.ipynb"))
+    if args.names:
+        want = {n[:-6] if n.endswith(".ipynb") else n for n in args.names}
+        paths = [p for p in paths if p.stem in want]
+        unknown = want - {p.stem for p in paths}
+        if unknown:
+            print(f"run-notebooks: no such notebook: {', '.join(sorted(unknown))}",
+                  file=sys.stderr)
+            return 2
+    if not paths:
+        print(f"run-notebooks: no notebooks in {args.notebooks}", file=sys.stderr)
+        return 2
+    if args.profile == "smoke" and not args.keep_results:
+        smoke = Path(os.environ.get("OVEROPT_RESULTS") or ROOT / "out" / "notebook-smoke")
+        shutil.rmtree(smoke, ignore_errors=True)
+
+    print(f"run-notebooks: {len(paths)} notebooks, profile "
+          f"{args.profile or '(unset)'}, kernel {args.kernel}", flush=True)
+    t0 = time.monotonic()
+    results = []
+    for p in paths:
+        print(f"  {p.stem}: running", flush=True)
+        res = run_one(p, args.out, args)
+        report(res)
+        results.append(res)
+    total = time.monotonic() - t0
+    failed = [r["name"] for r in results if r["problems"]]
+    print(f"run-notebooks: {len(results) - len(failed)}/{len(results)} ok in {total:.1f} s",
+          flush=True)
+    print("  timings (s): " + ", ".join(
+        f"{r['name']} {r['total_s']:.1f} (start {r['kernel_start_s']:.1f}, "
+        f"first cell {r['first_cell_s']})" for r in results), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"total_s": round(total, 1), "notebooks": results},
+                                        indent=2))
+    if failed:
+        print(f"run-notebooks: FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
