@@ -704,6 +704,36 @@ fn shards(
         .collect()
 }
 
+/// Read the shards of one split in order, up to `limit` records; `read(local, repo_path,
+/// left)` returns a shard's records and how many rows it skipped.
+#[allow(clippy::too_many_arguments)]
+fn load_split<T>(
+    hub: &HubAccess,
+    repo: &str,
+    revision: &str,
+    config: &str,
+    name: &str,
+    limit: Option<usize>,
+    mut read: impl FnMut(&Path, &str, Option<usize>) -> Result<(Vec<T>, usize)>,
+) -> Result<Loaded<T>> {
+    let mut out = Loaded {
+        records: Vec::new(),
+        files: Vec::new(),
+        skipped: 0,
+    };
+    for (repo_path, local) in shards(hub, repo, revision, config, name)? {
+        let left = limit.map(|n| n - out.records.len());
+        if left == Some(0) {
+            break;
+        }
+        let (recs, skipped) = read(&local, &repo_path, left)?;
+        out.records.extend(recs);
+        out.skipped += skipped;
+        out.files.push(local);
+    }
+    Ok(out)
+}
+
 /// The SFT records of a split (text form).
 pub fn load_sft_records(
     cfg: &TldrConfig,
@@ -716,21 +746,15 @@ pub fn load_sft_records(
         Split::Train => s.max_train,
         Split::Eval => s.max_eval,
     };
-    let mut out = Loaded {
-        records: Vec::new(),
-        files: Vec::new(),
-        skipped: 0,
-    };
-    for (repo_path, local) in shards(hub, &s.repo, &s.revision, &s.config, name)? {
-        let left = limit.map(|n| n - out.records.len());
-        if left == Some(0) {
-            break;
-        }
-        out.records
-            .extend(read_sft_file(&local, &repo_path, &s.format, left)?);
-        out.files.push(local);
-    }
-    Ok(out)
+    load_split(
+        hub,
+        &s.repo,
+        &s.revision,
+        &s.config,
+        name,
+        limit,
+        |local, repo_path, left| Ok((read_sft_file(local, repo_path, &s.format, left)?, 0)),
+    )
 }
 
 /// The preference records of a split (text form).
@@ -745,22 +769,15 @@ pub fn load_pref_records(
         Split::Train => s.max_train,
         Split::Eval => s.max_eval,
     };
-    let mut out = Loaded {
-        records: Vec::new(),
-        files: Vec::new(),
-        skipped: 0,
-    };
-    for (repo_path, local) in shards(hub, &s.repo, &s.revision, &s.config, name)? {
-        let left = limit.map(|n| n - out.records.len());
-        if left == Some(0) {
-            break;
-        }
-        let (recs, skipped) = read_pref_file(&local, &repo_path, left)?;
-        out.records.extend(recs);
-        out.skipped += skipped;
-        out.files.push(local);
-    }
-    Ok(out)
+    load_split(
+        hub,
+        &s.repo,
+        &s.revision,
+        &s.config,
+        name,
+        limit,
+        |local, repo_path, left| read_pref_file(local, repo_path, left),
+    )
 }
 
 fn encode(tok: &Tok, text: &str, what: &str, src: &RowRef) -> Result<Vec<u32>> {
