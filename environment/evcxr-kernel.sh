@@ -39,11 +39,12 @@ hot=${OVEROPT_EVCXR_DEPS_OPT:-1}
         echo "[profile.dev.package.$p]"
         echo "opt-level = $hot"
     done
-} > "$BUILD/.cargo/config.toml.new"
-if cmp -s "$BUILD/.cargo/config.toml.new" "$BUILD/.cargo/config.toml"; then
-    rm "$BUILD/.cargo/config.toml.new"
+} > "$BUILD/.cargo/config.toml.$$"
+# Replace it only when it changed (a change rebuilds), atomically (kernels may start together).
+if cmp -s "$BUILD/.cargo/config.toml.$$" "$BUILD/.cargo/config.toml"; then
+    rm "$BUILD/.cargo/config.toml.$$"
 else
-    mv "$BUILD/.cargo/config.toml.new" "$BUILD/.cargo/config.toml"
+    mv "$BUILD/.cargo/config.toml.$$" "$BUILD/.cargo/config.toml"
 fi
 
 slot=""

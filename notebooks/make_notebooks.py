@@ -81,6 +81,7 @@ NOTEBOOKS = {}
 
 NOTEBOOKS["00_quickstart"] = dict(
     section="tour",
+    trains=True,
     cells=[
         md("""
 # Quickstart: the whole pipeline on one small configuration
@@ -183,6 +184,7 @@ notebook::verdicts_md(&verdicts, &["C1", "C2", "C5"])
 
 NOTEBOOKS["01_overoptimization"] = dict(
     section="3.1",
+    trains=True,
     cells=[
         md("""
 # Section 3.1: over-optimization in direct alignment algorithms (Figs. 1, 2, Appendix C)
@@ -572,6 +574,9 @@ def build(name, spec):
         cells.insert(1, note)
     has_figures = PLOTS and any(k == "figure" for k, _ in spec["cells"])
     meta = {"section": spec["section"], "expect_figures": has_figures}
+    if spec.get("trains"):
+        # The runner runs these first, one at a time: they write the results directory.
+        meta["trains"] = True
     if "expect_problems" in spec:
         # The fixture: a figure is expected and never shown.
         meta = {"section": spec["section"], "expect_figures": True,
