@@ -3,14 +3,17 @@
 //!
 //! Modules in pipeline order; no stage imports a later one:
 //! `data` -> `model` -> `train` -> `eval` -> `analysis` -> `plots`, plus `toy_mdp` and the
-//! sweep runner on top, and `notebook`, the notebooks' facade, above everything.
+//! sweep runner on top, and `notebook`, the notebooks' facade, above everything. `hub`
+//! (cache-first hub access) and `util` sit below every stage.
 
 pub mod analysis;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod hub;
 pub mod model;
 pub mod notebook;
+pub mod plots;
 pub mod sweep;
 pub mod toy_mdp;
 pub mod train;

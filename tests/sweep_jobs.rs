@@ -98,7 +98,17 @@ fn job_array_matches_single_process_and_resumes() {
         single.to_str().unwrap(),
     ]);
     assert_eq!(table(&single), a);
-    // compare: identical tables pass, a shifted one fails.
+    // The fresh run matches the committed expected results (artifact/expected/smoke).
+    let expected =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("artifact/expected/smoke/results.parquet");
+    overopt(&[
+        "compare",
+        "--expected",
+        expected.to_str().unwrap(),
+        "--actual",
+        single.join("results.parquet").to_str().unwrap(),
+    ]);
+    // compare: identical tables pass.
     let out = single.join("results.parquet");
     overopt(&[
         "compare",

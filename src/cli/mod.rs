@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod judge_cmd;
-mod model_cmds;
+pub(crate) mod model_cmds;
 mod reproduce;
 mod train_cmds;
 

@@ -82,7 +82,7 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
     } else {
         None
     };
-    if a.section != "toy-mdp" {
+    let (rows, samples) = if a.section != "toy-mdp" {
         let cfg = teach_config(&a.scale, &a.config)?;
         let t = Teach::new(cfg, &a.out)?;
         let (rows, samples) = t.run_all(&a.only)?;
@@ -92,8 +92,19 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
             rows.len(),
             samples.len()
         );
+        (rows, samples)
+    } else {
+        (vec![], vec![])
+    };
+    let report = crate::plots::write_report(&a.out, &rows, &samples, toy.as_ref())?;
+    println!(
+        "reproduce: {} figures in {}",
+        report.figures.len(),
+        a.out.join("figures").display()
+    );
+    for v in &report.verdicts {
+        println!("{}", v.summary);
     }
-    let _ = toy;
     println!(
         "reproduce: done in {:.0} s; outputs in {}",
         t0.elapsed().as_secs_f64(),
@@ -168,6 +179,7 @@ pub struct CollectArgs {
 pub fn collect(a: CollectArgs) -> Result<()> {
     let (rows, samples) = crate::sweep::teach::collect_results(&a.out.join("results"))?;
     crate::sweep::tables::write_tables(&a.out, &rows, &samples)?;
+    crate::plots::write_report(&a.out, &rows, &samples, None)?;
     println!(
         "collect: {} result rows into {}",
         rows.len(),

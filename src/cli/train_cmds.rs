@@ -18,28 +18,14 @@ pub struct TrainArgs {
 }
 
 fn load_model(spec: &ModelSpec) -> Result<(load::LoadedModel, Tok)> {
-    let dev = crate::device(&spec.device)?;
-    let lm = load::load(
+    super::model_cmds::load_with_tokenizer(
         &spec.source,
         spec.revision.as_deref(),
-        crate::dtype(&spec.dtype)?,
-        &dev,
-    )?;
-    let tok_path = match &spec.tokenizer {
-        Some(p) => p.clone(),
-        None => lm
-            .files
-            .as_ref()
-            .and_then(|f| f.tokenizer.clone())
-            .ok_or_else(|| {
-                anyhow!(
-                    "model {} has no tokenizer.json; set model.tokenizer",
-                    spec.source
-                )
-            })?,
-    };
-    let tok = Tok::from_file(&tok_path, lm.model.config().eos_token_id)?;
-    Ok((lm, tok))
+        spec.tokenizer.as_deref(),
+        &spec.dtype,
+        &spec.device,
+        "set model.tokenizer",
+    )
 }
 
 #[derive(Deserialize)]

@@ -1,5 +1,6 @@
 //! Data: tokenization and the data sets of both scales.
 pub mod synthetic;
+pub mod tldr;
 pub mod tokenizer;
 
 use serde::{Deserialize, Serialize};

@@ -17,49 +17,9 @@ pub struct ModelFiles {
     pub tokenizer: Option<PathBuf>,
 }
 
-/// The hub cache directory: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
-pub fn hub_cache_dir() -> PathBuf {
-    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
-        return PathBuf::from(p);
-    }
-    if let Ok(p) = std::env::var("HF_HOME") {
-        return PathBuf::from(p).join("hub");
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache/huggingface/hub")
-}
-
-/// Fetch `file` of a hub repo: from the local cache if present, else through the hub API
-/// (which stores it in the same cache). Offline (`HF_HUB_OFFLINE=1`), a cache miss is an error.
-pub fn hub_file(repo: &hf_hub::Repo, file: &str) -> Result<PathBuf> {
-    let cache = hf_hub::Cache::new(hub_cache_dir());
-    if let Some(p) = cache.repo(repo.clone()).get(file) {
-        return Ok(p);
-    }
-    let offline = std::env::var("HF_HUB_OFFLINE")
-        .map(|v| v == "1")
-        .unwrap_or(false);
-    if offline {
-        bail!(
-            "{file} of {} (revision {}) is not in the hub cache {} and HF_HUB_OFFLINE=1",
-            repo.folder_name(),
-            repo.revision(),
-            hub_cache_dir().display()
-        );
-    }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_cache_dir(hub_cache_dir())
-        .with_progress(false)
-        .build()
-        .context("cannot start the hub client")?;
-    api.repo(repo.clone()).get(file).with_context(|| {
-        format!(
-            "cannot download {file} of {} (revision {})",
-            repo.folder_name(),
-            repo.revision()
-        )
-    })
-}
+// The hub-cache helpers live in `crate::hub` (shared with `data`); re-exported here for
+// callers that know them by this path.
+pub use crate::hub::{hub_cache_dir, hub_file};
 
 fn weights_from_index(
     index: &Path,

@@ -54,6 +54,12 @@ pub enum Reply {
         headers: Vec<(String, String)>,
         body: String,
     },
+    /// A response with a binary body.
+    Bytes {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
     /// Read the request and never answer (until the server stops or STALL_LIMIT passes).
     Stall,
     /// Read the request and close the connection without a response.
@@ -78,6 +84,18 @@ impl Reply {
             } => {
                 headers.push((name.to_string(), value.to_string()));
                 Reply::Respond {
+                    status,
+                    headers,
+                    body,
+                }
+            }
+            Reply::Bytes {
+                status,
+                mut headers,
+                body,
+            } => {
+                headers.push((name.to_string(), value.to_string()));
+                Reply::Bytes {
                     status,
                     headers,
                     body,
@@ -168,6 +186,11 @@ impl LoopbackServer {
         format!("http://{}/v1", self.addr)
     }
 
+    /// `http://127.0.0.1:PORT`
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// Complete requests received so far.
     pub fn request_count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
@@ -254,8 +277,21 @@ fn serve(
     };
     let n = count.fetch_add(1, Ordering::SeqCst);
     requests.lock().unwrap().push(req.clone());
-    match handler(n, &req) {
+    let reply = match handler(n, &req) {
         Reply::Respond {
+            status,
+            headers,
+            body,
+        } => Reply::Bytes {
+            status,
+            headers,
+            body: body.into_bytes(),
+        },
+        other => other,
+    };
+    match reply {
+        Reply::Respond { .. } => unreachable!("converted above"),
+        Reply::Bytes {
             status,
             headers,
             body,
@@ -270,7 +306,7 @@ fn serve(
             }
             head.push_str("\r\n");
             stream.write_all(head.as_bytes()).ok();
-            stream.write_all(body.as_bytes()).ok();
+            stream.write_all(&body).ok();
             stream.flush().ok();
         }
         Reply::Stall => {

@@ -19,6 +19,7 @@
 //! fractional success count (wins + ties/2) over the decided comparisons.
 
 pub mod cache;
+pub mod gold;
 pub mod openai;
 pub mod prompt;
 

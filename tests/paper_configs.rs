@@ -1,0 +1,167 @@
+//! The paper-scale configs in artifact/configs/paper parse with the crate's schemas, carry the
+//! settings of SPEC section 1, and the grid file (its schema is documented in the folder's
+//! README.md and mirrored here) expands to the 63 DAA runs.
+
+use overopt::data::tldr::TldrConfig;
+use overopt::train::config::RunConfig;
+use overopt::train::loss::Objective;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grid {
+    schema: String,
+    data: PathBuf,
+    out_root: String,
+    objectives: Vec<String>,
+    betas: BTreeMap<String, Vec<f64>>,
+    models: Vec<GridModel>,
+    eval: GridEval,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GridModel {
+    name: String,
+    source: String,
+    revision: String,
+    commit_prefix: String,
+    params: u64,
+    sft: PathBuf,
+    daa: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GridEval {
+    prompts: usize,
+    temperature: f64,
+    top_k: usize,
+    max_length: usize,
+    samples_per_prompt: usize,
+    seed: u64,
+    judge: String,
+}
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("artifact/configs/paper")
+}
+
+/// GPT-NeoX parameter count: per layer 12 h^2 + 13 h (qkv, dense, 4h MLP, biases, two layer
+/// norms), a final layer norm, untied input and output embeddings.
+fn neox_params(layers: u64, hidden: u64, vocab: u64) -> u64 {
+    layers * (12 * hidden * hidden + 13 * hidden) + 2 * hidden + 2 * vocab * hidden
+}
+
+/// The run settings SPEC section 1 fixes for every SFT and DAA run.
+fn check_common(c: &RunConfig, file: &str) {
+    assert_eq!(c.train.batch_size, 128, "{file}");
+    assert_eq!(c.train.micro_batch_size, 16, "{file}");
+    assert_eq!(c.train.accumulation_steps(), 8, "{file}");
+    assert_eq!(c.optim.lr, 5e-7, "{file}");
+    assert_eq!(c.optim.warmup_steps, 150, "{file}");
+    assert_eq!(c.optim.alpha, 0.99, "{file}");
+    assert_eq!(c.optim.eps, 1e-8, "{file}");
+    assert_eq!(c.optim.max_grad_norm, Some(10.0), "{file}");
+    assert_eq!(
+        (c.data.max_length, c.data.max_prompt_length),
+        (512, 256),
+        "{file}"
+    );
+    assert_eq!(c.model.dtype, "f32", "{file}: f32 master weights");
+}
+
+#[test]
+fn paper_grid_and_run_configs_match_the_spec() {
+    let d = dir();
+    let grid: Grid =
+        toml::from_str(&std::fs::read_to_string(d.join("grid.toml")).unwrap()).unwrap();
+    assert_eq!(grid.schema, "overopt-paper-grid/1");
+    let data = TldrConfig::from_file(&d.join(&grid.data)).unwrap();
+    assert_eq!(data.prefs.repo, "openai/summarize_from_feedback");
+    assert_eq!(data.prefs.config, "comparisons");
+    assert_eq!(data.prefs.eval_split, "validation");
+    assert_eq!((data.max_length, data.max_prompt_length), (512, 256));
+
+    // Objectives and betas: 3 x 7, log-spaced, two decades.
+    assert_eq!(grid.objectives, ["dpo", "ipo", "slic"]);
+    assert_eq!(
+        grid.betas.keys().collect::<Vec<_>>(),
+        ["dpo", "ipo", "slic"].iter().collect::<Vec<_>>()
+    );
+    for (obj, betas) in &grid.betas {
+        assert_eq!(betas.len(), 7, "{obj}");
+        assert!(
+            betas[6] / betas[0] >= 99.0,
+            "{obj}: {betas:?} spans < 2 decades"
+        );
+        for w in betas.windows(2) {
+            let r = w[1] / w[0];
+            assert!((1.9..=2.6).contains(&r), "{obj}: {betas:?} not log-spaced");
+        }
+    }
+
+    // Models: the three sizes, with parameter counts that follow from their architecture.
+    let arch = [
+        ("EleutherAI/pythia-1b", 16, 2048, 50304),
+        ("EleutherAI/pythia-2.8b", 32, 2560, 50304),
+        ("EleutherAI/pythia-6.9b", 32, 4096, 50432),
+    ];
+    assert_eq!(grid.models.len(), 3);
+    let mut runs = Vec::new();
+    for (m, (source, layers, hidden, vocab)) in grid.models.iter().zip(arch) {
+        assert_eq!(m.source, source);
+        assert_eq!(m.params, neox_params(layers, hidden, vocab), "{}", m.name);
+        assert_eq!(m.commit_prefix.len(), 7);
+        assert!(m.commit_prefix.bytes().all(|b| b.is_ascii_hexdigit()));
+        let sft_file = d.join(&m.sft);
+        let sft = RunConfig::from_file(&sft_file).unwrap();
+        check_common(&sft, &m.sft.display().to_string());
+        assert_eq!(sft.model.source, m.source);
+        assert_eq!(sft.model.revision.as_deref(), Some(m.revision.as_str()));
+        assert!(sft.daa.is_none());
+        assert_eq!(
+            sft.out_dir,
+            Path::new(&grid.out_root).join(&m.name).join("sft")
+        );
+        // The DAA template starts from the SFT's last checkpoint: 116,722 / 128 = 911 steps.
+        let tmpl = RunConfig::from_file(&d.join(&m.daa)).unwrap();
+        check_common(&tmpl, &m.daa.display().to_string());
+        assert_eq!(tmpl.train.checkpoints, [0.25, 0.5, 0.75, 1.0]);
+        let last_sft = sft.out_dir.join(format!("step-{:06}", 116_722 / 128));
+        assert_eq!(Path::new(&tmpl.model.source), last_sft);
+        let reference = tmpl.reference.clone().unwrap();
+        assert_eq!(Path::new(&reference.source), last_sft);
+        assert!(tmpl.daa.is_some());
+        for obj in &grid.objectives {
+            let objective: Objective = toml::from_str(&format!("name = \"{obj}\"")).unwrap();
+            for &beta in &grid.betas[obj] {
+                let mut run = tmpl.clone();
+                let daa = run.daa.as_mut().unwrap();
+                daa.objective = objective;
+                daa.beta = beta;
+                run.out_dir = Path::new(&grid.out_root)
+                    .join(&m.name)
+                    .join(obj)
+                    .join(format!("beta-{beta}"));
+                // Each expanded run is a valid single-run config.
+                let text = toml::to_string(&run).unwrap();
+                runs.push(RunConfig::from_toml(&text, "expanded run").unwrap());
+            }
+        }
+        // The template's own values are the grid's first point.
+        assert_eq!(runs[runs.len() - 21].out_dir, tmpl.out_dir);
+    }
+    assert_eq!(runs.len(), 63);
+    let dirs: BTreeSet<_> = runs.iter().map(|r| r.out_dir.clone()).collect();
+    assert_eq!(dirs.len(), 63);
+
+    let e = &grid.eval;
+    assert_eq!((e.prompts, e.top_k, e.max_length), (256, 50, 512));
+    assert_eq!(e.temperature, 1.0);
+    assert_eq!(e.samples_per_prompt, 1);
+    assert_eq!(e.seed, 0);
+    assert!(e.judge.starts_with("gpt-4-turbo"));
+}

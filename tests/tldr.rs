@@ -1,0 +1,801 @@
+//! `data::tldr` against small parquet files written here into a hub cache laid out as the hub
+//! lays it out (`datasets--org--name/refs/<revision>` holding a commit hash,
+//! `snapshots/<hash>/<config>/<split>/NNNN.parquet` linked to `blobs/<sha256>`). No test
+//! reaches the real hub: the online path talks to a loopback server that speaks the hub's
+//! protocol.
+
+mod common;
+
+use common::{LoopbackServer, Reply};
+use overopt::data::tldr::{
+    self, PrefRecord, PrefSource, SftFormat, SftSource, Split, TldrConfig, load_pref_records,
+    load_prefs, load_sft, load_sft_records, read_pref_file, read_sft_file,
+};
+use overopt::data::tokenizer::Tok;
+use overopt::hub::HubAccess;
+use polars::prelude::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const PARQUET_REV: &str = "refs/convert/parquet";
+const SFT_REPO: &str = "org/tldr-filtered";
+const PREF_REPO: &str = "org/comparisons";
+const SFT_COMMIT: &str = "1111111111111111111111111111111111111111";
+const PREF_COMMIT: &str = "2222222222222222222222222222222222222222";
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures.
+
+/// A word-level tokenizer: one token per whitespace-separated word, so token counts are word
+/// counts. Words `w0`..`w999` and the prompt's markers are known; anything else is `<|unk|>`.
+fn word_tok() -> Tok {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+    let mut words: Vec<String> = [
+        "<|endoftext|>",
+        "<|unk|>",
+        "SUBREDDIT:",
+        "TITLE:",
+        "POST:",
+        "TL;DR:",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    words.extend((0..1000).map(|i| format!("w{i}")));
+    let model = WordLevel::builder()
+        .vocab(
+            words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (w.clone(), i as u32))
+                .collect(),
+        )
+        .unk_token("<|unk|>".to_string())
+        .build()
+        .unwrap();
+    let mut t = tokenizers::Tokenizer::new(model);
+    t.with_pre_tokenizer(Some(WhitespaceSplit));
+    t.add_special_tokens([tokenizers::AddedToken::from("<|endoftext|>", true)])
+        .unwrap();
+    Tok::new(t, None, "test words").unwrap()
+}
+
+/// `n` words starting at `w{start}`.
+fn words(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("w{}", i % 1000))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn parquet_bytes(mut df: DataFrame) -> Vec<u8> {
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf).finish(&mut df).unwrap();
+    buf
+}
+
+fn strs(name: &str, v: Vec<Option<String>>) -> Series {
+    Series::new(name.into(), v)
+}
+
+/// One row of the SFT set (tldr_3_filtered layout).
+#[derive(Clone)]
+struct SftRow {
+    subreddit: String,
+    title: String,
+    post: String,
+    summary: Option<String>,
+}
+
+fn sft_row(i: usize, post_words: usize, summary_words: usize) -> SftRow {
+    SftRow {
+        subreddit: format!("sub{i}"),
+        title: words(500 + i, 2),
+        post: words(i * 10, post_words),
+        summary: Some(words(900 + i, summary_words)),
+    }
+}
+
+fn sft_df(rows: &[SftRow]) -> DataFrame {
+    let n = rows.len();
+    let col = |name: &str, f: &dyn Fn(&SftRow) -> Option<String>| -> Column {
+        strs(name, rows.iter().map(f).collect()).into()
+    };
+    DataFrame::new(
+        n,
+        vec![
+            col("id", &|r| Some(format!("t3_{}", r.subreddit))),
+            col("subreddit", &|r| Some(r.subreddit.clone())),
+            col("title", &|r| Some(r.title.clone())),
+            col("post", &|r| Some(r.post.clone())),
+            col("summary", &|r| r.summary.clone()),
+        ],
+    )
+    .unwrap()
+}
+
+/// One row of the comparisons layout.
+#[derive(Clone)]
+struct CmpRow {
+    post: Option<String>,
+    article: Option<String>,
+    title: String,
+    subreddit: String,
+    texts: [Option<String>; 2],
+    choice: i32,
+}
+
+fn cmp_row(i: usize, choice: i32) -> CmpRow {
+    CmpRow {
+        post: Some(words(i * 10, 5)),
+        article: None,
+        title: words(600 + i, 2),
+        subreddit: format!("sub{i}"),
+        // Summaries carry a leading space, as in the released comparisons.
+        texts: [
+            Some(format!(" {}", words(700 + i, 3))),
+            Some(format!(" {}", words(800 + i, 4))),
+        ],
+        choice,
+    }
+}
+
+fn cnndm_row() -> CmpRow {
+    CmpRow {
+        post: None,
+        article: Some("An article of the Daily Mail.".into()),
+        title: "A headline".into(),
+        subreddit: String::new(),
+        texts: [Some(" one".into()), Some(" two".into())],
+        choice: 0,
+    }
+}
+
+fn comparisons_df(rows: &[CmpRow]) -> DataFrame {
+    let n = rows.len();
+    let field = |name: &str, f: &dyn Fn(&CmpRow) -> Option<String>| -> Series {
+        strs(name, rows.iter().map(f).collect())
+    };
+    let info = StructChunked::from_series(
+        "info".into(),
+        n,
+        [
+            field("id", &|r| Some(format!("t3_{}", r.subreddit))),
+            field("post", &|r| r.post.clone()),
+            field("title", &|r| Some(r.title.clone())),
+            field("subreddit", &|r| {
+                r.post.as_ref().map(|_| r.subreddit.clone())
+            }),
+            field("site", &|r| r.article.as_ref().map(|_| "dailymail".into())),
+            field("article", &|r| r.article.clone()),
+        ]
+        .iter(),
+    )
+    .unwrap()
+    .into_series();
+    let pairs: Vec<Series> = rows
+        .iter()
+        .map(|r| {
+            let text = strs("text", r.texts.to_vec());
+            let policy = strs("policy", vec![Some("sup2".into()), Some("ppo".into())]);
+            StructChunked::from_series("".into(), 2, [text, policy].iter())
+                .unwrap()
+                .into_series()
+        })
+        .collect();
+    let summaries = Series::new("summaries".into(), pairs);
+    let choice = Series::new(
+        "choice".into(),
+        rows.iter().map(|r| r.choice).collect::<Vec<i32>>(),
+    );
+    let batch = strs("batch", vec![Some("batch3".into()); n]);
+    DataFrame::new(
+        n,
+        vec![info.into(), summaries.into(), choice.into(), batch.into()],
+    )
+    .unwrap()
+}
+
+/// Put `bytes` into the hub cache as the hub client does: the blob under its hash, the
+/// snapshot path a relative symlink to it, and `refs/<revision>` holding the commit.
+fn put_cached(cache: &Path, repo: &str, commit: &str, file: &str, bytes: &[u8]) -> PathBuf {
+    let root = cache.join(format!("datasets--{}", repo.replace('/', "--")));
+    let ref_path = root.join("refs").join(PARQUET_REV);
+    std::fs::create_dir_all(ref_path.parent().unwrap()).unwrap();
+    std::fs::write(&ref_path, commit).unwrap();
+    let hash = overopt::util::sha256_hex(bytes);
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::write(root.join("blobs").join(&hash), bytes).unwrap();
+    let link = root.join("snapshots").join(commit).join(file);
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    let up = "../".repeat(file.split('/').count() + 1);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(format!("{up}blobs/{hash}"), &link).unwrap();
+    #[cfg(not(unix))]
+    std::fs::write(&link, bytes).unwrap();
+    link
+}
+
+const SFT_SHARDS: [usize; 2] = [3, 2];
+const PREF_TRAIN: usize = 4;
+
+/// The long rows whose truncation the tests check.
+fn long_sft_row() -> SftRow {
+    sft_row(0, 3, 600)
+}
+fn long_pref_row() -> CmpRow {
+    CmpRow {
+        post: Some(words(0, 400)),
+        texts: [Some(format!(" {}", words(100, 10))), Some(words(200, 300))],
+        choice: 0,
+        ..cmp_row(0, 0)
+    }
+}
+
+/// The SFT files (train in two shards, validation in one) and the comparisons files (train,
+/// and validation with one CNN/DM row) written into `cache`.
+fn build_cache(cache: &Path) {
+    let mut row = 0;
+    for (shard, &n) in SFT_SHARDS.iter().enumerate() {
+        let rows: Vec<SftRow> = (0..n)
+            .map(|_| {
+                row += 1;
+                if row == 1 {
+                    long_sft_row()
+                } else {
+                    sft_row(row, 5, 4)
+                }
+            })
+            .collect();
+        put_cached(
+            cache,
+            SFT_REPO,
+            SFT_COMMIT,
+            &format!("default/train/{shard:04}.parquet"),
+            &parquet_bytes(sft_df(&rows)),
+        );
+    }
+    put_cached(
+        cache,
+        SFT_REPO,
+        SFT_COMMIT,
+        "default/validation/0000.parquet",
+        &parquet_bytes(sft_df(&[sft_row(50, 5, 4), sft_row(51, 5, 4)])),
+    );
+    let mut train = vec![long_pref_row()];
+    train.extend((1..PREF_TRAIN).map(|i| cmp_row(i, (i % 2) as i32)));
+    put_cached(
+        cache,
+        PREF_REPO,
+        PREF_COMMIT,
+        "comparisons/train/0000.parquet",
+        &parquet_bytes(comparisons_df(&train)),
+    );
+    put_cached(
+        cache,
+        PREF_REPO,
+        PREF_COMMIT,
+        "comparisons/validation/0000.parquet",
+        &parquet_bytes(comparisons_df(&[
+            cmp_row(20, 1),
+            cnndm_row(),
+            cmp_row(21, 0),
+        ])),
+    );
+}
+
+fn test_config() -> TldrConfig {
+    TldrConfig {
+        sft: SftSource {
+            repo: SFT_REPO.into(),
+            ..SftSource::default()
+        },
+        prefs: PrefSource {
+            repo: PREF_REPO.into(),
+            ..PrefSource::default()
+        },
+        ..TldrConfig::default()
+    }
+}
+
+fn err(r: anyhow::Result<impl std::fmt::Debug>) -> String {
+    format!("{:#}", r.unwrap_err())
+}
+
+/// A loopback "hub" whose every answer is an error: counts any request made to it.
+fn refusing_hub() -> LoopbackServer {
+    LoopbackServer::start(|_, _| Reply::status(500, "no network in tests"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn loads_both_sets_from_the_hub_cache_with_format_split_mapping_and_truncation() {
+    let tmp = tempfile::tempdir().unwrap();
+    build_cache(tmp.path());
+    let hub = HubAccess::offline_cache(tmp.path());
+    let cfg = test_config();
+    let tok = word_tok();
+
+    // SFT: both train shards in order, the known long row first.
+    let sft = load_sft_records(&cfg, Split::Train, &hub).unwrap();
+    assert_eq!(sft.records.len(), SFT_SHARDS.iter().sum::<usize>());
+    assert_eq!(sft.files.len(), 2);
+    let first = &sft.records[0];
+    let long = long_sft_row();
+    assert_eq!(
+        first.prompt,
+        format!(
+            "SUBREDDIT: r/sub0\n\nTITLE: {}\n\nPOST: {}\n\nTL;DR:",
+            long.title, long.post
+        )
+    );
+    assert_eq!(first.response, format!(" {}", long.summary.unwrap()));
+    assert_eq!(first.id.as_deref(), Some("t3_sub0"));
+    assert_eq!(first.source.file, "default/train/0000.parquet");
+    assert_eq!(sft.records[3].source.file, "default/train/0001.parquet");
+    assert_eq!(sft.records[3].source.row, 0);
+    assert_eq!(
+        load_sft_records(&cfg, Split::Eval, &hub)
+            .unwrap()
+            .records
+            .len(),
+        2
+    );
+
+    // SFT tokens: a 3-word post gives a 10-token prompt; the 600-word summary is cut to
+    // max_length - max_prompt_length - 1 = 255 tokens (the prompt is short enough to keep).
+    let ex = load_sft(&cfg, Split::Train, &hub, &tok).unwrap();
+    assert_eq!(ex.len(), 5);
+    assert_eq!(ex[0].prompt, tok.encode(&first.prompt).unwrap());
+    assert_eq!(ex[0].prompt.len(), 10);
+    assert_eq!(ex[0].response.len(), 255);
+    assert_eq!(
+        ex[0].response[..],
+        tok.encode(&first.response).unwrap()[..255]
+    );
+    assert!(ex[1..].iter().all(|e| e.response.len() == 4));
+
+    // Preferences: chosen / rejected follow `choice`.
+    let prefs = load_pref_records(&cfg, Split::Train, &hub).unwrap();
+    assert_eq!(prefs.records.len(), PREF_TRAIN);
+    assert_eq!(prefs.skipped, 0);
+    let r1 = &prefs.records[1]; // choice 1
+    assert_eq!(r1.chosen, format!(" {}", words(801, 4)));
+    assert_eq!(r1.rejected, format!(" {}", words(701, 3)));
+    let r2 = &prefs.records[2]; // choice 0
+    assert_eq!(r2.chosen, format!(" {}", words(702, 3)));
+    assert_eq!(
+        r2.prompt,
+        format!(
+            "SUBREDDIT: r/sub2\n\nTITLE: {}\n\nPOST: {}\n\nTL;DR:",
+            words(602, 2),
+            words(20, 5)
+        )
+    );
+    // A summary stored without the leading space gets one (and nothing doubles it).
+    assert_eq!(prefs.records[0].rejected, format!(" {}", words(200, 300)));
+
+    // Preference tokens on the known long row: prompt 407 tokens, chosen 10, rejected 300.
+    // The prompt is cut once for the longer response, keeping its START (256 tokens); the
+    // rejected response is then cut to 255 so that prompt + response + EOS = 512.
+    let pex = load_prefs(&cfg, Split::Train, &hub, &tok).unwrap();
+    let full_prompt = tok.encode(&prefs.records[0].prompt).unwrap();
+    assert_eq!(full_prompt.len(), 407);
+    assert_eq!(pex[0].prompt[..], full_prompt[..256]);
+    assert_eq!(pex[0].chosen.len(), 10);
+    assert_eq!(pex[0].rejected.len(), 255);
+    assert_eq!(pex[0].prompt.len() + pex[0].rejected.len() + 1, 512);
+    assert!(pex[1..].iter().all(|e| e.prompt.len() == 12));
+
+    // Evaluation = the validation split (there is no test split); the CNN/DM row (no post,
+    // an article) is dropped and counted.
+    let val = load_pref_records(&cfg, Split::Eval, &hub).unwrap();
+    assert_eq!(val.records.len(), 2);
+    assert_eq!(val.skipped, 1);
+    assert_eq!(val.records[1].source.row, 2);
+    assert!(
+        val.records
+            .iter()
+            .all(|r| r.prompt.starts_with("SUBREDDIT: r/sub2"))
+    );
+}
+
+#[test]
+fn limits_cut_across_shards_and_jsonl_export_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    build_cache(tmp.path());
+    let hub = HubAccess::offline_cache(tmp.path());
+    let mut cfg = test_config();
+    cfg.sft.max_train = Some(4);
+    cfg.prefs.max_eval = Some(1);
+    let sft = load_sft_records(&cfg, Split::Train, &hub).unwrap();
+    assert_eq!(sft.records.len(), 4);
+    assert_eq!(sft.files.len(), 2);
+    cfg.sft.max_train = Some(2);
+    let sft2 = load_sft_records(&cfg, Split::Train, &hub).unwrap();
+    assert_eq!(sft2.records[..], sft.records[..2]);
+    assert_eq!(sft2.files.len(), 1);
+    let val = load_pref_records(&cfg, Split::Eval, &hub).unwrap();
+    assert_eq!(val.records.len(), 1);
+
+    // The text records as JSON lines: readable back, and usable as `overopt daa` data.
+    let path = tmp.path().join("out/val.jsonl");
+    tldr::write_jsonl(&path, &val.records).unwrap();
+    let back: Vec<PrefRecord> = overopt::util::read_jsonl(&path).unwrap();
+    assert_eq!(back, val.records);
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    for key in ["prompt", "chosen", "rejected"] {
+        assert!(line[key].is_string(), "{key} missing in {line}");
+    }
+}
+
+#[test]
+fn cached_data_needs_no_network_even_when_online() {
+    let tmp = tempfile::tempdir().unwrap();
+    build_cache(tmp.path());
+    let server = refusing_hub();
+    let hub = HubAccess {
+        cache_dir: tmp.path().to_path_buf(),
+        offline: false,
+        endpoint: Some(server.root_url()),
+        token: None,
+    };
+    let cfg = test_config();
+    for split in [Split::Train, Split::Eval] {
+        load_sft_records(&cfg, split, &hub).unwrap();
+        load_pref_records(&cfg, split, &hub).unwrap();
+    }
+    assert_eq!(server.request_count(), 0, "{:?}", server.requests());
+
+    // Offline, a split that is not cached is an error that names what is missing.
+    let mut cfg = test_config();
+    cfg.prefs.eval_split = "test".into();
+    let e = err(load_pref_records(
+        &cfg,
+        Split::Eval,
+        &HubAccess::offline_cache(tmp.path()),
+    ));
+    assert!(
+        e.contains("comparisons/test") && e.contains("datasets--org--comparisons"),
+        "{e}"
+    );
+    assert_eq!(server.request_count(), 0);
+}
+
+/// The hub's side of a download, for files of one dataset repo at the parquet revision.
+fn fake_hub(
+    repo: &'static str,
+    commit: &'static str,
+    files: BTreeMap<String, Vec<u8>>,
+) -> LoopbackServer {
+    let files = Arc::new(files);
+    LoopbackServer::start(move |_, req| {
+        let rev = PARQUET_REV.replace('/', "%2F");
+        if req.path == format!("/api/datasets/{repo}/revision/{rev}") {
+            let siblings: Vec<serde_json::Value> = files
+                .keys()
+                .map(|f| serde_json::json!({ "rfilename": f }))
+                .chain([serde_json::json!({"rfilename": "README.md"})])
+                .collect();
+            let body = serde_json::json!({ "sha": commit, "siblings": siblings });
+            return Reply::status(200, &body.to_string())
+                .with_header("Content-Type", "application/json");
+        }
+        let prefix = format!("/datasets/{repo}/resolve/{rev}/");
+        let Some(bytes) = req.path.strip_prefix(&prefix).and_then(|f| files.get(f)) else {
+            return Reply::status(404, "not found");
+        };
+        let head_only = req.header("range") == Some("bytes=0-0");
+        Reply::Bytes {
+            status: 200,
+            headers: vec![],
+            body: if head_only { vec![] } else { bytes.clone() },
+        }
+        .with_header("ETag", &format!("\"{}\"", overopt::util::sha256_hex(bytes)))
+        .with_header("X-Repo-Commit", commit)
+        .with_header("Content-Range", &format!("bytes 0-0/{}", bytes.len()))
+    })
+}
+
+#[test]
+fn first_run_downloads_into_the_hub_cache_and_the_second_is_offline() {
+    let src = tempfile::tempdir().unwrap();
+    build_cache(src.path());
+    // The files the fake hub serves: those of the comparisons repo built above.
+    let snap = src
+        .path()
+        .join("datasets--org--comparisons/snapshots")
+        .join(PREF_COMMIT);
+    let mut files = BTreeMap::new();
+    for f in [
+        "comparisons/train/0000.parquet",
+        "comparisons/validation/0000.parquet",
+    ] {
+        files.insert(f.to_string(), std::fs::read(snap.join(f)).unwrap());
+    }
+    let server = fake_hub(PREF_REPO, PREF_COMMIT, files);
+    let cache = tempfile::tempdir().unwrap();
+    let online = HubAccess {
+        cache_dir: cache.path().to_path_buf(),
+        offline: false,
+        endpoint: Some(server.root_url()),
+        token: None,
+    };
+    let cfg = test_config();
+    let first = load_pref_records(&cfg, Split::Eval, &online).unwrap();
+    assert_eq!(first.records.len(), 2);
+    assert_eq!(first.skipped, 1);
+    let after_first = server.request_count();
+    assert!(after_first >= 2, "listing + download expected");
+    // Stored in the standard layout.
+    let root = cache.path().join("datasets--org--comparisons");
+    assert_eq!(
+        std::fs::read_to_string(root.join("refs/refs/convert/parquet"))
+            .unwrap()
+            .trim(),
+        PREF_COMMIT
+    );
+    assert!(
+        root.join("snapshots")
+            .join(PREF_COMMIT)
+            .join("comparisons/validation/0000.parquet")
+            .exists()
+    );
+    // Second run: offline, same records; and online again makes no request.
+    let offline = HubAccess::offline_cache(cache.path());
+    let second = load_pref_records(&cfg, Split::Eval, &offline).unwrap();
+    assert_eq!(second.records, first.records);
+    load_pref_records(&cfg, Split::Eval, &online).unwrap();
+    assert_eq!(server.request_count(), after_first);
+}
+
+#[test]
+fn environment_variables_select_the_cache_and_offline_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    build_cache(tmp.path());
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_loads_through_the_environment",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("HF_HUB_CACHE", tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        // Were offline mode ignored, the client would try this closed port and fail.
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_HOME")
+        .env("OVEROPT_TLDR_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("child loaded 5 sft, 4 pairs"), "{text}");
+}
+
+/// Run by [`environment_variables_select_the_cache_and_offline_mode`] in a child process with
+/// `HF_HUB_CACHE` / `HF_HUB_OFFLINE` set (the environment is per process).
+#[test]
+#[ignore = "run as a child process by environment_variables_select_the_cache_and_offline_mode"]
+fn child_loads_through_the_environment() {
+    assert_eq!(
+        std::env::var("OVEROPT_TLDR_CHILD").as_deref(),
+        Ok("1"),
+        "this test only runs as a child of environment_variables_select_the_cache_and_offline_mode"
+    );
+    let hub = HubAccess::from_env();
+    assert!(hub.offline);
+    let cfg = test_config();
+    let sft = load_sft_records(&cfg, Split::Train, &hub).unwrap();
+    let prefs = load_pref_records(&cfg, Split::Train, &hub).unwrap();
+    // Offline mode: a file missing from the cache is an error, not a download attempt.
+    let mut missing = test_config();
+    missing.prefs.train_split = "nope".into();
+    let e = err(load_pref_records(&missing, Split::Train, &hub));
+    assert!(e.contains("offline"), "{e}");
+    println!(
+        "child loaded {} sft, {} pairs",
+        sft.records.len(),
+        prefs.records.len()
+    );
+}
+
+#[test]
+fn schema_mismatches_name_the_column_and_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, df: DataFrame| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, parquet_bytes(df)).unwrap();
+        p
+    };
+    // Comparisons without `choice`.
+    let mut df = comparisons_df(&[cmp_row(1, 0)]);
+    df.drop_in_place("choice").unwrap();
+    let p = write("no_choice.parquet", df);
+    let e = err(read_pref_file(&p, "x", None));
+    assert!(
+        e.contains("`choice` is missing") && e.contains("no_choice.parquet"),
+        "{e}"
+    );
+    // A struct without the `post` field.
+    let mut df = comparisons_df(&[cmp_row(1, 0)]);
+    let info = StructChunked::from_series(
+        "info".into(),
+        1,
+        [
+            strs("id", vec![Some("a".into())]),
+            strs("title", vec![Some("t".into())]),
+            strs("subreddit", vec![Some("s".into())]),
+        ]
+        .iter(),
+    )
+    .unwrap()
+    .into_series();
+    df.with_column(info.into()).unwrap();
+    let p = write("no_post.parquet", df);
+    let e = err(read_pref_file(&p, "x", None));
+    assert!(
+        e.contains("`info.post` is missing")
+            && e.contains("`info` has fields: id, title, subreddit")
+            && e.contains("no_post.parquet"),
+        "{e}"
+    );
+    // `choice` of the wrong type.
+    let mut df = comparisons_df(&[cmp_row(1, 0)]);
+    df.with_column(strs("choice", vec![Some("0".into())]).into())
+        .unwrap();
+    let p = write("str_choice.parquet", df);
+    let e = err(read_pref_file(&p, "x", None));
+    assert!(
+        e.contains("`choice` has type")
+            && e.contains("integer")
+            && e.contains("str_choice.parquet"),
+        "{e}"
+    );
+    // The SFT layouts.
+    let mut df = sft_df(&[sft_row(1, 3, 3)]);
+    df.drop_in_place("summary").unwrap();
+    let p = write("no_summary.parquet", df);
+    let e = err(read_sft_file(&p, "x", &SftFormat::Fields, None));
+    assert!(
+        e.contains("`summary` is missing") && e.contains("no_summary.parquet"),
+        "{e}"
+    );
+    let p = write("fields.parquet", sft_df(&[sft_row(1, 3, 3)]));
+    let fmt = SftFormat::PromptResponse {
+        prompt: "prompt".into(),
+        response: "completion".into(),
+    };
+    let e = err(read_sft_file(&p, "x", &fmt, None));
+    assert!(
+        e.contains("`prompt` is missing") && e.contains("fields.parquet"),
+        "{e}"
+    );
+    // Through the hub cache, the error names the cached file.
+    let cache = tempfile::tempdir().unwrap();
+    let mut df = comparisons_df(&[cmp_row(1, 0)]);
+    df.drop_in_place("summaries").unwrap();
+    put_cached(
+        cache.path(),
+        PREF_REPO,
+        PREF_COMMIT,
+        "comparisons/train/0000.parquet",
+        &parquet_bytes(df),
+    );
+    let e = err(load_pref_records(
+        &test_config(),
+        Split::Train,
+        &HubAccess::offline_cache(cache.path()),
+    ));
+    assert!(
+        e.contains("`summaries") && e.contains("comparisons/train/0000.parquet"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_files_are_named_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zero = tmp.path().join("zero.parquet");
+    std::fs::write(&zero, b"").unwrap();
+    let e = err(read_pref_file(&zero, "x", None));
+    assert!(e.contains("zero.parquet") && e.contains("empty"), "{e}");
+    let no_rows = tmp.path().join("no_rows.parquet");
+    std::fs::write(&no_rows, parquet_bytes(comparisons_df(&[]))).unwrap();
+    let e = err(read_pref_file(&no_rows, "x", None));
+    assert!(
+        e.contains("no_rows.parquet") && e.contains("no rows"),
+        "{e}"
+    );
+    let no_rows = tmp.path().join("no_sft_rows.parquet");
+    std::fs::write(&no_rows, parquet_bytes(sft_df(&[]))).unwrap();
+    let e = err(read_sft_file(&no_rows, "x", &SftFormat::Fields, None));
+    assert!(
+        e.contains("no_sft_rows.parquet") && e.contains("no rows"),
+        "{e}"
+    );
+    let junk = tmp.path().join("junk.parquet");
+    std::fs::write(&junk, b"not parquet at all").unwrap();
+    let e = err(read_sft_file(&junk, "x", &SftFormat::Fields, None));
+    assert!(e.contains("junk.parquet") && e.contains("parquet"), "{e}");
+}
+
+#[test]
+fn malformed_rows_name_their_index_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = |name: &str, bad: CmpRow| -> String {
+        let p = tmp.path().join(name);
+        let rows = vec![cmp_row(0, 0), cmp_row(1, 1), bad];
+        std::fs::write(&p, parquet_bytes(comparisons_df(&rows))).unwrap();
+        err(read_pref_file(&p, "x", None))
+    };
+    let e = case(
+        "null_post.parquet",
+        CmpRow {
+            post: None,
+            ..cmp_row(2, 0)
+        },
+    );
+    assert!(
+        e.contains("null_post.parquet") && e.contains("row 2") && e.contains("info.post"),
+        "{e}"
+    );
+    let e = case("choice.parquet", cmp_row(2, 2));
+    assert!(
+        e.contains("choice.parquet") && e.contains("row 2") && e.contains("`choice` is 2"),
+        "{e}"
+    );
+    let e = case(
+        "no_text.parquet",
+        CmpRow {
+            texts: [Some(" fine".into()), None],
+            ..cmp_row(2, 1)
+        },
+    );
+    assert!(
+        e.contains("no_text.parquet") && e.contains("row 2") && e.contains("summaries[1].text"),
+        "{e}"
+    );
+    let e = case(
+        "blank_text.parquet",
+        CmpRow {
+            texts: [Some("  ".into()), Some(" fine".into())],
+            ..cmp_row(2, 0)
+        },
+    );
+    assert!(
+        e.contains("row 2") && e.contains("summaries[0].text` is empty"),
+        "{e}"
+    );
+    // The SFT set: a missing reference summary.
+    let p = tmp.path().join("sft_null.parquet");
+    let rows = vec![
+        sft_row(0, 3, 3),
+        SftRow {
+            summary: None,
+            ..sft_row(1, 3, 3)
+        },
+    ];
+    std::fs::write(&p, parquet_bytes(sft_df(&rows))).unwrap();
+    let e = err(read_sft_file(&p, "x", &SftFormat::Fields, None));
+    assert!(
+        e.contains("sft_null.parquet") && e.contains("row 1") && e.contains("`summary` is null"),
+        "{e}"
+    );
+}
