@@ -492,11 +492,19 @@ mass at any step.
         code("notebook::toy_cells_table(&toy)"),
         figure("""
 let figs = overopt::plots::toy_mdp_figures(&toy);
-println!("{} figures", figs.len());
-figs.into_iter().next().expect("at least one toy figure")
+println!("{}", figs.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "));
+notebook::pick(&figs, "toy_mass_dpo")?
 """),
+        md("""
+Each DPO seed separately: where the runs end differs from seed to seed (the second half of
+C9).
+"""),
+        figure('notebook::pick(&figs, "toy_dpo_seeds")?'),
+        figure('notebook::pick(&figs, "toy_end_mass")?'),
+        figure('notebook::pick(&figs, "toy_ood_trajectories")?'),
         md("## Appendix D: soft values"),
         code("notebook::appendix_d_table(&toy)"),
+        figure('notebook::pick(&figs, "toy_appendix_d")?'),
         md("## Verdict"),
         code("notebook::toy_c9_md(&toy)"),
         code("""
