@@ -233,7 +233,8 @@ def run_parallel(paths, args, jobs):
             cmd.append("--figures")
         elif args.figures is False:
             cmd.append("--no-figures")
-        print(f"  {p.stem}: running", flush=True)
+        sys.stdout.write(f"  {p.stem}: running\n")  # one write: threads print too
+        sys.stdout.flush()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             res = json.loads(out_json.read_text())["notebooks"][0]
@@ -242,12 +243,21 @@ def run_parallel(paths, args, jobs):
                    f"the child runner failed (exit {proc.returncode}): "
                    f"{proc.stdout[-1500:]}")], "kernel_start_s": 0.0, "first_cell_s": None,
                    "total_s": 0.0}
+        if res["problems"]:
+            # The kernel's own messages (why it died, say), without cargo's progress lines.
+            lines = [ln for ln in proc.stdout.splitlines()
+                     if not ln.strip().startswith(("Compiling", "Blocking"))]
+            res["child_output"] = "\n".join(lines[-40:])
         return res
 
     results = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for res in pool.map(child, paths):
             report(res)
+            if res.get("child_output"):
+                print("      child runner output (last lines):\n"
+                      + "\n".join("        " + ln for ln in res["child_output"].splitlines()),
+                      flush=True)
             results.append(res)
     shutil.rmtree(tmp, ignore_errors=True)
     return results
