@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # Jupyter kernel launcher of the `overopt-rust` kernel (environment/setup-notebooks.sh writes
 # its kernel.json): evcxr_jupyter with a build directory of its own, so that several notebooks
-# can run at once, and a dependency build shared by all of them.
+# can run at once, without compiling the crate once per kernel.
 #
 # evcxr compiles every cell as a crate in its tmpdir and allows ONE kernel per tmpdir (two
 # kernels would overwrite each other's src/lib.rs). evcxr.toml's `tmpdir` would give every
 # kernel the same one (and it wins over EVCXR_TMPDIR), so evcxr.toml leaves it out and this
 # script picks the first free slot notebooks/.evcxr-build/kernel-N (a lock held for the
-# kernel's lifetime) and passes it as EVCXR_TMPDIR. evcxr always builds in <tmpdir>/target;
-# every slot's `target` is a link to one shared target directory, so the crate and its
-# dependencies compile once for all kernels (cargo's lock on the build directory serializes
-# two kernels that build at the same moment).
+# kernel's lifetime) and passes it as EVCXR_TMPDIR.
+#
+# evcxr always builds in <tmpdir>/target, and the names it gives each cell's library
+# (libctx.so, renamed to libcode_<n>.so with n counting from 1 in every kernel) are the same in
+# every kernel: two kernels sharing one target directory load each other's cells (measured:
+# "dlsym failed", a dead kernel). So every slot has a target directory of its own. A new slot
+# starts from a copy of another slot's (the crate and its dependencies, without any cell
+# libraries), taken while holding that directory's cargo locks, so only the first slot ever
+# compiles the crate; cargo's fingerprints are relative to the target directory and stay valid.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${OVEROPT_EVCXR_BUILD:-$ROOT/notebooks/.evcxr-build}
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 export PATH="$CARGO_BIN:$PATH"
 
-mkdir -p "$BUILD/target" "$BUILD/.cargo"
+mkdir -p "$BUILD/.cargo"
 # Profile overrides for the kernels' builds, read by cargo from this parent directory of every
 # slot (evcxr's generated Cargo.toml sets `[profile.dev] opt-level` from evcxr.toml, which then
 # applies to the cell crate only). Compile time matters more than speed for most dependencies
@@ -39,11 +44,12 @@ hot=${OVEROPT_EVCXR_DEPS_OPT:-1}
         echo "[profile.dev.package.$p]"
         echo "opt-level = $hot"
     done
-} > "$BUILD/.cargo/config.toml.new"
-if cmp -s "$BUILD/.cargo/config.toml.new" "$BUILD/.cargo/config.toml"; then
-    rm "$BUILD/.cargo/config.toml.new"
+} > "$BUILD/.cargo/config.toml.$$"
+# Replace it only when it changed (a change rebuilds), atomically (kernels may start together).
+if cmp -s "$BUILD/.cargo/config.toml.$$" "$BUILD/.cargo/config.toml"; then
+    rm "$BUILD/.cargo/config.toml.$$"
 else
-    mv "$BUILD/.cargo/config.toml.new" "$BUILD/.cargo/config.toml"
+    mv "$BUILD/.cargo/config.toml.$$" "$BUILD/.cargo/config.toml"
 fi
 
 slot=""
@@ -61,7 +67,33 @@ if [ -z "$slot" ]; then
     exit 1
 fi
 mkdir -p "$slot"
-[ -L "$slot/target" ] || { rm -rf "$slot/target"; ln -s ../target "$slot/target"; }
+# A slot made by an older version of this script linked its target to a shared one.
+[ -L "$slot/target" ] && rm "$slot/target"
+if [ ! -d "$slot/target" ]; then
+    src=""
+    for d in "$BUILD"/kernel-*/target; do
+        if [ "$d" != "$slot/target" ] && [ -d "$d" ] && [ ! -L "$d" ] && [ -d "$d/debug" ]; then
+            src=$d
+            break
+        fi
+    done
+    if [ -n "$src" ]; then
+        # Hold the source's cargo locks (flock, as cargo takes them) so that no build changes
+        # it while it is copied; a kernel building there makes this wait.
+        fds=()
+        while IFS= read -r f; do
+            exec {fd}<"$f"
+            flock -w 1800 "$fd" || { echo "evcxr-kernel: $f stays locked" >&2; exit 1; }
+            fds+=("$fd")
+        done < <(find "$src" -maxdepth 3 -name .cargo-lock)
+        rm -rf "$slot/target.tmp"
+        mkdir -p "$slot/target.tmp"
+        tar -C "$src" --exclude='libcode_*' --exclude='libctx*' --exclude='ctx-*' \
+            --exclude='.cargo-lock' -cf - . | tar -C "$slot/target.tmp" -xf -
+        mv "$slot/target.tmp" "$slot/target"
+        for fd in "${fds[@]}"; do exec {fd}<&-; done
+    fi
+fi
 # Resolve the crate's dependencies exactly as the crate's own lock file does.
 [ -f "$slot/Cargo.lock" ] || cp "$ROOT/Cargo.lock" "$slot/Cargo.lock"
 

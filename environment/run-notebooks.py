@@ -6,8 +6,10 @@
 
 Every notebooks/*.ipynb (or the NAMEs given, with or without .ipynb) runs top to bottom in
 the `overopt-rust` kernel (environment/setup-notebooks.sh installs it) with
-OVEROPT_NOTEBOOK_PROFILE=smoke, one after the other, and its executed copy is written to
---out (default out/notebooks, git-ignored). A notebook FAILS when
+OVEROPT_NOTEBOOK_PROFILE=smoke, and its executed copy is written to --out (default
+out/notebooks, git-ignored). Notebooks whose metadata sets overopt.trains run first, one at a
+time (they write the results directory, emptied at the start); the others then run --jobs at
+a time (default 2), each in a kernel of its own. A notebook FAILS when
 
   error-output         a cell has an error output (compile errors; a dead kernel);
   panic                a printed line contains "panicked at" (evcxr reports a panic as success);
@@ -211,6 +213,56 @@ def run_one(path, out_dir, args, nb=None):
     }
 
 
+def run_parallel(paths, args, jobs):
+    """Run each notebook in a child runner (its own kernel), `jobs` at a time; print each
+    child's report when it ends."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = args.out / ".parallel"
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    def child(p):
+        out_json = tmp / f"{p.stem}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), p.stem, "--keep-results",
+               "--jobs", "1", "--notebooks", str(args.notebooks), "--out", str(args.out),
+               "--cwd", str(args.cwd), "--profile", args.profile, "--kernel", args.kernel,
+               "--cell-timeout", str(args.cell_timeout),
+               "--startup-timeout", str(args.startup_timeout), "--json", str(out_json)]
+        if args.figures is True:
+            cmd.append("--figures")
+        elif args.figures is False:
+            cmd.append("--no-figures")
+        sys.stdout.write(f"  {p.stem}: running\n")  # one write: threads print too
+        sys.stdout.flush()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            res = json.loads(out_json.read_text())["notebooks"][0]
+        except (OSError, ValueError, KeyError, IndexError):
+            res = {"name": p.stem, "problems": [("error-output", -1,
+                   f"the child runner failed (exit {proc.returncode}): "
+                   f"{proc.stdout[-1500:]}")], "kernel_start_s": 0.0, "first_cell_s": None,
+                   "total_s": 0.0}
+        if res["problems"]:
+            # The kernel's own messages (why it died, say), without cargo's progress lines.
+            lines = [ln for ln in proc.stdout.splitlines()
+                     if not ln.strip().startswith(("Compiling", "Blocking"))]
+            res["child_output"] = "\n".join(lines[-40:])
+        return res
+
+    results = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for res in pool.map(child, paths):
+            report(res)
+            if res.get("child_output"):
+                print("      child runner output (last lines):\n"
+                      + "\n".join("        " + ln for ln in res["child_output"].splitlines()),
+                      flush=True)
+            results.append(res)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
 def report(res):
     first = "-" if res["first_cell_s"] is None else f"{res['first_cell_s']:.1f} s"
     status = "ok" if not res["problems"] else "FAILED"
@@ -237,6 +289,9 @@ def main():
     ap.add_argument("--cell-timeout", type=int, default=1200)
     ap.add_argument("--startup-timeout", type=int, default=3600,
                     help="seconds for the kernel to start (the cold crate build happens here)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="notebooks run at once (each in its own kernel) after the ones that "
+                         "train (default 2)")
     ap.add_argument("--keep-results", action="store_true",
                     help="keep the smoke results directory (default: start from scratch)")
     figs = ap.add_mutually_exclusive_group()
@@ -306,15 +361,31 @@ def main():
         smoke = Path(os.environ.get("OVEROPT_RESULTS") or ROOT / "out" / "notebook-smoke")
         shutil.rmtree(smoke, ignore_errors=True)
 
+    # Notebooks that train (metadata overopt.trains) run first, one at a time, in name order:
+    # they write the shared results directory. The others only read it and run --jobs at a
+    # time, each in a kernel of its own (which also exercises several kernels at once).
+    first = [p for p in paths if nbformat.read(p, as_version=4).metadata.get("overopt", {})
+             .get("trains", False)]
+    rest = [p for p in paths if p not in first]
+    jobs = max(1, args.jobs)
     print(f"run-notebooks: {len(paths)} notebooks, profile "
-          f"{args.profile or '(unset)'}, kernel {args.kernel}", flush=True)
+          f"{args.profile or '(unset)'}, kernel {args.kernel}, {jobs} at a time after "
+          f"{', '.join(p.stem for p in first) or 'none'}", flush=True)
     t0 = time.monotonic()
     results = []
-    for p in paths:
+    for p in first:
         print(f"  {p.stem}: running", flush=True)
         res = run_one(p, args.out, args)
         report(res)
         results.append(res)
+    if jobs == 1:
+        for p in rest:
+            print(f"  {p.stem}: running", flush=True)
+            res = run_one(p, args.out, args)
+            report(res)
+            results.append(res)
+    elif rest:
+        results.extend(run_parallel(rest, args, jobs))
     total = time.monotonic() - t0
     failed = [r["name"] for r in results if r["problems"]]
     print(f"run-notebooks: {len(results) - len(failed)}/{len(results)} ok in {total:.1f} s",

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and integration tests (parity with HF fixtures included),
-# then the environment scripts the Docker image runs (here with CPU features) and the
-# Dockerfile checks (tests/test_dockerfile.py).
+# then the environment scripts the Docker image runs (here with CPU features), the
+# Dockerfile checks (tests/test_dockerfile.py), and every notebook executed headless in the
+# evcxr Rust kernel with the notebook runner's self-test (environment/test-notebooks.sh).
 # Self-contained: needs only the machine's Rust toolchain, python3 and the package registries
-# (crates.io, PyPI). The notebooks run separately: environment/test-notebooks.sh.
+# (crates.io, PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -22,4 +23,7 @@ VENV=environment/.venv-tests
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r environment/requirements-tests.txt
 "$VENV/bin/python" tests/test_dockerfile.py
+
+echo "== notebooks (environment/test-notebooks.sh) at ${SECONDS} s =="
+bash environment/test-notebooks.sh
 echo "== test.sh: all passed in ${SECONDS} s =="

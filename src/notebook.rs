@@ -34,6 +34,7 @@ pub use crate::analysis::fits::FitGroup;
 pub use crate::analysis::length::LengthFit;
 pub use crate::analysis::metrics::MetricCorrelation;
 pub use crate::analysis::{ResultRow, SampleRow, ToyMdpSummary, Verdict, VerdictKind};
+pub use crate::plots::{Figure, Table};
 pub use crate::sweep::teach::{Teach, TeachConfig};
 pub use crate::toy_mdp::{ToyMdpConfig, ToyMdpReport};
 pub use polars::prelude::DataFrame;
@@ -650,18 +651,22 @@ pub fn toy_mdp(p: &Profile) -> Result<ToyMdpReport> {
 
 /// The toy runs as the claim analysis reads them (one per objective, beta, seed).
 pub fn toy_summaries(r: &ToyMdpReport) -> Vec<ToyMdpSummary> {
-    r.runs
-        .iter()
-        .map(|run| ToyMdpSummary {
-            objective: run.objective.clone(),
-            beta: run.beta,
-            seed: run.seed,
-            ood_mass: run.end_mass.ood,
-            preferred_mass: run.end_mass.preferred,
-            top_ood_trajectory: run.top_ood.to_string(),
-            sft_ood_mass: Some(run.sft_mass.ood),
-        })
-        .collect()
+    crate::plots::toy_summaries(r)
+}
+
+/// The figure called `name` among `figs` (e.g. one of `plots::toy_mdp_figures`); the error
+/// lists the names there are.
+pub fn pick(figs: &[Figure], name: &str) -> Result<Figure> {
+    match figs.iter().find(|f| f.name == name) {
+        Some(f) => Ok(f.clone()),
+        None => nb_bail!(
+            "no figure {name:?}; there are: {}",
+            figs.iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// Verdicts C1..C9 with the default thresholds (C9 needs the toy summaries; pass `&[]` to
@@ -1349,6 +1354,18 @@ mod tests {
         let n = scale_note(&p, &v, &["C1"]).0;
         assert!(n.contains("smoke"), "{n}");
         assert!(verdict_text(&v, "C9").starts_with("C9: "));
+    }
+
+    #[test]
+    fn pick_finds_a_figure_by_name_or_lists_them() {
+        let figs = vec![crate::plots::fig1_end_of_epoch(&results().rows)];
+        let name = figs[0].name.clone();
+        assert_eq!(pick(&figs, &name).unwrap().name, name);
+        let e = pick(&figs, "nope").unwrap_err().to_string();
+        assert!(
+            e.starts_with("Error: no figure") && e.contains(&name),
+            "{e}"
+        );
     }
 
     #[test]
