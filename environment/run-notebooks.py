@@ -23,6 +23,12 @@ a time (default 2), each in a kernel of its own. A notebook FAILS when
                        overopt.expect_figures, or --figures / --no-figures) and no text/html
                        output holds a plotly div.
 
+After a run in which every notebook passed, the first executed notebook that shows figures is
+exported to HTML with nbconvert and opened in headless Chromium (Debian's `chromium`; the
+CHROMIUM variable names another binary): the check fails unless the rendered page holds a
+plotly SVG (`<svg class="main-svg"`, outside scripts). Without a Chromium binary it prints
+SKIPPED, or fails with --require-chromium.
+
 Exit codes of cells prove nothing here; only these checks do. --self-test runs the broken
 fixture tests/fixtures/notebooks/broken.ipynb and passes only when every problem it plants
 (its metadata overopt.expect_problems: kind and cell) is reported at its cell.
@@ -146,6 +152,64 @@ def check(nb, name, expect_figures):
     if expect_figures and not figure_seen:
         problems.append(("missing-figure", -1, "no text/html output with a plotly div"))
     return problems
+
+
+def find_chromium():
+    if os.environ.get("CHROMIUM"):
+        return os.environ["CHROMIUM"]
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def render_check(executed, chromium, timeout=180):
+    """Export an executed notebook to HTML and render it in headless Chromium. Returns
+    (ok, detail): ok when the rendered DOM, scripts removed, holds a plotly SVG."""
+    import subprocess
+    import tempfile
+
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(executed, as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / (Path(executed).stem + ".html")
+        page.write_text(body)
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-dev-shm-usage", "--disable-background-networking",
+               "--disable-component-update", "--no-first-run",
+               "--virtual-time-budget=15000", f"--user-data-dir={tmp}/profile",
+               "--dump-dom", page.as_uri()]
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"{chromium} did not render {executed} within {timeout} s"
+    dom = re.sub(r"<script\b.*?</script>", "", proc.stdout, flags=re.S)
+    svgs = dom.count('<svg class="main-svg"')
+    if svgs == 0:
+        return False, (f"no plotly SVG in the page rendered from {executed} "
+                       f"(chromium exit {proc.returncode}, {len(proc.stdout)} bytes of DOM)")
+    return True, f"{svgs} plotly SVG layer(s) rendered from {executed}"
+
+
+def run_render_check(results, args):
+    """The Chromium check on the first passing notebook with figures; returns an exit code."""
+    chromium = find_chromium()
+    shown = [r for r in results if r.get("expect_figures") and not r["problems"]]
+    if not shown:
+        print("run-notebooks: render check: no executed notebook with figures", flush=True)
+        return 0
+    if chromium is None:
+        msg = ("run-notebooks: render check SKIPPED: no chromium binary on PATH "
+               "(apt-get install chromium, or set CHROMIUM)")
+        print(msg, file=sys.stderr if args.require_chromium else sys.stdout, flush=True)
+        return 1 if args.require_chromium else 0
+    ok, detail = render_check(shown[0]["executed"], chromium)
+    print(f"run-notebooks: render check {'ok' if ok else 'FAILED'}: {detail}", flush=True)
+    return 0 if ok else 1
 
 
 def run_one(path, out_dir, args, nb=None):
@@ -306,6 +370,10 @@ def main():
                          "what the kernels need and prints the kernel start and first-cell time")
     ap.add_argument("--json", type=Path, help="write the timings and problems here")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every cell's time")
+    ap.add_argument("--require-chromium", action="store_true",
+                    help="fail (instead of skipping) the render check without Chromium")
+    ap.add_argument("--no-render-check", dest="render_check", action="store_false",
+                    help="skip exporting an executed notebook to HTML and rendering it")
     args = ap.parse_args()
 
     if args.profile:
@@ -343,6 +411,16 @@ def main():
         print("run-notebooks: self-test ok: the runner rejects the broken notebook and finds "
               "every planted problem (" + ", ".join(f"{k} at cell {c}" for k, c in sorted(want))
               + ")", flush=True)
+        chromium = find_chromium()
+        if args.render_check and chromium:
+            # The render check must fail on a page without a figure (the broken fixture).
+            ok, detail = render_check(res["executed"], chromium)
+            if ok:
+                print(f"run-notebooks: SELF-TEST FAILED: the render check passed a notebook "
+                      f"without figures: {detail}", file=sys.stderr)
+                return 1
+            print(f"run-notebooks: self-test ok: the render check rejects a page without a "
+                  f"figure ({detail})", flush=True)
         return 0
 
     paths = sorted(args.notebooks.glob("*.ipynb"))
@@ -400,6 +478,8 @@ def main():
     if failed:
         print(f"run-notebooks: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
+    if args.render_check:
+        return run_render_check(results, args)
     return 0
 
 
