@@ -271,6 +271,10 @@ fn p2(w: &Workload) -> Result<(f64, usize)> {
 }
 
 fn main() -> Result<()> {
+    // As the `overopt` binary does (and OVEROPT_BENCH_MALLOC=default to measure without).
+    if std::env::var("OVEROPT_BENCH_MALLOC").as_deref() != Ok("default") {
+        overopt::util::tune_allocator();
+    }
     // `cargo bench` appends `--bench`; options are `--name value` pairs after the command.
     let args: Vec<String> = std::env::args()
         .skip(1)
