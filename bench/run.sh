@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=bench/out
 mkdir -p "$OUT"
-THREADS=${BENCH_THREADS:-$(nproc)}
+THREADS=${BENCH_THREADS:-$(getconf _NPROCESSORS_ONLN)}
 export RAYON_NUM_THREADS=$THREADS BENCH_THREADS=$THREADS
 # No BLAS/OpenMP oversubscription on the torch side beyond the chosen count.
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -48,7 +48,7 @@ RSS=$OUT/rss.jsonl
 "$BIN" data --out "$OUT/data.json"
 
 echo "== machine"
-echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cpus online"
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(getconf _NPROCESSORS_ONLN) cpus online"
 echo "threads used on both sides: $THREADS"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "overopt: candle $(grep -A1 'name = "candle-core"' Cargo.lock | sed -n 's/version = "\(.*\)"/\1/p'), $(rustc --version)"
