@@ -1,4 +1,5 @@
 fn main() {
+    overopt::util::tune_allocator();
     if let Err(e) = overopt::cli::main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -9,6 +9,9 @@
 //! - [`OpPath::Fused`]: candle's fused `layer_norm` and `softmax_last_dim` kernels, faster for
 //!   sampling and scoring but WITHOUT a backward pass (gradients would silently stop). Only
 //!   inference copies of a model ([`GptNeoX::inference_copy`]) use it.
+//!
+//! On the CPU in f32 the differentiable path uses the layer norm and the masked attention
+//! softmax of [`super::fused`], single-pass kernels that do have a backward pass.
 
 use super::config::GptNeoXConfig;
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
@@ -37,6 +40,9 @@ impl LayerNorm {
 
     fn forward(&self, x: &Tensor, path: OpPath) -> Result<Tensor> {
         match path {
+            OpPath::Differentiable if super::fused::usable(&[x, &self.weight, &self.bias]) => {
+                super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+            }
             OpPath::Differentiable => {
                 // Statistics in f32 whatever the model dtype, as torch does for half types.
                 let dtype = x.dtype();
@@ -245,10 +251,17 @@ impl Attention {
         let q = q.contiguous()?;
         let kt = k.t()?.contiguous()?;
         // Scores and softmax in f32, as HF does; `bias` is (b, 1, t, t_total) additive.
-        let scores = (q.matmul(&kt)?.to_dtype(DType::F32)? * scale)?.broadcast_add(bias)?;
+        let raw = q.matmul(&kt)?.to_dtype(DType::F32)?;
         let probs = match path {
-            OpPath::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
-            OpPath::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+            OpPath::Differentiable if super::fused::usable(&[&raw, bias]) => {
+                super::fused::masked_softmax(&raw, bias, scale)?
+            }
+            OpPath::Differentiable => {
+                candle_nn::ops::softmax(&(raw * scale)?.broadcast_add(bias)?, D::Minus1)?
+            }
+            OpPath::Fused => {
+                candle_nn::ops::softmax_last_dim(&(raw * scale)?.broadcast_add(bias)?)?
+            }
         };
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?; // (b, h, t, hs)
         let out = out.transpose(1, 2)?.reshape((b, t, hidden))?;

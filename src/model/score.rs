@@ -100,7 +100,11 @@ pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
     let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None)?;
     let t = logits.dim(1)?;
     let logits = logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let logp = if super::fused::usable(&[&logits]) {
+        super::fused::log_softmax_last(&logits)?
+    } else {
+        candle_nn::ops::log_softmax(&logits, D::Minus1)?
+    };
     let picked = logp
         .gather(
             &batch.targets.unsqueeze(D::Minus1)?.contiguous()?,

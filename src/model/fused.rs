@@ -1,0 +1,306 @@
+//! Fused CPU kernels WITH a backward pass, for the training path on CPU in f32.
+//!
+//! candle's own fused `layer_norm` / `softmax_last_dim` have no backward, and the compositions
+//! of basic ops that do (see `gpt_neox`) make a dozen full-size temporaries per call, each of
+//! which the backward pass visits again (and candle's gradient store zero-fills one buffer per
+//! operand). These custom ops do the forward in one pass over each row and the backward in
+//! one more, with gradients written out by hand.
+//!
+//! Only contiguous f32 tensors on the CPU are handled: [`usable`] says when; other devices and
+//! dtypes keep the composite path. tests/fused_ops.rs compares values and gradients with the
+//! composite.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor,
+};
+
+/// True when the fused kernels apply: every tensor is f32 on the CPU (and the environment
+/// variable `OVEROPT_NO_FUSED` is unset: a switch to measure or cross-check the composite path).
+pub fn usable(ts: &[&Tensor]) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var_os("OVEROPT_NO_FUSED").is_some())
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: expects a contiguous tensor"),
+    }
+}
+
+fn last_dim(l: &Layout) -> Result<usize> {
+    match l.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => candle_core::bail!("fused op: empty last dimension"),
+    }
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Mean and 1/sqrt(var + eps) of a row (population variance, as torch's layer norm).
+fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "overopt-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let b = slice(s3, l3, self.name())?;
+        let d = last_dim(l1)?;
+        if w.len() != d || b.len() != d {
+            candle_core::bail!(
+                "layer norm: weight {} / bias {} for rows of {d}",
+                w.len(),
+                b.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            for j in 0..d {
+                yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let xv = values(x)?;
+        let gv = values(grad)?;
+        let wv = values(w)?;
+        let mut dx = vec![0f32; xv.len()];
+        let mut dw = vec![0f64; d];
+        let mut db = vec![0f64; d];
+        let mut xn = vec![0f32; d];
+        for ((xr, gr), dxr) in xv
+            .chunks_exact(d)
+            .zip(gv.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            let (mut m1, mut m2) = (0f64, 0f64);
+            for j in 0..d {
+                xn[j] = (xr[j] - mean) * rstd;
+                let gw = (gr[j] * wv[j]) as f64;
+                m1 += gw;
+                m2 += gw * xn[j] as f64;
+                dw[j] += (gr[j] * xn[j]) as f64;
+                db[j] += gr[j] as f64;
+            }
+            let (m1, m2) = ((m1 / d as f64) as f32, (m2 / d as f64) as f32);
+            for j in 0..d {
+                dxr[j] = rstd * (gr[j] * wv[j] - m1 - xn[j] * m2);
+            }
+        }
+        let dev = x.device();
+        let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(to32(dw), w.shape(), dev)?),
+            Some(Tensor::from_vec(to32(db), w.shape(), dev)?),
+        ))
+    }
+}
+
+/// Layer norm over the last dimension, `(x - mean) / sqrt(var + eps) * weight + bias`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp { eps },
+    )
+}
+
+struct SoftmaxOp {
+    log: bool,
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        if self.log {
+            "overopt-log-softmax"
+        } else {
+            "overopt-softmax"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let d = last_dim(l)?;
+        let mut out = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (y, &v) in yr.iter_mut().zip(xr) {
+                *y = (v - m).exp();
+                sum += *y;
+            }
+            if self.log {
+                let lse = sum.ln();
+                for (y, &v) in yr.iter_mut().zip(xr) {
+                    *y = v - m - lse;
+                }
+            } else {
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|y| *y *= inv);
+            }
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = res.dim(D::Minus1)?;
+        let yv = values(res)?;
+        let gv = values(grad)?;
+        let mut dx = vec![0f32; yv.len()];
+        for ((yr, gr), dr) in yv
+            .chunks_exact(d)
+            .zip(gv.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            if self.log {
+                // y = log p: dx = g - p * sum(g)
+                let s: f32 = gr.iter().sum();
+                for j in 0..d {
+                    dr[j] = gr[j] - yr[j].exp() * s;
+                }
+            } else {
+                // y = p: dx = p * (g - sum(g * p))
+                let s: f32 = gr.iter().zip(yr).map(|(g, y)| g * y).sum();
+                for j in 0..d {
+                    dr[j] = yr[j] * (gr[j] - s);
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxOp { log: false })
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxOp { log: true })
+}
+
+struct MaskedSoftmaxOp {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "overopt-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let bias = slice(s2, l2, self.name())?;
+        let (b, h, tq, tk) = l1.shape().dims4()?;
+        let (bb, bh, bq, bk) = l2.shape().dims4()?;
+        if bb != b || !(bh == 1 || bh == h) || bq != tq || bk != tk {
+            candle_core::bail!(
+                "masked softmax: bias {:?} does not broadcast to scores {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        for (r, (xr, yr)) in x.chunks_exact(tk).zip(out.chunks_exact_mut(tk)).enumerate() {
+            let (bi, hi, qi) = (r / (h * tq), (r / tq) % h, r % tq);
+            let br = ((bi * bh + if bh == 1 { 0 } else { hi }) * tq + qi) * tk;
+            let mr = &bias[br..br + tk];
+            let mut m = f32::NEG_INFINITY;
+            for ((y, &v), &a) in yr.iter_mut().zip(xr).zip(mr) {
+                *y = v * self.scale + a;
+                m = m.max(*y);
+            }
+            let mut sum = 0f32;
+            for y in yr.iter_mut() {
+                *y = (*y - m).exp();
+                sum += *y;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|y| *y *= inv);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = res.dim(D::Minus1)?;
+        let yv = values(res)?;
+        let gv = values(grad)?;
+        let mut dx = vec![0f32; yv.len()];
+        for ((yr, gr), dr) in yv
+            .chunks_exact(d)
+            .zip(gv.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let s: f32 = gr.iter().zip(yr).map(|(g, y)| g * y).sum();
+            for j in 0..d {
+                dr[j] = self.scale * yr[j] * (gr[j] - s);
+            }
+        }
+        // The bias is a constant mask: no gradient (and no zero-filled buffer for it).
+        Ok((Some(Tensor::from_vec(dx, res.shape(), res.device())?), None))
+    }
+}
+
+/// `softmax(scores * scale + bias)` over the last dimension, for attention: `scores`
+/// (b, heads, q, k), `bias` (b, 1 or heads, q, k) an additive mask that gets NO gradient.
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op2(
+        &bias.contiguous()?,
+        MaskedSoftmaxOp {
+            scale: scale as f32,
+        },
+    )
+}

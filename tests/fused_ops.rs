@@ -1,0 +1,109 @@
+//! The fused CPU kernels of `overopt::model::fused` against candle's composite ops: values and
+//! gradients.
+
+use candle_core::{D, Device, Tensor, Var};
+use overopt::model::fused::{layer_norm, log_softmax_last, masked_softmax, softmax_last};
+use overopt::model::gpt_neox::attention_bias;
+
+fn close(a: &Tensor, b: &Tensor, tol: f32) {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{i}: {x} vs {y}");
+    }
+}
+
+fn composite_ln(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    let n = x.dim(D::Minus1).unwrap() as f64;
+    let mean = (x.sum_keepdim(D::Minus1).unwrap() / n).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = (xc.sqr().unwrap().sum_keepdim(D::Minus1).unwrap() / n).unwrap();
+    let xn = xc
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap();
+    xn.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
+}
+
+#[test]
+fn layer_norm_matches_the_composite_with_gradients() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 5, 16), &dev).unwrap() + 0.5).unwrap())
+        .unwrap();
+    let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev).unwrap()).unwrap();
+    // A non-uniform upstream gradient: weight the outputs before summing.
+    let r = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+    let fused = layer_norm(&x, &w, &b, 1e-5).unwrap();
+    let comp = composite_ln(&x, &w, &b, 1e-5);
+    close(&fused, &comp, 1e-5);
+    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &w, &b] {
+        close(
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn softmaxes_match_candle_with_gradients() {
+    let dev = Device::Cpu;
+    let mut init = Tensor::randn(0f32, 3.0, (4, 3, 7), &dev).unwrap();
+    // A row with a huge negative entry, as the attention mask makes.
+    let mask = Tensor::new(&[0f32, 0.0, f32::MIN, 0.0, 0.0, 0.0, 0.0], &dev).unwrap();
+    init = init.broadcast_add(&mask).unwrap();
+    let x = Var::from_tensor(&init).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (4, 3, 7), &dev).unwrap();
+    for log in [false, true] {
+        let (f, c) = if log {
+            (
+                log_softmax_last(&x).unwrap(),
+                candle_nn::ops::log_softmax(&x, D::Minus1).unwrap(),
+            )
+        } else {
+            (
+                softmax_last(&x).unwrap(),
+                candle_nn::ops::softmax(&x, D::Minus1).unwrap(),
+            )
+        };
+        close(&f, &c, 1e-5);
+        let gf = (f * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (c * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        close(
+            gf.get(x.as_tensor()).unwrap(),
+            gc.get(x.as_tensor()).unwrap(),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn masked_softmax_matches_the_composite_with_gradients() {
+    let dev = Device::Cpu;
+    // 2 rows, 3 heads, 4 queries over 6 keys; row 1 left-padded by two positions.
+    let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 4, 6), &dev).unwrap()).unwrap();
+    let mask = Tensor::new(&[[1u8, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], &dev).unwrap();
+    let bias = attention_bias(&mask, 4).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 6), &dev).unwrap();
+    let scale = 0.25;
+    let f = masked_softmax(&x, &bias, scale).unwrap();
+    let c = candle_nn::ops::softmax(
+        &(x.as_tensor() * scale)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap(),
+        D::Minus1,
+    )
+    .unwrap();
+    close(&f, &c, 1e-5);
+    let gf = (f * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (c * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    close(
+        gf.get(x.as_tensor()).unwrap(),
+        gc.get(x.as_tensor()).unwrap(),
+        1e-4,
+    );
+}
