@@ -2,7 +2,9 @@
  * PyTorch wheels do not ship it). overopt-gpu-bench links cuRAND through candle but never
  * draws device random numbers: creating a generator and setting its seed or stream succeed,
  * every generate call fails with CURAND_STATUS_INITIALIZATION_FAILED (203).
- * Build: gcc -shared -fPIC -O2 -Wl,-soname,libcurand.so.10 -o bin/libcurand.so.10 curand_stub.c */
+ * Its symbols carry the version node of the real library (libcurand.so.10), as the binary asks.
+ * Build: gcc -shared -fPIC -O2 -Wl,-soname,libcurand.so.10 -Wl,--version-script=curand_stub.map \
+ *          -o bin/curand-stub/libcurand.so.10 curand_stub.c */
 #include <stddef.h>
 
 typedef int status_t;
