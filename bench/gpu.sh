@@ -52,7 +52,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 if [ ! -x "$BIN" ]; then
   echo "ERROR: $BIN is missing or not executable (build: cargo build --release --features cuda --bin overopt-gpu-bench)"
 fi
-echo "-- ldd $BIN (libraries not found):"
+echo "-- ldd $BIN (CUDA libraries, and any not found):"
 ldd "$BIN" 2>&1 | grep -E 'not found|cuda|cublas|curand|nvrtc|cudart' | sed 's/^/   /'
 
 SMI_PID=""
