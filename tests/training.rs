@@ -499,3 +499,83 @@ fn sft_lowers_the_nll() {
     // Uniform over 32 tokens is ln 32 = 3.47 nats; responses use 10 of them plus EOS.
     assert!(last < first - 0.5, "per-token NLL {first} -> {last}: {l:?}");
 }
+
+#[test]
+fn bf16_autocast_keeps_f32_master_weights_with_gradients_and_close_logits() {
+    let lm = model(5);
+    let data = pref_data(6, 2);
+    let idx: Vec<usize> = (0..6).collect();
+    let cast = lm.model.clone().with_compute_dtype(DType::BF16);
+    assert_eq!(cast.dtype(), DType::F32);
+    assert_eq!(cast.compute_dtype(), DType::BF16);
+    assert_eq!(
+        lm.model
+            .clone()
+            .with_compute_dtype(DType::F32)
+            .compute_dtype(),
+        DType::F32
+    );
+
+    // Logits: bf16 out of the autocast model, close to the f32 model's but not identical.
+    let ids = candle_core::Tensor::new(&[[2u32, 5, 11, 17, 23, 3, 9, 30]], &Device::Cpu).unwrap();
+    let full = lm.model.forward(&ids, None, None).unwrap();
+    let half = cast.forward(&ids, None, None).unwrap();
+    assert_eq!(full.dtype(), DType::F32);
+    assert_eq!(half.dtype(), DType::BF16);
+    let full: Vec<f32> = full.flatten_all().unwrap().to_vec1().unwrap();
+    let half: Vec<f32> = half
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let scale = full.iter().fold(1f32, |m, x| m.max(x.abs()));
+    let diff = full
+        .iter()
+        .zip(&half)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff < 0.05 * scale, "max |diff| {diff} (scale {scale})");
+    assert!(
+        diff > 0.0,
+        "autocast changed nothing: matmuls did not run in bf16"
+    );
+
+    // Gradients: every f32 parameter gets a non-zero f32 gradient through the DPO loss.
+    let cfg = DaaConfig {
+        objective: Objective::Dpo {
+            label_smoothing: 0.0,
+        },
+        beta: 0.1,
+        online_reference: false,
+        reference_cache: None,
+    };
+    let refs = vec![(-20f32, -20f32); 6];
+    let out = daa_micro(
+        &cast,
+        &data,
+        &idx,
+        TOK,
+        &cfg,
+        ReferenceSource::Cached(&refs),
+    )
+    .unwrap();
+    let grads = out.loss.backward().unwrap();
+    let vars = overopt::sorted_vars(&lm.varmap);
+    assert!(vars.len() > 10);
+    for (name, var) in vars {
+        assert_eq!(var.dtype(), DType::F32, "{name}");
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert_eq!(g.dtype(), DType::F32, "{name}");
+        let s = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
+    }
+}

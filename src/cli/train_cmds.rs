@@ -18,14 +18,18 @@ pub struct TrainArgs {
 }
 
 fn load_model(spec: &ModelSpec) -> Result<(load::LoadedModel, Tok)> {
-    super::model_cmds::load_with_tokenizer(
+    let (mut lm, tok) = super::model_cmds::load_with_tokenizer(
         &spec.source,
         spec.revision.as_deref(),
         spec.tokenizer.as_deref(),
         &spec.dtype,
         &spec.device,
         "set model.tokenizer",
-    )
+    )?;
+    if let Some(cd) = spec.autocast.dtype() {
+        lm.model = lm.model.with_compute_dtype(cd);
+    }
+    Ok((lm, tok))
 }
 
 #[derive(Deserialize)]

@@ -79,6 +79,20 @@ fn linear(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Lin
     Ok(Linear::new(w, Some(b)))
 }
 
+/// `l(x)` with the matmul in `compute` (autocast style): the input, weight and bias are cast
+/// to `compute` (a differentiable cast, so gradients reach the master weights in their own
+/// dtype) and the output stays in `compute`. With `None` this is `l.forward(x)`.
+fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
+    match compute {
+        Some(cd) if cd != l.weight().dtype() || cd != x.dtype() => {
+            let w = l.weight().to_dtype(cd)?;
+            let b = l.bias().map(|b| b.to_dtype(cd)).transpose()?;
+            Linear::new(w, b).forward(&x.to_dtype(cd)?)
+        }
+        _ => l.forward(x),
+    }
+}
+
 /// Cos/sin tables of the rotary embedding for every position, shape (max_pos, rotary_ndims),
 /// in the rotate-half layout: the frequencies repeated twice.
 #[derive(Debug, Clone)]
@@ -208,6 +222,7 @@ impl Attention {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -216,12 +231,11 @@ impl Attention {
         bias: &Tensor,
         cache: Option<&mut LayerCache>,
         path: OpPath,
+        compute: Option<DType>,
     ) -> Result<Tensor> {
         let (b, t, hidden) = x.dims3()?;
         // Per head, the fused projection is laid out [q | k | v], each head_size wide.
-        let qkv = self
-            .query_key_value
-            .forward(x)?
+        let qkv = linear_fwd(&self.query_key_value, x, compute)?
             .reshape((b, t, self.n_heads, 3 * self.head_size))?
             .transpose(1, 2)?; // (b, h, t, 3*hs)
         let q = qkv.narrow(D::Minus1, 0, self.head_size)?;
@@ -265,7 +279,7 @@ impl Attention {
         };
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?; // (b, h, t, hs)
         let out = out.transpose(1, 2)?.reshape((b, t, hidden))?;
-        self.dense.forward(&out)
+        linear_fwd(&self.dense, &out, compute)
     }
 }
 
@@ -294,9 +308,9 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.dense_4h_to_h
-            .forward(&self.dense_h_to_4h.forward(x)?.gelu_erf()?)
+    fn forward(&self, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
+        let h = linear_fwd(&self.dense_h_to_4h, x, compute)?.gelu_erf()?;
+        linear_fwd(&self.dense_4h_to_h, &h, compute)
     }
 }
 
@@ -325,6 +339,7 @@ impl Layer {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -333,25 +348,34 @@ impl Layer {
         bias: &Tensor,
         cache: Option<&mut LayerCache>,
         path: OpPath,
+        compute: Option<DType>,
     ) -> Result<Tensor> {
-        let attn = self.attention.forward(
-            &self.input_layernorm.forward(x, path)?,
-            rotary,
-            cos_sin,
-            bias,
-            cache,
-            path,
-        )?;
+        // The residual stream stays in the master dtype; branch outputs are cast back to it.
+        let dt = x.dtype();
+        let attn = self
+            .attention
+            .forward(
+                &self.input_layernorm.forward(x, path)?,
+                rotary,
+                cos_sin,
+                bias,
+                cache,
+                path,
+                compute,
+            )?
+            .to_dtype(dt)?;
         if self.parallel {
             let mlp = self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(x, path)?)?;
+                .forward(&self.post_attention_layernorm.forward(x, path)?, compute)?
+                .to_dtype(dt)?;
             (x + attn)? + mlp
         } else {
             let h = (x + attn)?;
             let mlp = self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&h, path)?)?;
+                .forward(&self.post_attention_layernorm.forward(&h, path)?, compute)?
+                .to_dtype(dt)?;
             h + mlp
         }
     }
@@ -369,6 +393,9 @@ pub struct GptNeoX {
     path: OpPath,
     device: Device,
     dtype: DType,
+    /// Autocast: the dtype of the matmuls when it differs from `dtype` (see
+    /// [`GptNeoX::with_compute_dtype`]).
+    compute_dtype: Option<DType>,
 }
 
 /// Additive attention bias (b, 1, q_len, k_len) in f32: 0 where a query may attend to a key,
@@ -452,6 +479,7 @@ impl GptNeoX {
             path: OpPath::Differentiable,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            compute_dtype: None,
         })
     }
 
@@ -465,6 +493,23 @@ impl GptNeoX {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype of the matmuls: [`GptNeoX::dtype`] unless autocast is on.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype.unwrap_or(self.dtype)
+    }
+
+    /// Autocast-style mixed precision: keep the parameters (master weights, and with them the
+    /// gradients and optimizer state) in the model dtype, but run every linear layer (and the
+    /// attention matmuls and rotary embedding) in `dtype`, e.g. bf16. Weights are cast in the
+    /// forward pass with a differentiable cast. The embedding lookup, the residual stream and
+    /// layer norms stay in the model dtype; layer-norm statistics and the attention softmax
+    /// are f32 as always; logits come out in `dtype` (scoring casts them to f32 before
+    /// `log_softmax`). Passing the model dtype turns autocast off.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = (dtype != self.dtype).then_some(dtype);
+        self
     }
 
     pub fn op_path(&self) -> OpPath {
@@ -545,7 +590,9 @@ impl GptNeoX {
             .map(|(n, t)| (n, t.detach()))
             .collect();
         let vb = VarBuilder::from_tensors(tensors, self.dtype, &self.device);
-        Ok(Self::new(&self.cfg, vb)?.with_op_path(OpPath::Fused))
+        Ok(Self::new(&self.cfg, vb)?
+            .with_op_path(OpPath::Fused)
+            .with_compute_dtype(self.compute_dtype()))
     }
 
     /// Logits (b, t, vocab) for every position of `input_ids` (b, t).
@@ -604,15 +651,20 @@ impl GptNeoX {
         if n_pos >= max {
             candle_core::bail!("position {n_pos} is beyond max_position_embeddings {max}");
         }
+        let compute = self.compute_dtype;
         let cos_sin = self.rotary.gather(position_ids)?;
+        let cos_sin = match compute {
+            Some(cd) => (cos_sin.0.to_dtype(cd)?, cos_sin.1.to_dtype(cd)?),
+            None => cos_sin,
+        };
         let mut x = self.embed_in.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &self.rotary, &cos_sin, bias, lc, self.path)?;
+            x = layer.forward(&x, &self.rotary, &cos_sin, bias, lc, self.path, compute)?;
         }
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
         let x = self.final_layer_norm.forward(&x, self.path)?;
-        let logits = self.embed_out.forward(&x)?;
+        let logits = linear_fwd(&self.embed_out, &x, compute)?;
         debug_assert_eq!(logits.dim(0)?, b);
         Ok(logits)
     }

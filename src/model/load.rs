@@ -266,7 +266,9 @@ pub fn deep_copy(lm: &LoadedModel) -> Result<LoadedModel> {
     let cfg = lm.model.config().clone();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, lm.model.dtype(), lm.model.device());
-    let model = GptNeoX::new(&cfg, vb)?.with_op_path(lm.model.op_path());
+    let model = GptNeoX::new(&cfg, vb)?
+        .with_op_path(lm.model.op_path())
+        .with_compute_dtype(lm.model.compute_dtype());
     {
         let data = varmap.data().lock().unwrap();
         for (name, t) in lm.model.named_parameters() {

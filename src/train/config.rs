@@ -5,6 +5,7 @@ use super::daa::DaaConfig;
 use super::optim::RmsPropConfig;
 use super::trainer::LoopConfig;
 use anyhow::{Context, Result};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,33 @@ pub struct ModelSpec {
     /// Tokenizer file; by default the model's tokenizer.json.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// Mixed precision: `"bf16"` (or `"f16"`) runs the matmuls in that dtype while the
+    /// weights, gradients and optimizer state stay in `dtype` (see
+    /// [`crate::model::GptNeoX::with_compute_dtype`]); `"off"` (the default) does not.
+    #[serde(default)]
+    pub autocast: Autocast,
+}
+
+/// The `autocast` setting of a model; unknown names are rejected by serde with the list of
+/// accepted ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Autocast {
+    #[default]
+    Off,
+    Bf16,
+    F16,
+}
+
+impl Autocast {
+    /// The compute dtype, or None when off.
+    pub fn dtype(self) -> Option<DType> {
+        match self {
+            Autocast::Off => None,
+            Autocast::Bf16 => Some(DType::BF16),
+            Autocast::F16 => Some(DType::F16),
+        }
+    }
 }
 
 fn default_dtype() -> String {
@@ -91,6 +119,7 @@ mod tests {
 out_dir = "runs/x"
 [model]
 source = "EleutherAI/pythia-1b"
+autocast = "bf16"
 [data]
 train = "pairs.jsonl"
 [train]
@@ -110,6 +139,19 @@ beta = 0.1
         assert_eq!(c.train.accumulation_steps(), 8);
         assert_eq!(c.optim.max_grad_norm, Some(10.0));
         assert_eq!(c.daa.unwrap().beta, 0.1);
+        assert_eq!(c.model.autocast.dtype(), Some(DType::BF16));
+        assert_eq!(c.reference, None);
+        let off = RunConfig::from_toml(&CFG.replace("autocast = \"bf16\"\n", ""), "c.toml");
+        assert_eq!(off.unwrap().model.autocast, Autocast::Off);
+        let bad = CFG.replace("autocast = \"bf16\"", "autocast = \"fp8\"");
+        let e = format!("{:#}", RunConfig::from_toml(&bad, "c.toml").unwrap_err());
+        assert!(
+            e.contains("c.toml")
+                && e.contains("autocast")
+                && e.contains("fp8")
+                && e.contains("bf16"),
+            "{e}"
+        );
         let bad = CFG.replace("warmup_steps = 150", "warmup_steps = 150\nwarmup = 3");
         let e = format!("{:#}", RunConfig::from_toml(&bad, "c.toml").unwrap_err());
         assert!(

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# P3 GPU benchmark, the one script to run on the GPU machine, from the repository root:
+#
+#   bash bench/gpu.sh [path/to/overopt-gpu-bench]     (default: bench/bin/overopt-gpu-bench)
+#
+# 1. LD_LIBRARY_PATH from the CUDA libraries of PyTorch's pip packages (site-packages/nvidia/*/lib);
+#    when they lack libcurand.so.10 the stub in bench/bin/curand-stub is used (the bench never
+#    draws device random numbers). The driver's libcuda.so.1 comes from the system.
+# 2. overopt-gpu-bench: DPO step of Pythia-1B shape, batch 16 pairs x 512 tokens, bf16 autocast.
+# 3. bench/gpu_torch.py: the same step in PyTorch eager (transformers GPTNeoXForCausalLM or its own
+#    module), then larger Pythia shapes one step each until one does not fit.
+# 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b), one step each, while time is left.
+# 5. A side-by-side summary; the last two lines are `P3 ratio=...` and `P3 mfu=...`.
+#
+# Peak memory: nvidia-smi's memory.used sampled every 200 ms during each part (the whole device),
+# and what each side reports itself. Logs go to $OUT/p3 (or /tmp/p3). Whole run: under 6 minutes.
+set -u
+BIN=${1:-bench/bin/overopt-gpu-bench}
+PY=${PYTHON:-python3}
+LOG=${OUT:-/tmp}/p3
+mkdir -p "$LOG"
+T0=$(date +%s)
+DEADLINE=345 # seconds after start: no part may run past this
+elapsed() { echo $(($(date +%s) - T0)); }
+left() { echo $((DEADLINE - $(elapsed))); }
+
+echo "== P3 GPU benchmark ($(date -u +%FT%TZ)), binary $BIN, logs in $LOG"
+NVLIBS=$("$PY" - <<'EOF'
+import glob, os
+dirs = []
+try:
+    import nvidia
+    for root in list(nvidia.__path__):
+        for d in sorted(glob.glob(os.path.join(root, "*", "lib"))):
+            if os.path.isdir(d):
+                dirs.append(d)
+except Exception as e:  # no pip CUDA packages: rely on the system's libraries
+    print("no python nvidia packages:", e, file=__import__("sys").stderr)
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH="${NVLIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+HAVE_CURAND=0
+IFS=: read -ra _dirs <<<"$NVLIBS"
+for d in "${_dirs[@]}"; do [ -e "$d/libcurand.so.10" ] && HAVE_CURAND=1; done
+if [ "$HAVE_CURAND" = 0 ] && ! ldconfig -p 2>/dev/null | grep -q 'libcurand.so.10 '; then
+  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$PWD/bench/bin/curand-stub"
+  echo "libcurand.so.10 not among the CUDA libraries: using the stub bench/bin/curand-stub"
+fi
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -2
+if [ ! -x "$BIN" ]; then
+  echo "ERROR: $BIN is missing or not executable (build: cargo build --release --features cuda --bin overopt-gpu-bench)"
+fi
+echo "-- ldd $BIN (CUDA libraries, and any not found):"
+ldd "$BIN" 2>&1 | grep -E 'not found|cuda|cublas|curand|nvrtc|cudart' | sed 's/^/   /'
+
+SMI_PID=""
+smi_start() { # $1: file
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$1" 2>/dev/null &
+    SMI_PID=$!
+  fi
+}
+smi_stop() { # $1: file; prints peak GiB
+  if [ -n "$SMI_PID" ]; then kill "$SMI_PID" 2>/dev/null; wait "$SMI_PID" 2>/dev/null; SMI_PID=""; fi
+  awk 'BEGIN{m=0} $1+0>m{m=$1+0} END{if (m>0) printf "%.2f", m/1024; else printf "na"}' "$1" 2>/dev/null || echo na
+}
+
+run_part() { # $1: name, $2: timeout seconds, rest: command; output to $LOG/$1.log and the terminal
+  local name=$1 t=$2
+  shift 2
+  if [ "$t" -lt 20 ]; then
+    echo "RESULT impl=$name ok=0 oom=0 error=skipped_time_budget" | tee "$LOG/$name.log"
+    return
+  fi
+  echo "== $name (timeout ${t}s, at $(elapsed)s): $*"
+  smi_start "$LOG/$name.smi"
+  timeout -k 5 "$t" "$@" 2>&1 | tee "$LOG/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local peak
+  peak=$(smi_stop "$LOG/$name.smi")
+  echo "SMI part=$name rc=$rc smi_peak_gib=$peak" | tee -a "$LOG/$name.log"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then echo "   (timed out after ${t}s)"; fi
+}
+
+cap() { # min($1, time left)
+  local l
+  l=$(left)
+  if [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
+}
+
+# Part 1: overopt, Pythia-1B shape.
+run_part overopt-1b "$(cap 130)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 2 --steps 4
+# Part 2: PyTorch, same step, then the larger shapes.
+run_part torch "$(cap 140)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
+  --warmup 2 --steps 4 --fit --fit-budget-s 75
+# Part 3: overopt on larger shapes, one step each, until one fails or time runs out.
+if grep -q 'RESULT impl=overopt shape=1b ok=1' "$LOG/overopt-1b.log"; then
+  for s in 1.4b 2.8b 6.9b; do
+    if [ "$(left)" -lt 45 ]; then
+      echo "RESULT impl=overopt shape=$s ok=0 oom=0 error=skipped_time_budget" | tee "$LOG/overopt-$s.log"
+      break
+    fi
+    run_part "overopt-$s" "$(cap 75)" "$BIN" --shape "$s" --batch 16 --seq 512 --warmup 0 --steps 1
+    grep -q "RESULT impl=overopt shape=$s ok=1" "$LOG/overopt-$s.log" || break
+  done
+fi
+
+echo "== summary (after $(elapsed)s)"
+cat "$LOG"/*.log | grep -E '^(RESULT|SMI) ' >"$LOG/results.txt"
+"$PY" - "$LOG/results.txt" <<'EOF'
+import sys
+rows, smi = [], {}
+for line in open(sys.argv[1]):
+    kv = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+    if line.startswith("RESULT"):
+        rows.append(kv)
+    else:
+        smi[kv.get("part")] = kv.get("smi_peak_gib", "na")
+def get(impl, shape):
+    for r in rows:
+        if r.get("impl") == impl and r.get("shape") == shape:
+            return r
+    return {}
+print(f"{'':24}{'overopt (candle)':>20}{'torch eager':>20}")
+o, t = get("overopt", "1b"), get("torch", "1b")
+for key, label in [("step_s", "s/step"), ("examples_per_s", "examples/s"), ("tflops", "TFLOP/s (6NT)"),
+                   ("mfu", "MFU (6NT/989)"), ("mfu_attn", "MFU incl. attention"),
+                   ("peak_mem_gib", "peak mem GiB (self)"), ("loss", "loss (last step)")]:
+    print(f"{label:24}{o.get(key, 'na'):>20}{t.get(key, 'na'):>20}")
+print(f"{'peak mem GiB (smi)':24}{smi.get('overopt-1b', 'na'):>20}{smi.get('torch', 'na'):>20}")
+def largest(impl):
+    best = "none"
+    for s in ["1b", "1.4b", "2.8b", "6.9b"]:
+        if get(impl, s).get("ok") == "1":
+            best = s
+    return best
+for impl in ["overopt", "torch"]:
+    tried = [f"{s}:{'ok' if get(impl, s).get('ok') == '1' else get(impl, s).get('error', 'oom' if get(impl, s).get('oom') == '1' else 'failed')}"
+             for s in ["1b", "1.4b", "2.8b", "6.9b"] if get(impl, s)]
+    print(f"fit {impl}: largest={largest(impl)} ({', '.join(tried)})")
+print(f"P3 fit overopt={largest('overopt')} torch={largest('torch')}")
+try:
+    ratio = f"{float(o['examples_per_s']) / float(t['examples_per_s']):.4f}"
+except (KeyError, ValueError, ZeroDivisionError):
+    ratio = "na"
+print(f"P3 ratio={ratio}")
+print(f"P3 mfu={o.get('mfu', 'na')}")
+EOF

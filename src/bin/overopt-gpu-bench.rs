@@ -1,0 +1,423 @@
+//! P3 GPU benchmark: one DPO optimizer step of a randomly initialised Pythia-shaped GPT-NeoX.
+//!
+//! A step is what `overopt daa` does per optimizer step with cached reference log-probs and
+//! one micro-batch: the policy's forward and backward pass over chosen and rejected (one
+//! concatenated batch of 2 x batch sequences of `seq` tokens), the DPO loss of
+//! `overopt::train::loss`, global grad-norm clipping and an RMSProp update
+//! (`overopt::train::optim`). Master weights, gradients and optimizer state are f32; with
+//! `--autocast bf16` (the default) the matmuls run in bf16.
+//!
+//! Prints one `RESULT key=value ...` line at the end (parsed by `bench/gpu.sh`) and exits
+//! with status 0 on success, 2 when the step failed (e.g. out of memory), 1 on a usage error
+//! or when no CUDA device is available.
+//!
+//! Weights are initialised without device random numbers (a seeded normal block made on the
+//! CPU, tiled over each tensor): the benchmark does not need curand at run time.
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, Optimizer, VarBuilder, VarMap};
+use clap::Parser;
+use overopt::data::PrefExample;
+use overopt::model::{GptNeoX, GptNeoXConfig};
+use overopt::train::SpecialTokens;
+use overopt::train::daa::{DaaConfig, ReferenceSource, daa_micro};
+use overopt::train::loss::Objective;
+use overopt::train::optim::{RmsProp, RmsPropConfig};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "DPO optimizer-step benchmark on a random Pythia-shaped GPT-NeoX")]
+struct Args {
+    /// Model shape: tiny (for CPU tests), 1b, 1.4b, 2.8b, 6.9b.
+    #[arg(long, default_value = "1b")]
+    shape: String,
+    /// Preference pairs per step (the policy sees 2 x batch sequences).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Tokens per sequence (prompt half, response half incl. EOS).
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Matmul dtype: bf16 (autocast, f32 master weights) or off (all f32).
+    #[arg(long, default_value = "bf16")]
+    autocast: String,
+    /// Run on the CPU (for tests; the MFU then means nothing).
+    #[arg(long)]
+    cpu: bool,
+    /// Shorthand for `--cpu --shape tiny --batch 2 --seq 32 --warmup 1 --steps 2`.
+    #[arg(long)]
+    tiny: bool,
+    /// Peak dense bf16 throughput of the accelerator in TFLOP/s (H200 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
+}
+
+/// Pythia shapes (hidden, layers, heads, intermediate, vocab).
+fn shape(name: &str) -> Result<(usize, usize, usize, usize, usize)> {
+    Ok(match name {
+        "tiny" => (64, 2, 4, 256, 512),
+        "1b" => (2048, 16, 8, 8192, 50304),
+        "1.4b" => (2048, 24, 16, 8192, 50304),
+        "2.8b" => (2560, 32, 32, 10240, 50304),
+        "6.9b" => (4096, 32, 32, 16384, 50432),
+        s => bail!("unknown --shape {s:?}: expected tiny, 1b, 1.4b, 2.8b or 6.9b"),
+    })
+}
+
+fn config(name: &str) -> Result<GptNeoXConfig> {
+    let (h, l, nh, inter, vocab) = shape(name)?;
+    let text = format!(
+        r#"{{"model_type":"gpt_neox","vocab_size":{vocab},"hidden_size":{h},
+        "num_hidden_layers":{l},"num_attention_heads":{nh},"intermediate_size":{inter},
+        "max_position_embeddings":2048,"rotary_pct":0.25,"rotary_emb_base":10000,
+        "layer_norm_eps":1e-5,"use_parallel_residual":true,"hidden_act":"gelu",
+        "bos_token_id":0,"eos_token_id":0,"initializer_range":0.02}}"#
+    );
+    GptNeoXConfig::from_json_str(&text, name)
+}
+
+/// A VarMap-backed builder that initialises on the device without device RNG: `Randn` draws
+/// from a seeded standard-normal block (made on the CPU, uploaded once), tiled over the
+/// tensor from a per-name offset.
+struct TiledInit {
+    map: VarMap,
+    block: Tensor,
+    tile: usize,
+}
+
+impl TiledInit {
+    const TILE: usize = 1 << 20;
+    const SLACK: usize = 1 << 12;
+
+    fn new(dev: &Device, seed: u64) -> Result<Self> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = rand_distr::StandardNormal;
+        let v: Vec<f32> = (0..Self::TILE + Self::SLACK)
+            .map(|_| rng.sample::<f32, _>(normal))
+            .collect();
+        let n = v.len();
+        Ok(Self {
+            map: VarMap::new(),
+            block: Tensor::from_vec(v, n, dev)?,
+            tile: Self::TILE,
+        })
+    }
+
+    fn normal(&self, shape: &Shape, name: &str) -> candle_core::Result<Tensor> {
+        let n = shape.elem_count();
+        let off = name
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+            % Self::SLACK;
+        let t = if n <= self.tile {
+            self.block.narrow(0, off, n)?
+        } else {
+            let reps = n.div_ceil(self.tile);
+            self.block
+                .narrow(0, off, self.tile)?
+                .unsqueeze(0)?
+                .broadcast_as((reps, self.tile))?
+                .contiguous()?
+                .flatten_all()?
+                .narrow(0, 0, n)?
+        };
+        t.reshape(shape)
+    }
+}
+
+impl SimpleBackend for TiledInit {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(v) = self.map.data().lock().unwrap().get(name) {
+            return Ok(v.as_tensor().clone());
+        }
+        let t = match h {
+            Init::Const(c) => (Tensor::ones(&s, DType::F32, dev)? * c)?,
+            Init::Randn { mean, stdev } => ((self.normal(&s, name)? * stdev)? + mean)?,
+            other => candle_core::bail!("{name}: unsupported init {other:?}"),
+        };
+        let var = Var::from_tensor(&t.to_dtype(dtype)?)?;
+        self.map
+            .data()
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: get_unchecked is not supported")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.map.data().lock().unwrap().contains_key(name)
+    }
+}
+
+/// Device memory in use (total - free), in bytes; None on the CPU.
+#[allow(unused_variables)]
+fn mem_used(dev: &Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| total - free);
+    }
+    None
+}
+
+struct Peak(usize);
+
+impl Peak {
+    fn sample(&mut self, dev: &Device) {
+        if let Some(u) = mem_used(dev) {
+            self.0 = self.0.max(u);
+        }
+    }
+}
+
+fn device(cpu: bool) -> Result<Device> {
+    if cpu {
+        return Ok(Device::Cpu);
+    }
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "no CUDA: this binary was built without `--features cuda`; rebuild with \
+             `cargo build --release --features cuda --bin overopt-gpu-bench` or pass --cpu"
+        );
+    }
+    Device::new_cuda(0).context(
+        "no usable CUDA device 0 (is the driver loaded and are libcudart/libcublas/libnvrtc on \
+         LD_LIBRARY_PATH?)",
+    )
+}
+
+fn run(a: &Args) -> Result<()> {
+    let dev = device(a.cpu)?;
+    let cfg = config(&a.shape)?;
+    let compute = match a.autocast.as_str() {
+        "bf16" => DType::BF16,
+        "off" | "f32" => DType::F32,
+        s => bail!("unknown --autocast {s:?}: expected bf16 or off"),
+    };
+    if a.seq < 4 || a.seq > cfg.max_position_embeddings {
+        bail!("--seq must be in 4..={}", cfg.max_position_embeddings);
+    }
+    let mut peak = Peak(0);
+    let base = mem_used(&dev).unwrap_or(0);
+    let t_init = Instant::now();
+    let init = TiledInit::new(&dev, 1)?;
+    let map = init.map.clone();
+    let vb = VarBuilder::from_backend(Box::new(init), DType::F32, dev.clone());
+    let model = GptNeoX::new(&cfg, vb)?.with_compute_dtype(compute);
+    let vars: Vec<Var> = overopt::sorted_vars(&map)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let n_params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let n_embed_in = cfg.vocab_size * cfg.hidden_size;
+    let mut opt = RmsProp::new(
+        vars,
+        RmsPropConfig {
+            lr: 1e-6,
+            warmup_steps: 0,
+            ..RmsPropConfig::default()
+        },
+    )?;
+    dev.synchronize()?;
+    peak.sample(&dev);
+    let init_s = t_init.elapsed().as_secs_f64();
+
+    // Random token data: prompts of seq/2 tokens, responses filling the rest with EOS appended,
+    // so every sequence is exactly `seq` tokens (no padding).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let vocab = cfg.vocab_size as u32;
+    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(2..vocab)).collect() };
+    let pl = a.seq / 2;
+    let rl = a.seq - pl - 1;
+    let data: Vec<PrefExample> = (0..a.batch)
+        .map(|_| PrefExample {
+            prompt: toks(pl),
+            chosen: toks(rl),
+            rejected: toks(rl),
+        })
+        .collect();
+    let idx: Vec<usize> = (0..a.batch).collect();
+    // Reference log-probs are precomputed in `overopt daa`; constants here.
+    let refs: Vec<(f32, f32)> = (0..a.batch)
+        .map(|i| (-2000.0 - i as f32, -2001.0))
+        .collect();
+    let tokens = SpecialTokens { eos: 0, pad: 1 };
+    let daa = DaaConfig {
+        objective: Objective::Dpo {
+            label_smoothing: 0.0,
+        },
+        beta: 0.1,
+        online_reference: false,
+        reference_cache: None,
+    };
+
+    let tokens_per_step = 2 * a.batch * a.seq;
+    // FLOPs of a training step: 6 N T for the matmuls with parameters (N excludes the input
+    // embedding, a lookup) plus 12 L d s T for attention scores and values (fwd + bwd, the full
+    // s x s square as computed, no causal saving).
+    let n_matmul = n_params - n_embed_in;
+    let flops_6nt = 6.0 * n_matmul as f64 * tokens_per_step as f64;
+    let flops_attn = 12.0
+        * cfg.num_hidden_layers as f64
+        * cfg.hidden_size as f64
+        * a.seq as f64
+        * tokens_per_step as f64;
+    println!(
+        "overopt-gpu-bench: shape {} ({} params, {} excl. input embedding), device {}, autocast {:?}, batch {} pairs x seq {} = {} tokens/step",
+        a.shape,
+        n_params,
+        n_matmul,
+        if a.cpu { "cpu" } else { "cuda:0" },
+        compute,
+        a.batch,
+        a.seq,
+        tokens_per_step
+    );
+    println!("init {init_s:.2}s");
+
+    let total = a.warmup + a.steps;
+    let (mut t_fwd, mut t_bwd, mut t_opt, mut t_step) = (0.0, 0.0, 0.0, 0.0);
+    let mut last_loss = f64::NAN;
+    for s in 0..total {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let out = daa_micro(
+            &model,
+            &data,
+            &idx,
+            tokens,
+            &daa,
+            ReferenceSource::Cached(&refs),
+        )?;
+        dev.synchronize()?;
+        peak.sample(&dev);
+        let t1 = Instant::now();
+        let grads = out.loss.backward()?;
+        dev.synchronize()?;
+        peak.sample(&dev);
+        let t2 = Instant::now();
+        let g = opt.grads_of(&grads);
+        drop(grads);
+        let info = opt.step_with(&g)?;
+        drop(g);
+        dev.synchronize()?;
+        peak.sample(&dev);
+        let t3 = Instant::now();
+        last_loss = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        let step_s = (t3 - t0).as_secs_f64();
+        println!(
+            "{} step {}: {:.3}s (fwd {:.3}s, bwd {:.3}s, optim {:.3}s) loss {:.4} grad_norm {:.3}",
+            if s < a.warmup { "warmup" } else { "timed" },
+            s + 1,
+            step_s,
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+            last_loss,
+            info.grad_norm
+        );
+        if !last_loss.is_finite() || !info.grad_norm.is_finite() {
+            bail!(
+                "non-finite loss {last_loss} or grad norm {}",
+                info.grad_norm
+            );
+        }
+        if s >= a.warmup {
+            t_fwd += (t1 - t0).as_secs_f64();
+            t_bwd += (t2 - t1).as_secs_f64();
+            t_opt += (t3 - t2).as_secs_f64();
+            t_step += step_s;
+        }
+    }
+    let n = a.steps.max(1) as f64;
+    let step_s = if a.steps == 0 { f64::NAN } else { t_step / n };
+    let ex_s = a.batch as f64 / step_s;
+    let tflops = flops_6nt / step_s / 1e12;
+    let mfu = tflops / a.peak_tflops;
+    let mfu_attn = (flops_6nt + flops_attn) / step_s / 1e12 / a.peak_tflops;
+    let peak_gib = if peak.0 > 0 {
+        format!("{:.2}", peak.0 as f64 / (1u64 << 30) as f64)
+    } else {
+        "na".to_string()
+    };
+    println!(
+        "mean of {} timed steps: {:.3}s/step (fwd {:.3}, bwd {:.3}, optim {:.3}), {:.2} examples/s, {:.0} tokens/s",
+        a.steps,
+        step_s,
+        t_fwd / n,
+        t_bwd / n,
+        t_opt / n,
+        ex_s,
+        tokens_per_step as f64 / step_s
+    );
+    println!(
+        "FLOPs/step = 6*N*T = 6 * {n_matmul} * {tokens_per_step} = {:.3e} (+ attention 12*L*d*s*T = {:.3e}); {:.1} TFLOP/s; MFU {:.4} of {} TFLOP/s ({:.4} incl. attention)",
+        flops_6nt, flops_attn, tflops, mfu, a.peak_tflops, mfu_attn
+    );
+    println!(
+        "device memory in use: peak {} GiB (before the model: {:.2} GiB)",
+        peak_gib,
+        base as f64 / (1u64 << 30) as f64
+    );
+    println!(
+        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} loss={:.4}",
+        a.shape, a.batch, a.seq, step_s, ex_s, tflops, mfu, mfu_attn, peak_gib, last_loss
+    );
+    Ok(())
+}
+
+fn main() {
+    let mut a = Args::parse();
+    if a.tiny {
+        a.cpu = true;
+        a.shape = "tiny".into();
+        a.batch = 2;
+        a.seq = 32;
+        a.warmup = 1;
+        a.steps = 2;
+    }
+    if let Err(e) = run(&a) {
+        let msg = format!("{e:#}");
+        let oom = msg.contains("OUT_OF_MEMORY") || msg.to_lowercase().contains("out of memory");
+        eprintln!("overopt-gpu-bench: {msg}");
+        let one_line: String = msg
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .map(|c| if c.is_whitespace() { '_' } else { c })
+            .take(160)
+            .collect();
+        println!(
+            "RESULT impl=overopt shape={} ok=0 oom={} error={}",
+            a.shape,
+            u8::from(oom),
+            one_line
+        );
+        let usage = msg.contains("no CUDA") || msg.contains("unknown --");
+        std::process::exit(if usage { 1 } else { 2 });
+    }
+}
