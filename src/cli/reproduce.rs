@@ -196,22 +196,49 @@ pub struct CompareArgs {
     /// Actual results table (parquet) of a fresh run.
     #[arg(long)]
     pub actual: PathBuf,
-    /// Tolerance on win rates (absolute).
+    /// Tolerance on win rates (absolute), the floor under the noise allowance.
     #[arg(long, default_value_t = 0.05)]
     pub win_tol: f64,
-    /// Relative tolerance on KL (plus an absolute 0.05 nats).
+    /// Relative tolerance on KL (plus an absolute 0.05 nats), the floor under the noise
+    /// allowance.
     #[arg(long, default_value_t = 0.25)]
     pub kl_rel_tol: f64,
+    /// Noise allowance in standard errors: a difference also passes when it is within `z`
+    /// combined standard errors of the two runs (KL: `kl_se`; win rate: its 95% interval
+    /// / 3.92). A run on another machine, or after a change of floating-point summation
+    /// order, draws different samples, so it differs from ours by about its sampling noise.
+    /// 0 turns the allowance off.
+    #[arg(long, default_value_t = 4.0)]
+    pub z: f64,
+    /// Only compare the rows of the actual table (a subset run, e.g. `--only`): expected rows
+    /// missing from it are not differences.
+    #[arg(long)]
+    pub subset: bool,
+}
+
+/// Tolerances of [`compare_rows`].
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    pub win_abs: f64,
+    pub kl_rel: f64,
+    pub z: f64,
+    pub subset: bool,
+}
+
+/// The standard error of a win rate, from its 95% interval (0 when the interval is missing).
+fn win_se(r: &ResultRow) -> f64 {
+    let w = (r.win_rate_hi - r.win_rate_lo) / (2.0 * 1.96);
+    if w.is_finite() { w.max(0.0) } else { 0.0 }
+}
+
+fn finite_or_zero(x: f64) -> f64 {
+    if x.is_finite() { x } else { 0.0 }
 }
 
 /// Differences between two results tables, matched on (objective, beta, size, checkpoint,
-/// seed). Returns one line per difference beyond tolerance, and per missing row.
-pub fn compare_rows(
-    expected: &[ResultRow],
-    actual: &[ResultRow],
-    win_tol: f64,
-    kl_rel_tol: f64,
-) -> Vec<String> {
+/// seed). Returns one line per difference beyond tolerance, and per missing row. A value
+/// passes when it is within the fixed tolerance OR within `z` combined standard errors.
+pub fn compare_rows(expected: &[ResultRow], actual: &[ResultRow], tol: Tolerance) -> Vec<String> {
     let key = |r: &ResultRow| {
         format!(
             "{}/beta={}/{}/ckpt={:.3}/seed={}",
@@ -221,22 +248,31 @@ pub fn compare_rows(
     let mut out = vec![];
     for e in expected {
         match actual.iter().find(|a| key(a) == key(e)) {
+            None if tol.subset => {}
             None => out.push(format!("{}: missing from the actual table", key(e))),
             Some(a) => {
-                if !((a.win_rate - e.win_rate).abs() <= win_tol) {
+                let se = win_se(a).hypot(win_se(e));
+                let allow = tol.win_abs.max(tol.z * se);
+                if !((a.win_rate - e.win_rate).abs() <= allow) {
                     out.push(format!(
-                        "{}: win_rate {:.4} vs expected {:.4} (tolerance {win_tol})",
+                        "{}: win_rate {:.4} vs expected {:.4} (allowed {allow:.4}: {} or {} x se {se:.4})",
                         key(e),
                         a.win_rate,
-                        e.win_rate
+                        e.win_rate,
+                        tol.win_abs,
+                        tol.z
                     ));
                 }
-                if !((a.kl - e.kl).abs() <= kl_rel_tol * e.kl.abs() + 0.05) {
+                let se = finite_or_zero(a.kl_se).hypot(finite_or_zero(e.kl_se));
+                let allow = (tol.kl_rel * e.kl.abs() + 0.05).max(tol.z * se);
+                if !((a.kl - e.kl).abs() <= allow) {
                     out.push(format!(
-                        "{}: kl {:.4} vs expected {:.4} (relative tolerance {kl_rel_tol})",
+                        "{}: kl {:.4} vs expected {:.4} (allowed {allow:.4}: {} relative + 0.05 or {} x se {se:.4})",
                         key(e),
                         a.kl,
-                        e.kl
+                        e.kl,
+                        tol.kl_rel,
+                        tol.z
                     ));
                 }
             }
@@ -253,7 +289,13 @@ pub fn compare_rows(
 pub fn compare(a: CompareArgs) -> Result<()> {
     let e = crate::sweep::tables::read_results_parquet(&a.expected)?;
     let x = crate::sweep::tables::read_results_parquet(&a.actual)?;
-    let diffs = compare_rows(&e, &x, a.win_tol, a.kl_rel_tol);
+    let tol = Tolerance {
+        win_abs: a.win_tol,
+        kl_rel: a.kl_rel_tol,
+        z: a.z,
+        subset: a.subset,
+    };
+    let diffs = compare_rows(&e, &x, tol);
     for d in &diffs {
         println!("{d}");
     }
@@ -267,4 +309,87 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         bail!("{} differences beyond tolerance", diffs.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(objective: &str, beta: f64, kl: f64, kl_se: f64, win: f64, win_half: f64) -> ResultRow {
+        ResultRow {
+            objective: objective.into(),
+            beta,
+            size: "small".into(),
+            n_params: 1000,
+            checkpoint: 1.0,
+            seed: 0,
+            kl,
+            kl_se,
+            win_rate: win,
+            win_rate_lo: win - win_half,
+            win_rate_hi: win + win_half,
+            mean_length: 4.0,
+            heldout_loss: 0.6,
+            implicit_accuracy: 0.7,
+            chosen_reward: -0.1,
+            config_hash: "h".into(),
+            length_corrected_win_rate: None,
+        }
+    }
+
+    const TOL: Tolerance = Tolerance {
+        win_abs: 0.05,
+        kl_rel: 0.25,
+        z: 4.0,
+        subset: false,
+    };
+
+    #[test]
+    fn identical_tables_pass_and_missing_or_extra_rows_fail() {
+        let e = vec![
+            row("dpo", 0.1, 1.0, 0.05, 0.4, 0.06),
+            row("ipo", 0.1, 0.5, 0.05, 0.45, 0.06),
+        ];
+        assert!(compare_rows(&e, &e, TOL).is_empty());
+        let d = compare_rows(&e, &e[..1], TOL);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("ipo") && d[0].contains("missing"), "{d:?}");
+        // --subset: a partial run is compared on its own rows only, but extra rows still fail.
+        let subset = Tolerance {
+            subset: true,
+            ..TOL
+        };
+        assert!(compare_rows(&e, &e[..1], subset).is_empty());
+        let extra = vec![e[0].clone(), row("slic", 0.1, 1.0, 0.05, 0.4, 0.06)];
+        let d = compare_rows(&e, &extra, subset);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(
+            d[0].contains("slic") && d[0].contains("not in the expected"),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn differences_within_sampling_noise_pass_and_beyond_it_fail() {
+        // KL: expected 0.2 +- 0.1, actual 0.6 +- 0.1: 0.4 apart is beyond 0.25 * 0.2 + 0.05 but
+        // within 4 combined standard errors (4 * 0.141 = 0.566).
+        let e = vec![row("dpo", 1.0, 0.2, 0.1, 0.4, 0.06)];
+        let a = vec![row("dpo", 1.0, 0.6, 0.1, 0.4, 0.06)];
+        assert!(compare_rows(&e, &a, TOL).is_empty());
+        let strict = Tolerance { z: 0.0, ..TOL };
+        let d = compare_rows(&e, &a, strict);
+        assert!(d.len() == 1 && d[0].contains("kl 0.6000"), "{d:?}");
+        // Far beyond the noise: fails whatever z.
+        let a = vec![row("dpo", 1.0, 2.0, 0.1, 0.4, 0.06)];
+        assert_eq!(compare_rows(&e, &a, TOL).len(), 1);
+        // Win rate: half-width 0.06 -> se 0.0306, combined 0.0433, allowance 4 x = 0.173.
+        let a = vec![row("dpo", 1.0, 0.2, 0.1, 0.55, 0.06)];
+        assert!(compare_rows(&e, &a, TOL).is_empty());
+        let a = vec![row("dpo", 1.0, 0.2, 0.1, 0.65, 0.06)];
+        let d = compare_rows(&e, &a, TOL);
+        assert!(d.len() == 1 && d[0].contains("win_rate"), "{d:?}");
+        // A NaN never passes.
+        let a = vec![row("dpo", 1.0, f64::NAN, 0.1, 0.4, 0.06)];
+        assert_eq!(compare_rows(&e, &a, TOL).len(), 1);
+    }
 }
