@@ -304,3 +304,156 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
         },
     )
 }
+
+/// One of q / k / v cut out of the fused QKV projection, moved to the heads-first layout and,
+/// for q and k, rotated: replaces a reshape, a transpose, three narrows and the rotary
+/// composite (narrows, a negation, two cats, broadcast products and a sum), each of which the
+/// backward pass would visit with zero-filled gradient buffers of its own.
+struct SplitHeadsOp {
+    heads: usize,
+    head_size: usize,
+    /// 0 for q, 1 for k, 2 for v.
+    part: usize,
+    /// Rotated dims at the start of each head (rotate-half layout); 0: no rotation.
+    ndims: usize,
+}
+
+impl SplitHeadsOp {
+    /// (b, t) of `qkv` (b, t, heads * 3 * head_size), checking the tables (b, 1, t, ndims).
+    fn dims(&self, qkv: &Layout, table: &Layout) -> Result<(usize, usize)> {
+        let (b, t, w) = qkv.shape().dims3()?;
+        if w != 3 * self.heads * self.head_size {
+            candle_core::bail!(
+                "split heads: width {w} is not 3 x {} heads x {}",
+                self.heads,
+                self.head_size
+            );
+        }
+        let (tb, _, tt, tn) = table.shape().dims4()?;
+        if self.ndims > 0 && (tb != b || tt != t || tn != self.ndims) {
+            candle_core::bail!(
+                "split heads: rotary tables {:?} for qkv {:?} and {} rotary dims",
+                table.dims(),
+                qkv.dims(),
+                self.ndims
+            );
+        }
+        Ok((b, t))
+    }
+}
+
+impl CustomOp3 for SplitHeadsOp {
+    fn name(&self) -> &'static str {
+        "overopt-split-heads-rotary"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let cos = slice(s2, l2, self.name())?;
+        let sin = slice(s3, l3, self.name())?;
+        let (b, t) = self.dims(l1, l2)?;
+        let (h, hs, nd) = (self.heads, self.head_size, self.ndims);
+        let half = nd / 2;
+        let mut out = vec![0f32; b * h * t * hs];
+        for bi in 0..b {
+            for ti in 0..t {
+                let row = (bi * t + ti) * 3 * h * hs;
+                let c = &cos[(bi * t + ti) * nd..(bi * t + ti + 1) * nd];
+                let s = &sin[(bi * t + ti) * nd..(bi * t + ti + 1) * nd];
+                for hi in 0..h {
+                    let src = &x[row + (hi * 3 + self.part) * hs..][..hs];
+                    let dst = &mut out[((bi * h + hi) * t + ti) * hs..][..hs];
+                    for j in 0..half {
+                        let (x1, x2) = (src[j], src[j + half]);
+                        dst[j] = x1 * c[j] - x2 * s[j];
+                        dst[j + half] = x2 * c[j + half] + x1 * s[j + half];
+                    }
+                    dst[nd..].copy_from_slice(&src[nd..]);
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, h, t, hs))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, _) = qkv.dims3()?;
+        let (h, hs, nd) = (self.heads, self.head_size, self.ndims);
+        let half = nd / 2;
+        let g = values(grad)?;
+        let (cv, sv) = if nd > 0 {
+            (values(cos)?, values(sin)?)
+        } else {
+            (vec![], vec![])
+        };
+        let mut dx = vec![0f32; b * t * 3 * h * hs];
+        for bi in 0..b {
+            for ti in 0..t {
+                let row = (bi * t + ti) * 3 * h * hs;
+                let c = &cv[(bi * t + ti) * nd..(bi * t + ti + 1) * nd];
+                let s = &sv[(bi * t + ti) * nd..(bi * t + ti + 1) * nd];
+                for hi in 0..h {
+                    let gr = &g[((bi * h + hi) * t + ti) * hs..][..hs];
+                    let dst = &mut dx[row + (hi * 3 + self.part) * hs..][..hs];
+                    // y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+                    for j in 0..half {
+                        let (g1, g2) = (gr[j], gr[j + half]);
+                        dst[j] = g1 * c[j] + g2 * s[j + half];
+                        dst[j + half] = g2 * c[j + half] - g1 * s[j];
+                    }
+                    dst[nd..].copy_from_slice(&gr[nd..]);
+                }
+            }
+        }
+        // The rotary tables are constants: no gradient.
+        Ok((
+            Some(Tensor::from_vec(dx, qkv.shape(), qkv.device())?),
+            None,
+            None,
+        ))
+    }
+}
+
+/// Part `part` (0: q, 1: k, 2: v) of the fused QKV projection `qkv` (b, t, heads * 3 *
+/// head_size, each head laid out [q | k | v]) as (b, heads, t, head_size), with the rotary
+/// embedding (rotate-half layout) applied to the first `ndims` dims of each head when `rotate`.
+/// `cos` / `sin` (b, 1, t, ndims) are the tables at each position; they get no gradient.
+pub fn split_heads_rotary(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    part: usize,
+    rotate: bool,
+) -> Result<Tensor> {
+    let (_, _, w) = qkv.dims3()?;
+    let head_size = w / (3 * heads.max(1));
+    let ndims = if rotate { cos.dim(D::Minus1)? } else { 0 };
+    if part > 2 || ndims > head_size || ndims % 2 != 0 {
+        candle_core::bail!("split heads: part {part}, {ndims} rotary dims of {head_size}");
+    }
+    qkv.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        SplitHeadsOp {
+            heads,
+            head_size,
+            part,
+            ndims,
+        },
+    )
+}

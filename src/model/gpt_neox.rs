@@ -141,33 +141,87 @@ impl Rotary {
     }
 }
 
-/// Keys and values of one layer for the positions seen so far: (b, heads, t, head_size).
+/// Keys and values of one layer for the positions seen so far.
+///
+/// They live in preallocated buffers (b, heads, capacity, head_size): each step writes its new
+/// positions in place and attention reads the filled prefix `..len`, so a decode step no
+/// longer copies the whole cache (as a `Tensor::cat` per step would). The buffers grow (to
+/// at least twice their size) when a step would overflow them. Writes are plain copies, so
+/// no gradient flows through the cache: use it with inference copies only.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Append `k`, `v` (b, heads, t_new, head_size) and return views of all cached keys and
+    /// values, (b, heads, len, head_size).
+    fn append(&mut self, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
+        let (b, h, t_new, hs) = k.dims4()?;
+        let need = self.len + t_new;
+        let cap = match &self.k {
+            Some(buf) => buf.dim(2)?,
+            None => 0,
+        };
+        if need > cap
+            || self
+                .k
+                .as_ref()
+                .is_some_and(|buf| buf.dim(0).ok() != Some(b))
+        {
+            let new_cap = need.max(capacity).max(2 * cap);
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, h, new_cap, hs), like.dtype(), like.device())?;
+                if let Some(old) = old
+                    && self.len > 0
+                {
+                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let nk = grow(&self.k, k)?;
+            let nv = grow(&self.v, v)?;
+            self.k = Some(nk);
+            self.v = Some(nv);
+        }
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => candle_core::bail!("kv cache: buffers missing after allocation"),
+        };
+        kb.slice_set(&k.detach().contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.detach().contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
 }
 
 /// A KV cache for generation, one entry per layer.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
+    capacity: usize,
 }
 
 impl KvCache {
+    /// An empty cache whose buffers start small and grow as needed.
     pub fn new(n_layers: usize) -> Self {
+        Self::with_capacity(n_layers, 0)
+    }
+
+    /// An empty cache whose buffers are allocated for `capacity` positions up front (the
+    /// prompt plus every generated token), so that no step reallocates them.
+    pub fn with_capacity(n_layers: usize, capacity: usize) -> Self {
         Self {
             layers: vec![LayerCache::default(); n_layers],
+            capacity,
         }
     }
 
     /// Number of positions cached.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.k.as_ref())
-            .map(|k| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+        self.layers.first().map(|l| l.len).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -178,10 +232,10 @@ impl KvCache {
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for l in &mut self.layers {
             if let Some(k) = &l.k {
-                l.k = Some(k.contiguous()?.index_select(rows, 0)?);
+                l.k = Some(k.index_select(rows, 0)?);
             }
             if let Some(v) = &l.v {
-                l.v = Some(v.contiguous()?.index_select(rows, 0)?);
+                l.v = Some(v.index_select(rows, 0)?);
             }
         }
         Ok(())
@@ -214,42 +268,41 @@ impl Attention {
         rotary: &Rotary,
         cos_sin: &(Tensor, Tensor),
         bias: &Tensor,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, usize)>,
         path: OpPath,
     ) -> Result<Tensor> {
         let (b, t, hidden) = x.dims3()?;
         // Per head, the fused projection is laid out [q | k | v], each head_size wide.
-        let qkv = self
-            .query_key_value
-            .forward(x)?
-            .reshape((b, t, self.n_heads, 3 * self.head_size))?
-            .transpose(1, 2)?; // (b, h, t, 3*hs)
-        let q = qkv.narrow(D::Minus1, 0, self.head_size)?;
-        let k = qkv.narrow(D::Minus1, self.head_size, self.head_size)?;
-        let v = qkv
-            .narrow(D::Minus1, 2 * self.head_size, self.head_size)?
-            .contiguous()?;
-        let q = rotary.apply(&q, &cos_sin.0, &cos_sin.1)?;
-        let k = rotary.apply(&k, &cos_sin.0, &cos_sin.1)?;
+        let qkv = self.query_key_value.forward(x)?;
+        let (cos, sin) = cos_sin;
+        let (q, k, v) = if super::fused::usable(&[&qkv, cos, sin]) {
+            // One custom op per part (split, heads-first layout and rotary together); it has
+            // a backward pass, so both op paths use it.
+            let split = |part, rotate| {
+                super::fused::split_heads_rotary(&qkv, cos, sin, self.n_heads, part, rotate)
+            };
+            (split(0, true)?, split(1, true)?, split(2, false)?)
+        } else {
+            let qkv = qkv
+                .reshape((b, t, self.n_heads, 3 * self.head_size))?
+                .transpose(1, 2)?; // (b, h, t, 3*hs)
+            let q = qkv.narrow(D::Minus1, 0, self.head_size)?;
+            let k = qkv.narrow(D::Minus1, self.head_size, self.head_size)?;
+            let v = qkv
+                .narrow(D::Minus1, 2 * self.head_size, self.head_size)?
+                .contiguous()?;
+            (rotary.apply(&q, cos, sin)?, rotary.apply(&k, cos, sin)?, v)
+        };
+        let cached = cache.is_some();
         let (k, v) = match cache {
             None => (k, v),
-            Some(c) => {
-                let k = match &c.k {
-                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
-                    None => k,
-                };
-                let v = match &c.v {
-                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
-                    None => v,
-                };
-                c.k = Some(k.clone());
-                c.v = Some(v.clone());
-                (k, v)
-            }
+            Some((c, capacity)) => c.append(&k, &v, capacity)?,
         };
         let scale = 1.0 / (self.head_size as f64).sqrt();
         let q = q.contiguous()?;
-        let kt = k.t()?.contiguous()?;
+        // The cached keys are a prefix view of a larger buffer: the matmul reads them through
+        // their strides; a transposed copy would cost as much as the cache itself each step.
+        let kt = if cached { k.t()? } else { k.t()?.contiguous()? };
         // Scores and softmax in f32, as HF does; `bias` is (b, 1, t, t_total) additive.
         let raw = q.matmul(&kt)?.to_dtype(DType::F32)?;
         let probs = match path {
@@ -331,7 +384,7 @@ impl Layer {
         rotary: &Rotary,
         cos_sin: &(Tensor, Tensor),
         bias: &Tensor,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, usize)>,
         path: OpPath,
     ) -> Result<Tensor> {
         let attn = self.attention.forward(
@@ -607,7 +660,7 @@ impl GptNeoX {
         let cos_sin = self.rotary.gather(position_ids)?;
         let mut x = self.embed_in.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let lc = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.capacity));
             x = layer.forward(&x, &self.rotary, &cos_sin, bias, lc, self.path)?;
         }
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
