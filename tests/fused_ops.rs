@@ -3,7 +3,8 @@
 
 use candle_core::{D, Device, Tensor, Var};
 use overopt::model::fused::{
-    layer_norm, log_softmax_last, masked_softmax, softmax_last, split_heads_rotary,
+    bias_add, bias_gelu, layer_norm, log_softmax_last, masked_softmax, softmax_last,
+    split_heads_rotary,
 };
 use overopt::model::gpt_neox::attention_bias;
 
@@ -174,6 +175,46 @@ fn split_heads_rotary_matches_the_composite_with_gradients() {
             gf.get(qkv.as_tensor()).unwrap(),
             gc.get(qkv.as_tensor()).unwrap(),
             1e-5,
+        );
+    }
+}
+
+#[test]
+fn bias_add_matches_broadcast_add_with_gradients() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap();
+    let fused = bias_add(&x, &b).unwrap();
+    let comp = x.broadcast_add(&b).unwrap();
+    close(&fused, &comp, 1e-6);
+    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &b] {
+        close(
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn bias_gelu_matches_the_composite_with_gradients() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 6), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap();
+    let fused = bias_gelu(&x, &b).unwrap();
+    let comp = x.broadcast_add(&b).unwrap().gelu_erf().unwrap();
+    close(&fused, &comp, 1e-6);
+    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &b] {
+        close(
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+            1e-4,
         );
     }
 }

@@ -457,3 +457,137 @@ pub fn split_heads_rotary(
         },
     )
 }
+
+struct BiasAddOp;
+
+impl CustomOp2 for BiasAddOp {
+    fn name(&self) -> &'static str {
+        "overopt-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let b = slice(s2, l2, self.name())?;
+        let d = last_dim(l1)?;
+        if b.len() != d {
+            candle_core::bail!("bias add: bias of {} for rows of {d}", b.len());
+        }
+        let mut out = x.to_vec();
+        for row in out.chunks_exact_mut(d) {
+            for (y, &c) in row.iter_mut().zip(b) {
+                *y += c;
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The bias gradient sums the rows: one pass over contiguous rows (candle's reduction
+        // of a broadcast over the leading dims walks the columns with a stride).
+        let d = grad.dim(D::Minus1)?;
+        let g = values(grad)?;
+        let mut db = vec![0f32; d];
+        for row in g.chunks_exact(d) {
+            for (s, &v) in db.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        Ok((
+            Some(grad.clone()),
+            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
+/// `x + bias` with `bias` (d) added to every row of `x` (.., d).
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasAddOp)
+}
+
+/// gelu(u) = u/2 (1 + erf(u / sqrt 2)), the exact GELU, with candle's f32 erf (libm's).
+fn gelu(u: f32) -> f32 {
+    0.5 * u * (1.0 + libm::erff(u * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// d gelu / du = (1 + erf(u / sqrt 2)) / 2 + u exp(-u^2 / 2) / sqrt(2 pi).
+fn gelu_grad(u: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    0.5 * (1.0 + libm::erff(u * std::f32::consts::FRAC_1_SQRT_2))
+        + u * (-0.5 * u * u).exp() * INV_SQRT_2PI
+}
+
+struct BiasGeluOp;
+
+impl CustomOp2 for BiasGeluOp {
+    fn name(&self) -> &'static str {
+        "overopt-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let b = slice(s2, l2, self.name())?;
+        let d = last_dim(l1)?;
+        if b.len() != d {
+            candle_core::bail!("bias gelu: bias of {} for rows of {d}", b.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            for ((y, &v), &c) in yr.iter_mut().zip(xr).zip(b) {
+                *y = gelu(v + c);
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let xv = values(x)?;
+        let bv = values(bias)?;
+        let gv = values(grad)?;
+        let mut dx = vec![0f32; xv.len()];
+        let mut db = vec![0f32; d];
+        for ((xr, gr), dr) in xv
+            .chunks_exact(d)
+            .zip(gv.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            for j in 0..d {
+                dr[j] = gr[j] * gelu_grad(xr[j] + bv[j]);
+                db[j] += dr[j];
+            }
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
+/// `gelu(x + bias)` (the exact, erf GELU) with `bias` (d) added to every row of `x` (.., d).
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGeluOp)
+}

@@ -79,6 +79,46 @@ fn linear(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Lin
     Ok(Linear::new(w, Some(b)))
 }
 
+/// `x @ weight^T` of a `Linear`, without its bias, as (rows, out) with rows = all leading dims.
+fn matmul_weight(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / k.max(1);
+    x.contiguous()?.reshape((rows, k))?.matmul(&l.weight().t()?)
+}
+
+/// The output shape of a `Linear` applied to `x`.
+fn linear_out_dims(l: &Linear, x: &Tensor) -> Result<Vec<usize>> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = l.weight().dim(0)?;
+    }
+    Ok(dims)
+}
+
+/// `x @ weight^T + bias` of a `Linear`. On the CPU in f32 the bias is added by
+/// [`super::fused::bias_add`], whose backward sums the rows in one pass (candle's reduction of
+/// the broadcast walks the columns with a stride); elsewhere candle's `Linear::forward`.
+fn linear_fwd(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    match l.bias() {
+        Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
+            super::fused::bias_add(&matmul_weight(l, x)?, b)?.reshape(linear_out_dims(l, x)?)
+        }
+        _ => l.forward(x),
+    }
+}
+
+/// `gelu(x @ weight^T + bias)` (exact GELU): on the CPU in f32 one fused op adds the bias and
+/// applies the GELU, with a single-pass backward (candle's GELU backward makes about ten
+/// full-size temporaries).
+fn linear_gelu(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    match l.bias() {
+        Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
+            super::fused::bias_gelu(&matmul_weight(l, x)?, b)?.reshape(linear_out_dims(l, x)?)
+        }
+        _ => l.forward(x)?.gelu_erf(),
+    }
+}
+
 /// Cos/sin tables of the rotary embedding for every position, shape (max_pos, rotary_ndims),
 /// in the rotate-half layout: the frequencies repeated twice.
 #[derive(Debug, Clone)]
@@ -273,7 +313,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, hidden) = x.dims3()?;
         // Per head, the fused projection is laid out [q | k | v], each head_size wide.
-        let qkv = self.query_key_value.forward(x)?;
+        let qkv = linear_fwd(&self.query_key_value, x)?;
         let (cos, sin) = cos_sin;
         let (q, k, v) = if super::fused::usable(&[&qkv, cos, sin]) {
             // One custom op per part (split, heads-first layout and rotary together); it has
@@ -318,7 +358,7 @@ impl Attention {
         };
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?; // (b, h, t, hs)
         let out = out.transpose(1, 2)?.reshape((b, t, hidden))?;
-        self.dense.forward(&out)
+        linear_fwd(&self.dense, &out)
     }
 }
 
@@ -348,8 +388,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.dense_4h_to_h
-            .forward(&self.dense_h_to_4h.forward(x)?.gelu_erf()?)
+        linear_fwd(&self.dense_4h_to_h, &linear_gelu(&self.dense_h_to_4h, x)?)
     }
 }
 
