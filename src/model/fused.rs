@@ -11,7 +11,7 @@
 //! composite.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
 /// True when the fused kernels apply: every tensor is f32 on the CPU (and the environment
@@ -39,8 +39,22 @@ fn last_dim(l: &Layout) -> Result<usize> {
     }
 }
 
-fn values(t: &Tensor) -> Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+/// The f32 values of a CPU tensor's storage at `l`, borrowed (see [`cpu_values`]).
+fn cpu_slice<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => slice(c, l, "fused backward"),
+        _ => candle_core::bail!("fused backward: expects a CPU tensor"),
+    }
+}
+
+/// `cpu_values!(t, v)` binds `v: &[f32]` to the values of `t` (made contiguous, a no-op for
+/// the contiguous tensors the ops produce) without copying them into a new vector.
+macro_rules! cpu_values {
+    ($t:expr, $v:ident) => {
+        let c = $t.contiguous()?;
+        let (guard, layout) = c.storage_and_layout();
+        let $v = cpu_slice(&guard, layout)?;
+    };
 }
 
 /// Mean and 1/sqrt(var + eps) of a row (population variance, as torch's layer norm).
@@ -99,9 +113,9 @@ impl CustomOp3 for LayerNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
-        let xv = values(x)?;
-        let gv = values(grad)?;
-        let wv = values(w)?;
+        cpu_values!(x, xv);
+        cpu_values!(grad, gv);
+        cpu_values!(w, wv);
         let mut dx = vec![0f32; xv.len()];
         let mut dw = vec![0f64; d];
         let mut db = vec![0f64; d];
@@ -184,8 +198,8 @@ impl CustomOp1 for SoftmaxOp {
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let d = res.dim(D::Minus1)?;
-        let yv = values(res)?;
-        let gv = values(grad)?;
+        cpu_values!(res, yv);
+        cpu_values!(grad, gv);
         let mut dx = vec![0f32; yv.len()];
         for ((yr, gr), dr) in yv
             .chunks_exact(d)
@@ -276,8 +290,8 @@ impl CustomOp2 for MaskedSoftmaxOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = res.dim(D::Minus1)?;
-        let yv = values(res)?;
-        let gv = values(grad)?;
+        cpu_values!(res, yv);
+        cpu_values!(grad, gv);
         let mut dx = vec![0f32; yv.len()];
         for ((yr, gr), dr) in yv
             .chunks_exact(d)
@@ -394,12 +408,9 @@ impl CustomOp3 for SplitHeadsOp {
         let (b, t, _) = qkv.dims3()?;
         let (h, hs, nd) = (self.heads, self.head_size, self.ndims);
         let half = nd / 2;
-        let g = values(grad)?;
-        let (cv, sv) = if nd > 0 {
-            (values(cos)?, values(sin)?)
-        } else {
-            (vec![], vec![])
-        };
+        cpu_values!(grad, g);
+        cpu_values!(cos, cv);
+        cpu_values!(sin, sv);
         let mut dx = vec![0f32; b * t * 3 * h * hs];
         for bi in 0..b {
             for ti in 0..t {
@@ -497,7 +508,7 @@ impl CustomOp2 for BiasAddOp {
         // The bias gradient sums the rows: one pass over contiguous rows (candle's reduction
         // of a broadcast over the leading dims walks the columns with a stride).
         let d = grad.dim(D::Minus1)?;
-        let g = values(grad)?;
+        cpu_values!(grad, g);
         let mut db = vec![0f32; d];
         for row in g.chunks_exact(d) {
             for (s, &v) in db.iter_mut().zip(row) {
@@ -565,9 +576,9 @@ impl CustomOp2 for BiasGeluOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
-        let xv = values(x)?;
-        let bv = values(bias)?;
-        let gv = values(grad)?;
+        cpu_values!(x, xv);
+        cpu_values!(bias, bv);
+        cpu_values!(grad, gv);
         let mut dx = vec![0f32; xv.len()];
         let mut db = vec![0f32; d];
         for ((xr, gr), dr) in xv
