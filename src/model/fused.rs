@@ -4,7 +4,9 @@
 //! of basic ops that do (see `gpt_neox`) make a dozen full-size temporaries per call, each of
 //! which the backward pass visits again (and candle's gradient store zero-fills one buffer per
 //! operand). These custom ops do the forward in one pass over each row and the backward in
-//! one more, with gradients written out by hand.
+//! one more, with gradients written out by hand. Besides layer norm and the softmaxes: the
+//! split of the fused QKV projection into heads with the rotary embedding, the bias add of a
+//! linear layer and bias + exact GELU.
 //!
 //! Only contiguous f32 tensors on the CPU are handled: [`usable`] says when; other devices and
 //! dtypes keep the composite path. tests/fused_ops.rs compares values and gradients with the

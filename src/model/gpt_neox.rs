@@ -11,7 +11,9 @@
 //!   inference copies of a model ([`GptNeoX::inference_copy`]) use it.
 //!
 //! On the CPU in f32 the differentiable path uses the layer norm and the masked attention
-//! softmax of [`super::fused`], single-pass kernels that do have a backward pass.
+//! softmax of [`super::fused`], single-pass kernels that do have a backward pass; both paths
+//! use its QKV split with the rotary embedding, its bias add and its bias + GELU there (same
+//! function as the composite ops, fewer graph nodes and temporaries).
 
 use super::config::GptNeoXConfig;
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
