@@ -555,8 +555,8 @@ fn growing_kv_cache_decode_matches_full_forward() {
     .unwrap();
     let m = lm.model.inference_copy().unwrap();
     let dev = Device::Cpu;
-    let mut ids = vec![vec![5u32, 17, 42], vec![1, 250, 11]];
-    let mut mask = vec![vec![1u8, 1, 1], vec![0, 1, 1]];
+    let mut ids = [vec![5u32, 17, 42], vec![1, 250, 11]];
+    let mut mask = [vec![1u8, 1, 1], vec![0, 1, 1]];
     let mut cache = KvCache::new(2);
     let t_ids = Tensor::new(vec![ids[0].clone(), ids[1].clone()], &dev).unwrap();
     let t_mask = Tensor::new(vec![mask[0].clone(), mask[1].clone()], &dev).unwrap();
