@@ -2,7 +2,10 @@
 //! gradients.
 
 use candle_core::{D, Device, Tensor, Var};
-use overopt::model::fused::{layer_norm, log_softmax_last, masked_softmax, softmax_last};
+use overopt::model::fused::{
+    bias_add, bias_gelu, layer_norm, log_softmax_last, masked_softmax, softmax_last,
+    split_heads_rotary,
+};
 use overopt::model::gpt_neox::attention_bias;
 
 fn close(a: &Tensor, b: &Tensor, tol: f32) {
@@ -106,4 +109,112 @@ fn masked_softmax_matches_the_composite_with_gradients() {
         gc.get(x.as_tensor()).unwrap(),
         1e-4,
     );
+}
+
+/// The composite the fused split replaces: reshape, transpose, narrow, rotate-half.
+fn composite_split(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    part: usize,
+    rotate: bool,
+) -> Tensor {
+    let (b, t, w) = qkv.dims3().unwrap();
+    let hs = w / (3 * heads);
+    let x = qkv
+        .reshape((b, t, heads, 3 * hs))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .narrow(D::Minus1, part * hs, hs)
+        .unwrap();
+    if !rotate {
+        return x.contiguous().unwrap();
+    }
+    let nd = cos.dim(D::Minus1).unwrap();
+    let half = nd / 2;
+    let xr = x.narrow(D::Minus1, 0, nd).unwrap();
+    let x1 = xr.narrow(D::Minus1, 0, half).unwrap();
+    let x2 = xr.narrow(D::Minus1, half, half).unwrap();
+    let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+    let out = (xr.broadcast_mul(cos).unwrap() + rot.broadcast_mul(sin).unwrap()).unwrap();
+    if nd == hs {
+        out
+    } else {
+        let pass = x.narrow(D::Minus1, nd, hs - nd).unwrap();
+        Tensor::cat(&[&out, &pass], D::Minus1).unwrap()
+    }
+}
+
+#[test]
+fn split_heads_rotary_matches_the_composite_with_gradients() {
+    let dev = Device::Cpu;
+    // (b, t, heads, head_size, rotary dims): partial and full rotation.
+    for (b, t, heads, hs, nd) in [(2usize, 5usize, 3usize, 8usize, 4usize), (3, 4, 2, 6, 6)] {
+        let qkv =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * heads * hs), &dev).unwrap())
+                .unwrap();
+        // Distinct tables per row and position, as position ids of left-padded rows give.
+        let cos = Tensor::randn(0f32, 1.0, (b, 1, t, nd), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (b, 1, t, nd), &dev).unwrap();
+        let mut fused_sum = Tensor::zeros((), candle_core::DType::F32, &dev).unwrap();
+        let mut comp_sum = fused_sum.clone();
+        for (part, rotate) in [(0, true), (1, true), (2, false)] {
+            let f = split_heads_rotary(&qkv, &cos, &sin, heads, part, rotate).unwrap();
+            let c = composite_split(&qkv, &cos, &sin, heads, part, rotate);
+            assert_eq!(f.dims(), &[b, heads, t, hs]);
+            close(&f, &c, 1e-6);
+            let r = Tensor::randn(0f32, 1.0, (b, heads, t, hs), &dev).unwrap();
+            fused_sum = (fused_sum + (f * &r).unwrap().sum_all().unwrap()).unwrap();
+            comp_sum = (comp_sum + (c * &r).unwrap().sum_all().unwrap()).unwrap();
+        }
+        let gf = fused_sum.backward().unwrap();
+        let gc = comp_sum.backward().unwrap();
+        close(
+            gf.get(qkv.as_tensor()).unwrap(),
+            gc.get(qkv.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn bias_add_matches_broadcast_add_with_gradients() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap();
+    let fused = bias_add(&x, &b).unwrap();
+    let comp = x.broadcast_add(&b).unwrap();
+    close(&fused, &comp, 1e-6);
+    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &b] {
+        close(
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn bias_gelu_matches_the_composite_with_gradients() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 6), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap();
+    let fused = bias_gelu(&x, &b).unwrap();
+    let comp = x.broadcast_add(&b).unwrap().gelu_erf().unwrap();
+    close(&fused, &comp, 1e-6);
+    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &b] {
+        close(
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+            1e-4,
+        );
+    }
 }

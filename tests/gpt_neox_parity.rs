@@ -541,3 +541,49 @@ fn score_cli_reproduces_hf_logps() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("line 2") && err.contains("response"), "{err}");
 }
+
+#[test]
+fn growing_kv_cache_decode_matches_full_forward() {
+    // A cache without a capacity hint starts at the prompt length and reallocates while
+    // decoding; every step must still give the logits of a full forward over the sequence.
+    let lm = load::load(
+        fixture("parallel").to_str().unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let m = lm.model.inference_copy().unwrap();
+    let dev = Device::Cpu;
+    let mut ids = [vec![5u32, 17, 42], vec![1, 250, 11]];
+    let mut mask = [vec![1u8, 1, 1], vec![0, 1, 1]];
+    let mut cache = KvCache::new(2);
+    let t_ids = Tensor::new(vec![ids[0].clone(), ids[1].clone()], &dev).unwrap();
+    let t_mask = Tensor::new(vec![mask[0].clone(), mask[1].clone()], &dev).unwrap();
+    let pos = position_ids_from_mask(&t_mask).unwrap();
+    m.forward_cached(&t_ids, &t_mask, &pos, &mut cache).unwrap();
+    for step in 0..6u32 {
+        let new = [7 + step, 200 + step];
+        for r in 0..2 {
+            ids[r].push(new[r]);
+            mask[r].push(1);
+        }
+        let full_ids = Tensor::new(vec![ids[0].clone(), ids[1].clone()], &dev).unwrap();
+        let full_mask = Tensor::new(vec![mask[0].clone(), mask[1].clone()], &dev).unwrap();
+        let full_pos = position_ids_from_mask(&full_mask).unwrap();
+        let t = ids[0].len();
+        let step_pos = full_pos.narrow(1, t - 1, 1).unwrap();
+        let step_ids = Tensor::new(&[[new[0]], [new[1]]], &dev).unwrap();
+        let got = m
+            .forward_cached(&step_ids, &full_mask, &step_pos, &mut cache)
+            .unwrap();
+        assert_eq!(cache.len(), t);
+        let want = m
+            .forward(&full_ids, Some(&full_mask), Some(&full_pos))
+            .unwrap()
+            .narrow(1, t - 1, 1)
+            .unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "step {step}: {d}");
+    }
+}

@@ -4,14 +4,16 @@
 //! of basic ops that do (see `gpt_neox`) make a dozen full-size temporaries per call, each of
 //! which the backward pass visits again (and candle's gradient store zero-fills one buffer per
 //! operand). These custom ops do the forward in one pass over each row and the backward in
-//! one more, with gradients written out by hand.
+//! one more, with gradients written out by hand. Besides layer norm and the softmaxes: the
+//! split of the fused QKV projection into heads with the rotary embedding, the bias add of a
+//! linear layer and bias + exact GELU.
 //!
 //! Only contiguous f32 tensors on the CPU are handled: [`usable`] says when; other devices and
 //! dtypes keep the composite path. tests/fused_ops.rs compares values and gradients with the
 //! composite.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
 /// True when the fused kernels apply: every tensor is f32 on the CPU (and the environment
@@ -39,8 +41,22 @@ fn last_dim(l: &Layout) -> Result<usize> {
     }
 }
 
-fn values(t: &Tensor) -> Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+/// The f32 values of a CPU tensor's storage at `l`, borrowed (see [`cpu_values`]).
+fn cpu_slice<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => slice(c, l, "fused backward"),
+        _ => candle_core::bail!("fused backward: expects a CPU tensor"),
+    }
+}
+
+/// `cpu_values!(t, v)` binds `v: &[f32]` to the values of `t` (made contiguous, a no-op for
+/// the contiguous tensors the ops produce) without copying them into a new vector.
+macro_rules! cpu_values {
+    ($t:expr, $v:ident) => {
+        let c = $t.contiguous()?;
+        let (guard, layout) = c.storage_and_layout();
+        let $v = cpu_slice(&guard, layout)?;
+    };
 }
 
 /// Mean and 1/sqrt(var + eps) of a row (population variance, as torch's layer norm).
@@ -99,9 +115,9 @@ impl CustomOp3 for LayerNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
-        let xv = values(x)?;
-        let gv = values(grad)?;
-        let wv = values(w)?;
+        cpu_values!(x, xv);
+        cpu_values!(grad, gv);
+        cpu_values!(w, wv);
         let mut dx = vec![0f32; xv.len()];
         let mut dw = vec![0f64; d];
         let mut db = vec![0f64; d];
@@ -184,8 +200,8 @@ impl CustomOp1 for SoftmaxOp {
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let d = res.dim(D::Minus1)?;
-        let yv = values(res)?;
-        let gv = values(grad)?;
+        cpu_values!(res, yv);
+        cpu_values!(grad, gv);
         let mut dx = vec![0f32; yv.len()];
         for ((yr, gr), dr) in yv
             .chunks_exact(d)
@@ -276,8 +292,8 @@ impl CustomOp2 for MaskedSoftmaxOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = res.dim(D::Minus1)?;
-        let yv = values(res)?;
-        let gv = values(grad)?;
+        cpu_values!(res, yv);
+        cpu_values!(grad, gv);
         let mut dx = vec![0f32; yv.len()];
         for ((yr, gr), dr) in yv
             .chunks_exact(d)
@@ -303,4 +319,288 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
             scale: scale as f32,
         },
     )
+}
+
+/// One of q / k / v cut out of the fused QKV projection, moved to the heads-first layout and,
+/// for q and k, rotated: replaces a reshape, a transpose, three narrows and the rotary
+/// composite (narrows, a negation, two cats, broadcast products and a sum), each of which the
+/// backward pass would visit with zero-filled gradient buffers of its own.
+struct SplitHeadsOp {
+    heads: usize,
+    head_size: usize,
+    /// 0 for q, 1 for k, 2 for v.
+    part: usize,
+    /// Rotated dims at the start of each head (rotate-half layout); 0: no rotation.
+    ndims: usize,
+}
+
+impl SplitHeadsOp {
+    /// (b, t) of `qkv` (b, t, heads * 3 * head_size), checking the tables (b, 1, t, ndims).
+    fn dims(&self, qkv: &Layout, table: &Layout) -> Result<(usize, usize)> {
+        let (b, t, w) = qkv.shape().dims3()?;
+        if w != 3 * self.heads * self.head_size {
+            candle_core::bail!(
+                "split heads: width {w} is not 3 x {} heads x {}",
+                self.heads,
+                self.head_size
+            );
+        }
+        let (tb, _, tt, tn) = table.shape().dims4()?;
+        if self.ndims > 0 && (tb != b || tt != t || tn != self.ndims) {
+            candle_core::bail!(
+                "split heads: rotary tables {:?} for qkv {:?} and {} rotary dims",
+                table.dims(),
+                qkv.dims(),
+                self.ndims
+            );
+        }
+        Ok((b, t))
+    }
+}
+
+impl CustomOp3 for SplitHeadsOp {
+    fn name(&self) -> &'static str {
+        "overopt-split-heads-rotary"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let cos = slice(s2, l2, self.name())?;
+        let sin = slice(s3, l3, self.name())?;
+        let (b, t) = self.dims(l1, l2)?;
+        let (h, hs, nd) = (self.heads, self.head_size, self.ndims);
+        let half = nd / 2;
+        let mut out = vec![0f32; b * h * t * hs];
+        for bi in 0..b {
+            for ti in 0..t {
+                let row = (bi * t + ti) * 3 * h * hs;
+                let c = &cos[(bi * t + ti) * nd..(bi * t + ti + 1) * nd];
+                let s = &sin[(bi * t + ti) * nd..(bi * t + ti + 1) * nd];
+                for hi in 0..h {
+                    let src = &x[row + (hi * 3 + self.part) * hs..][..hs];
+                    let dst = &mut out[((bi * h + hi) * t + ti) * hs..][..hs];
+                    for j in 0..half {
+                        let (x1, x2) = (src[j], src[j + half]);
+                        dst[j] = x1 * c[j] - x2 * s[j];
+                        dst[j + half] = x2 * c[j + half] + x1 * s[j + half];
+                    }
+                    dst[nd..].copy_from_slice(&src[nd..]);
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, h, t, hs))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, _) = qkv.dims3()?;
+        let (h, hs, nd) = (self.heads, self.head_size, self.ndims);
+        let half = nd / 2;
+        cpu_values!(grad, g);
+        cpu_values!(cos, cv);
+        cpu_values!(sin, sv);
+        let mut dx = vec![0f32; b * t * 3 * h * hs];
+        for bi in 0..b {
+            for ti in 0..t {
+                let row = (bi * t + ti) * 3 * h * hs;
+                let c = &cv[(bi * t + ti) * nd..(bi * t + ti + 1) * nd];
+                let s = &sv[(bi * t + ti) * nd..(bi * t + ti + 1) * nd];
+                for hi in 0..h {
+                    let gr = &g[((bi * h + hi) * t + ti) * hs..][..hs];
+                    let dst = &mut dx[row + (hi * 3 + self.part) * hs..][..hs];
+                    // y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+                    for j in 0..half {
+                        let (g1, g2) = (gr[j], gr[j + half]);
+                        dst[j] = g1 * c[j] + g2 * s[j + half];
+                        dst[j + half] = g2 * c[j + half] - g1 * s[j];
+                    }
+                    dst[nd..].copy_from_slice(&gr[nd..]);
+                }
+            }
+        }
+        // The rotary tables are constants: no gradient.
+        Ok((
+            Some(Tensor::from_vec(dx, qkv.shape(), qkv.device())?),
+            None,
+            None,
+        ))
+    }
+}
+
+/// Part `part` (0: q, 1: k, 2: v) of the fused QKV projection `qkv` (b, t, heads * 3 *
+/// head_size, each head laid out [q | k | v]) as (b, heads, t, head_size), with the rotary
+/// embedding (rotate-half layout) applied to the first `ndims` dims of each head when `rotate`.
+/// `cos` / `sin` (b, 1, t, ndims) are the tables at each position; they get no gradient.
+pub fn split_heads_rotary(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    part: usize,
+    rotate: bool,
+) -> Result<Tensor> {
+    let (_, _, w) = qkv.dims3()?;
+    let head_size = w / (3 * heads.max(1));
+    let ndims = if rotate { cos.dim(D::Minus1)? } else { 0 };
+    if part > 2 || ndims > head_size || ndims % 2 != 0 {
+        candle_core::bail!("split heads: part {part}, {ndims} rotary dims of {head_size}");
+    }
+    qkv.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        SplitHeadsOp {
+            heads,
+            head_size,
+            part,
+            ndims,
+        },
+    )
+}
+
+struct BiasAddOp;
+
+impl CustomOp2 for BiasAddOp {
+    fn name(&self) -> &'static str {
+        "overopt-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let b = slice(s2, l2, self.name())?;
+        let d = last_dim(l1)?;
+        if b.len() != d {
+            candle_core::bail!("bias add: bias of {} for rows of {d}", b.len());
+        }
+        let mut out = x.to_vec();
+        for row in out.chunks_exact_mut(d) {
+            for (y, &c) in row.iter_mut().zip(b) {
+                *y += c;
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The bias gradient sums the rows: one pass over contiguous rows (candle's reduction
+        // of a broadcast over the leading dims walks the columns with a stride).
+        let d = grad.dim(D::Minus1)?;
+        cpu_values!(grad, g);
+        let mut db = vec![0f32; d];
+        for row in g.chunks_exact(d) {
+            for (s, &v) in db.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        Ok((
+            Some(grad.clone()),
+            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
+/// `x + bias` with `bias` (d) added to every row of `x` (.., d).
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasAddOp)
+}
+
+/// gelu(u) = u/2 (1 + erf(u / sqrt 2)), the exact GELU, with candle's f32 erf (libm's).
+fn gelu(u: f32) -> f32 {
+    0.5 * u * (1.0 + libm::erff(u * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// d gelu / du = (1 + erf(u / sqrt 2)) / 2 + u exp(-u^2 / 2) / sqrt(2 pi).
+fn gelu_grad(u: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    0.5 * (1.0 + libm::erff(u * std::f32::consts::FRAC_1_SQRT_2))
+        + u * (-0.5 * u * u).exp() * INV_SQRT_2PI
+}
+
+struct BiasGeluOp;
+
+impl CustomOp2 for BiasGeluOp {
+    fn name(&self) -> &'static str {
+        "overopt-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let b = slice(s2, l2, self.name())?;
+        let d = last_dim(l1)?;
+        if b.len() != d {
+            candle_core::bail!("bias gelu: bias of {} for rows of {d}", b.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            for ((y, &v), &c) in yr.iter_mut().zip(xr).zip(b) {
+                *y = gelu(v + c);
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        cpu_values!(x, xv);
+        cpu_values!(bias, bv);
+        cpu_values!(grad, gv);
+        let mut dx = vec![0f32; xv.len()];
+        let mut db = vec![0f32; d];
+        for ((xr, gr), dr) in xv
+            .chunks_exact(d)
+            .zip(gv.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            for j in 0..d {
+                dr[j] = gr[j] * gelu_grad(xr[j] + bv[j]);
+                db[j] += dr[j];
+            }
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
+/// `gelu(x + bias)` (the exact, erf GELU) with `bias` (d) added to every row of `x` (.., d).
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGeluOp)
 }

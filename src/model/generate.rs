@@ -158,7 +158,9 @@ fn generate_batch(
     let mut full_mask = Tensor::from_vec(mask, (b, p), &dev)?;
     let pos = position_ids_from_mask(&full_mask)?;
     let mut next_pos: Vec<u32> = pos.narrow(1, p - 1, 1)?.flatten_all()?.to_vec1::<u32>()?;
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    // Positions the cache will hold: the padded prompt plus one per decode step.
+    let steps = max_new.iter().copied().max().unwrap_or(0);
+    let mut cache = KvCache::with_capacity(model.config().num_hidden_layers, p + steps);
     let mut logits = model.forward_cached_last(&input, &full_mask, &pos, &mut cache)?;
     let mut samples: Vec<Sample> = (0..b)
         .map(|_| Sample {

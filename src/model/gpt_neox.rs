@@ -11,7 +11,9 @@
 //!   inference copies of a model ([`GptNeoX::inference_copy`]) use it.
 //!
 //! On the CPU in f32 the differentiable path uses the layer norm and the masked attention
-//! softmax of [`super::fused`], single-pass kernels that do have a backward pass.
+//! softmax of [`super::fused`], single-pass kernels that do have a backward pass; both paths
+//! use its QKV split with the rotary embedding, its bias add and its bias + GELU there (same
+//! function as the composite ops, fewer graph nodes and temporaries).
 
 use super::config::GptNeoXConfig;
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
@@ -79,17 +81,65 @@ fn linear(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Lin
     Ok(Linear::new(w, Some(b)))
 }
 
+/// `x @ weight^T` of a `Linear`, without its bias, as (rows, out) with rows = all leading dims.
+fn matmul_weight(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / k.max(1);
+    x.contiguous()?.reshape((rows, k))?.matmul(&l.weight().t()?)
+}
+
+/// The output shape of a `Linear` applied to `x`.
+fn linear_out_dims(l: &Linear, x: &Tensor) -> Result<Vec<usize>> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = l.weight().dim(0)?;
+    }
+    Ok(dims)
+}
+
+/// The autocast dtype of a `Linear` call: `Some(cd)` when the matmul must run in `cd` (the
+/// weight or the input is in another dtype), `None` otherwise.
+fn autocast_to(l: &Linear, x: &Tensor, compute: Option<DType>) -> Option<DType> {
+    compute.filter(|&cd| cd != l.weight().dtype() || cd != x.dtype())
+}
+
 /// `l(x)` with the matmul in `compute` (autocast style): the input, weight and bias are cast
 /// to `compute` (a differentiable cast, so gradients reach the master weights in their own
-/// dtype) and the output stays in `compute`. With `None` this is `l.forward(x)`.
+/// dtype) and the output stays in `compute`.
+fn linear_autocast(l: &Linear, x: &Tensor, cd: DType) -> Result<Tensor> {
+    let w = l.weight().to_dtype(cd)?;
+    let b = l.bias().map(|b| b.to_dtype(cd)).transpose()?;
+    Linear::new(w, b).forward(&x.to_dtype(cd)?)
+}
+
+/// `x @ weight^T + bias` of a `Linear`. With an autocast dtype, [`linear_autocast`]. On the
+/// CPU in f32 the bias is added by [`super::fused::bias_add`], whose backward sums the rows in
+/// one pass (candle's reduction of the broadcast walks the columns with a stride); elsewhere
+/// candle's `Linear::forward`.
 fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
-    match compute {
-        Some(cd) if cd != l.weight().dtype() || cd != x.dtype() => {
-            let w = l.weight().to_dtype(cd)?;
-            let b = l.bias().map(|b| b.to_dtype(cd)).transpose()?;
-            Linear::new(w, b).forward(&x.to_dtype(cd)?)
+    if let Some(cd) = autocast_to(l, x, compute) {
+        return linear_autocast(l, x, cd);
+    }
+    match l.bias() {
+        Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
+            super::fused::bias_add(&matmul_weight(l, x)?, b)?.reshape(linear_out_dims(l, x)?)
         }
         _ => l.forward(x),
+    }
+}
+
+/// `gelu(x @ weight^T + bias)` (exact GELU): on the CPU in f32 one fused op adds the bias and
+/// applies the GELU, with a single-pass backward (candle's GELU backward makes about ten
+/// full-size temporaries).
+fn linear_gelu(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
+    if let Some(cd) = autocast_to(l, x, compute) {
+        return linear_autocast(l, x, cd)?.gelu_erf();
+    }
+    match l.bias() {
+        Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
+            super::fused::bias_gelu(&matmul_weight(l, x)?, b)?.reshape(linear_out_dims(l, x)?)
+        }
+        _ => l.forward(x)?.gelu_erf(),
     }
 }
 
@@ -155,33 +205,87 @@ impl Rotary {
     }
 }
 
-/// Keys and values of one layer for the positions seen so far: (b, heads, t, head_size).
+/// Keys and values of one layer for the positions seen so far.
+///
+/// They live in preallocated buffers (b, heads, capacity, head_size): each step writes its new
+/// positions in place and attention reads the filled prefix `..len`, so a decode step no
+/// longer copies the whole cache (as a `Tensor::cat` per step would). The buffers grow (to
+/// at least twice their size) when a step would overflow them. Writes are plain copies, so
+/// no gradient flows through the cache: use it with inference copies only.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Append `k`, `v` (b, heads, t_new, head_size) and return views of all cached keys and
+    /// values, (b, heads, len, head_size).
+    fn append(&mut self, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
+        let (b, h, t_new, hs) = k.dims4()?;
+        let need = self.len + t_new;
+        let cap = match &self.k {
+            Some(buf) => buf.dim(2)?,
+            None => 0,
+        };
+        if need > cap
+            || self
+                .k
+                .as_ref()
+                .is_some_and(|buf| buf.dim(0).ok() != Some(b))
+        {
+            let new_cap = need.max(capacity).max(2 * cap);
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, h, new_cap, hs), like.dtype(), like.device())?;
+                if let Some(old) = old
+                    && self.len > 0
+                {
+                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let nk = grow(&self.k, k)?;
+            let nv = grow(&self.v, v)?;
+            self.k = Some(nk);
+            self.v = Some(nv);
+        }
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => candle_core::bail!("kv cache: buffers missing after allocation"),
+        };
+        kb.slice_set(&k.detach().contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.detach().contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
 }
 
 /// A KV cache for generation, one entry per layer.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
+    capacity: usize,
 }
 
 impl KvCache {
+    /// An empty cache whose buffers start small and grow as needed.
     pub fn new(n_layers: usize) -> Self {
+        Self::with_capacity(n_layers, 0)
+    }
+
+    /// An empty cache whose buffers are allocated for `capacity` positions up front (the
+    /// prompt plus every generated token), so that no step reallocates them.
+    pub fn with_capacity(n_layers: usize, capacity: usize) -> Self {
         Self {
             layers: vec![LayerCache::default(); n_layers],
+            capacity,
         }
     }
 
     /// Number of positions cached.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.k.as_ref())
-            .map(|k| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+        self.layers.first().map(|l| l.len).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -192,10 +296,10 @@ impl KvCache {
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for l in &mut self.layers {
             if let Some(k) = &l.k {
-                l.k = Some(k.contiguous()?.index_select(rows, 0)?);
+                l.k = Some(k.index_select(rows, 0)?);
             }
             if let Some(v) = &l.v {
-                l.v = Some(v.contiguous()?.index_select(rows, 0)?);
+                l.v = Some(v.index_select(rows, 0)?);
             }
         }
         Ok(())
@@ -229,41 +333,42 @@ impl Attention {
         rotary: &Rotary,
         cos_sin: &(Tensor, Tensor),
         bias: &Tensor,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, usize)>,
         path: OpPath,
         compute: Option<DType>,
     ) -> Result<Tensor> {
         let (b, t, hidden) = x.dims3()?;
         // Per head, the fused projection is laid out [q | k | v], each head_size wide.
-        let qkv = linear_fwd(&self.query_key_value, x, compute)?
-            .reshape((b, t, self.n_heads, 3 * self.head_size))?
-            .transpose(1, 2)?; // (b, h, t, 3*hs)
-        let q = qkv.narrow(D::Minus1, 0, self.head_size)?;
-        let k = qkv.narrow(D::Minus1, self.head_size, self.head_size)?;
-        let v = qkv
-            .narrow(D::Minus1, 2 * self.head_size, self.head_size)?
-            .contiguous()?;
-        let q = rotary.apply(&q, &cos_sin.0, &cos_sin.1)?;
-        let k = rotary.apply(&k, &cos_sin.0, &cos_sin.1)?;
+        let qkv = linear_fwd(&self.query_key_value, x, compute)?;
+        let (cos, sin) = cos_sin;
+        let (q, k, v) = if super::fused::usable(&[&qkv, cos, sin]) {
+            // One custom op per part (split, heads-first layout and rotary together); it has
+            // a backward pass, so both op paths use it.
+            let split = |part, rotate| {
+                super::fused::split_heads_rotary(&qkv, cos, sin, self.n_heads, part, rotate)
+            };
+            (split(0, true)?, split(1, true)?, split(2, false)?)
+        } else {
+            let qkv = qkv
+                .reshape((b, t, self.n_heads, 3 * self.head_size))?
+                .transpose(1, 2)?; // (b, h, t, 3*hs)
+            let q = qkv.narrow(D::Minus1, 0, self.head_size)?;
+            let k = qkv.narrow(D::Minus1, self.head_size, self.head_size)?;
+            let v = qkv
+                .narrow(D::Minus1, 2 * self.head_size, self.head_size)?
+                .contiguous()?;
+            (rotary.apply(&q, cos, sin)?, rotary.apply(&k, cos, sin)?, v)
+        };
+        let cached = cache.is_some();
         let (k, v) = match cache {
             None => (k, v),
-            Some(c) => {
-                let k = match &c.k {
-                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
-                    None => k,
-                };
-                let v = match &c.v {
-                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
-                    None => v,
-                };
-                c.k = Some(k.clone());
-                c.v = Some(v.clone());
-                (k, v)
-            }
+            Some((c, capacity)) => c.append(&k, &v, capacity)?,
         };
         let scale = 1.0 / (self.head_size as f64).sqrt();
         let q = q.contiguous()?;
-        let kt = k.t()?.contiguous()?;
+        // The cached keys are a prefix view of a larger buffer: the matmul reads them through
+        // their strides; a transposed copy would cost as much as the cache itself each step.
+        let kt = if cached { k.t()? } else { k.t()?.contiguous()? };
         // Scores and softmax in f32, as HF does; `bias` is (b, 1, t, t_total) additive.
         let raw = q.matmul(&kt)?.to_dtype(DType::F32)?;
         let probs = match path {
@@ -309,7 +414,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
-        let h = linear_fwd(&self.dense_h_to_4h, x, compute)?.gelu_erf()?;
+        let h = linear_gelu(&self.dense_h_to_4h, x, compute)?;
         linear_fwd(&self.dense_4h_to_h, &h, compute)
     }
 }
@@ -346,7 +451,7 @@ impl Layer {
         rotary: &Rotary,
         cos_sin: &(Tensor, Tensor),
         bias: &Tensor,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, usize)>,
         path: OpPath,
         compute: Option<DType>,
     ) -> Result<Tensor> {
@@ -659,7 +764,7 @@ impl GptNeoX {
         };
         let mut x = self.embed_in.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let lc = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.capacity));
             x = layer.forward(&x, &self.rotary, &cos_sin, bias, lc, self.path, compute)?;
         }
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
