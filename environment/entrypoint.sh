@@ -64,8 +64,10 @@ secrets() {
 }
 
 # The notebooks read and write out/<scale> under the repository by default; point out/ at the
-# output volume so that `lab` finds what `reproduce` wrote there.
+# output volume so that `lab` finds what `reproduce` wrote there (OVEROPT_LINK_OUT=0: leave
+# the repository alone, as the tests do).
 link_out() {
+    [ "${OVEROPT_LINK_OUT:-1}" = 1 ] || return 0
     if [ -d "$OUT" ] && [ ! -e "$ROOT/out" ] && [ ! -L "$ROOT/out" ]; then
         ln -s "$OUT" "$ROOT/out" 2>/dev/null || true
     fi

@@ -631,6 +631,7 @@ def test_entrypoint_dispatch():
             OVEROPT_BIN=str(stub),
             OVEROPT_OUT=str(d / "out"),
             OVEROPT_NOTEBOOKS="0",
+            OVEROPT_LINK_OUT="0",  # the repository's out/ must not point into this temp dir
             HF_TOKEN="hf_secret_value_123",
             OPENAI_API_KEY="sk-secret-value-456",
         )
@@ -657,6 +658,9 @@ def test_entrypoint_dispatch():
         assert "secret_value" not in out and "secret-value" not in out, "a secret was printed"
         p = subprocess.run(["bash", entry, "frobnicate"], env=env, capture_output=True, text=True)
         assert p.returncode != 0 and "unknown command" in p.stderr
+        link = ROOT / "out"
+        assert not (link.is_symlink() and str(d) in os.readlink(link)), \
+            f"the entrypoint linked {link} into the test's temporary directory"
 
 
 TESTS = [
