@@ -179,42 +179,38 @@ fn split_heads_rotary_matches_the_composite_with_gradients() {
     }
 }
 
-#[test]
-fn bias_add_matches_broadcast_add_with_gradients() {
+/// A (rows, bias) op against its composite: values within 1e-6 and the gradients of both
+/// inputs, under a random linear functional of the output, within `grad_tol`.
+fn check_bias_op(
+    x_std: f32,
+    fused: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    composite: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    grad_tol: f32,
+) {
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap()).unwrap();
+    let x = Var::from_tensor(&Tensor::randn(0f32, x_std, (3, 4, 6), &dev).unwrap()).unwrap();
     let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &dev).unwrap()).unwrap();
     let r = Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap();
-    let fused = bias_add(&x, &b).unwrap();
-    let comp = x.broadcast_add(&b).unwrap();
-    close(&fused, &comp, 1e-6);
-    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let f = fused(&x, &b).unwrap();
+    let c = composite(&x, &b).unwrap();
+    close(&f, &c, 1e-6);
+    let gf = (f * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (c * &r).unwrap().sum_all().unwrap().backward().unwrap();
     for v in [&x, &b] {
         close(
             gf.get(v.as_tensor()).unwrap(),
             gc.get(v.as_tensor()).unwrap(),
-            1e-5,
+            grad_tol,
         );
     }
 }
 
 #[test]
+fn bias_add_matches_broadcast_add_with_gradients() {
+    check_bias_op(1.0, bias_add, |x, b| x.broadcast_add(b), 1e-5);
+}
+
+#[test]
 fn bias_gelu_matches_the_composite_with_gradients() {
-    let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 6), &dev).unwrap()).unwrap();
-    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &dev).unwrap()).unwrap();
-    let r = Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap();
-    let fused = bias_gelu(&x, &b).unwrap();
-    let comp = x.broadcast_add(&b).unwrap().gelu_erf().unwrap();
-    close(&fused, &comp, 1e-6);
-    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    for v in [&x, &b] {
-        close(
-            gf.get(v.as_tensor()).unwrap(),
-            gc.get(v.as_tensor()).unwrap(),
-            1e-4,
-        );
-    }
+    check_bias_op(2.0, bias_gelu, |x, b| x.broadcast_add(b)?.gelu_erf(), 1e-4);
 }
