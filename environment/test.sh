@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and integration tests (parity with HF fixtures included),
-# then the environment scripts the Docker image runs (here with CPU features), the
+# then one fresh teach-scale DAA run compared with artifact/expected/teach (check-teach.sh),
+# the environment scripts the Docker image runs (here with CPU features), the
 # Dockerfile checks (tests/test_dockerfile.py), and every notebook executed headless in the
 # evcxr Rust kernel with the notebook runner's self-test (environment/test-notebooks.sh).
 # Self-contained: needs only the machine's Rust toolchain, python3 and the package registries
@@ -13,6 +14,9 @@ echo "== cargo test (all targets) =="
 cargo test --locked --all-targets --no-run 2>&1 | tail -3
 cargo test --locked 2>&1
 echo "== cargo test: ${SECONDS} s =="
+
+echo "== a fresh teach-scale run against the committed expected results (environment/check-teach.sh) =="
+bash environment/check-teach.sh
 
 echo "== environment scripts of the Docker image (CPU) =="
 bash environment/install-rust.sh

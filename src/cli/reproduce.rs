@@ -289,6 +289,9 @@ pub fn compare_rows(expected: &[ResultRow], actual: &[ResultRow], tol: Tolerance
 pub fn compare(a: CompareArgs) -> Result<()> {
     let e = crate::sweep::tables::read_results_parquet(&a.expected)?;
     let x = crate::sweep::tables::read_results_parquet(&a.actual)?;
+    if x.is_empty() {
+        bail!("{}: the actual table has no rows", a.actual.display());
+    }
     let tol = Tolerance {
         win_abs: a.win_tol,
         kl_rel: a.kl_rel_tol,
