@@ -17,6 +17,25 @@ fn close(a: &Tensor, b: &Tensor, tol: f32) {
     }
 }
 
+/// Backpropagate the random linear functional `sum(out * r)` through both outputs and compare
+/// the gradients of every `var` within `tol`.
+fn close_grads(fused: Tensor, composite: Tensor, r: &Tensor, vars: &[&Var], tol: f32) {
+    let gf = (fused * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (composite * r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in vars {
+        close(
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+            tol,
+        );
+    }
+}
+
 fn composite_ln(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
     let n = x.dim(D::Minus1).unwrap() as f64;
     let mean = (x.sum_keepdim(D::Minus1).unwrap() / n).unwrap();
@@ -40,15 +59,7 @@ fn layer_norm_matches_the_composite_with_gradients() {
     let fused = layer_norm(&x, &w, &b, 1e-5).unwrap();
     let comp = composite_ln(&x, &w, &b, 1e-5);
     close(&fused, &comp, 1e-5);
-    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    for v in [&x, &w, &b] {
-        close(
-            gf.get(v.as_tensor()).unwrap(),
-            gc.get(v.as_tensor()).unwrap(),
-            1e-4,
-        );
-    }
+    close_grads(fused, comp, &r, &[&x, &w, &b], 1e-4);
 }
 
 #[test]
@@ -73,13 +84,7 @@ fn softmaxes_match_candle_with_gradients() {
             )
         };
         close(&f, &c, 1e-5);
-        let gf = (f * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (c * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        close(
-            gf.get(x.as_tensor()).unwrap(),
-            gc.get(x.as_tensor()).unwrap(),
-            1e-4,
-        );
+        close_grads(f, c, &r, &[&x], 1e-4);
     }
 }
 
@@ -102,13 +107,7 @@ fn masked_softmax_matches_the_composite_with_gradients() {
     )
     .unwrap();
     close(&f, &c, 1e-5);
-    let gf = (f * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gc = (c * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    close(
-        gf.get(x.as_tensor()).unwrap(),
-        gc.get(x.as_tensor()).unwrap(),
-        1e-4,
-    );
+    close_grads(f, c, &r, &[&x], 1e-4);
 }
 
 /// The composite the fused split replaces: reshape, transpose, narrow, rotate-half.
@@ -194,15 +193,7 @@ fn check_bias_op(
     let f = fused(&x, &b).unwrap();
     let c = composite(&x, &b).unwrap();
     close(&f, &c, 1e-6);
-    let gf = (f * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gc = (c * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    for v in [&x, &b] {
-        close(
-            gf.get(v.as_tensor()).unwrap(),
-            gc.get(v.as_tensor()).unwrap(),
-            grad_tol,
-        );
-    }
+    close_grads(f, c, &r, &[&x, &b], grad_tol);
 }
 
 #[test]

@@ -50,6 +50,17 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 const NAMES: [&str; 2] = ["parallel", "sequential"];
 
+/// The parallel-residual HF fixture, loaded on the CPU in `dtype`.
+fn parallel_fixture(dtype: DType) -> load::LoadedModel {
+    load::load(
+        fixture("parallel").to_str().unwrap(),
+        None,
+        dtype,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 #[test]
 fn logits_match_hf_on_a_right_padded_batch() {
     for name in NAMES {
@@ -286,13 +297,7 @@ fn greedy_generation_with_kv_cache_matches_recompute_and_hf() {
 
 #[test]
 fn left_padded_cached_prefill_matches_unpadded_forward() {
-    let lm = load::load(
-        fixture("parallel").to_str().unwrap(),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lm = parallel_fixture(DType::F32);
     let m = lm.model.inference_copy().unwrap();
     let a: Vec<u32> = vec![5, 17, 42, 8, 9];
     let b: Vec<u32> = vec![250, 11];
@@ -326,13 +331,7 @@ fn left_padded_cached_prefill_matches_unpadded_forward() {
 
 #[test]
 fn sampling_is_seeded_and_independent_of_batching() {
-    let lm = load::load(
-        fixture("parallel").to_str().unwrap(),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lm = parallel_fixture(DType::F32);
     let prompts: Vec<Vec<u32>> = vec![
         vec![5, 17, 42],
         vec![250, 11],
@@ -453,20 +452,8 @@ fn saved_checkpoint_round_trips() {
 
 #[test]
 fn bf16_forward_is_close_to_f32() {
-    let f32m = load::load(
-        fixture("parallel").to_str().unwrap(),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let bf = load::load(
-        fixture("parallel").to_str().unwrap(),
-        None,
-        DType::BF16,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let f32m = parallel_fixture(DType::F32);
+    let bf = parallel_fixture(DType::BF16);
     let ids = Tensor::new(&[[3u32, 4, 5, 6, 7, 8]], &Device::Cpu).unwrap();
     let a = f32m.model.forward(&ids, None, None).unwrap();
     let b = bf
@@ -546,13 +533,7 @@ fn score_cli_reproduces_hf_logps() {
 fn growing_kv_cache_decode_matches_full_forward() {
     // A cache without a capacity hint starts at the prompt length and reallocates while
     // decoding; every step must still give the logits of a full forward over the sequence.
-    let lm = load::load(
-        fixture("parallel").to_str().unwrap(),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lm = parallel_fixture(DType::F32);
     let m = lm.model.inference_copy().unwrap();
     let dev = Device::Cpu;
     let mut ids = [vec![5u32, 17, 42], vec![1, 250, 11]];
