@@ -674,7 +674,8 @@ pub fn read_pref_file(
 // ---------------------------------------------------------------------------------------------
 // Whole splits through the hub cache.
 
-fn split_name<'a>(train: &'a str, eval: &'a str, split: Split) -> &'a str {
+/// The train or the eval member of a pair of settings (split name, record limit).
+fn by_split<T>(split: Split, train: T, eval: T) -> T {
     match split {
         Split::Train => train,
         Split::Eval => eval,
@@ -741,11 +742,11 @@ pub fn load_sft_records(
     hub: &HubAccess,
 ) -> Result<Loaded<SftRecord>> {
     let s = &cfg.sft;
-    let name = split_name(&s.train_split, &s.eval_split, split);
-    let limit = match split {
-        Split::Train => s.max_train,
-        Split::Eval => s.max_eval,
-    };
+    let (name, limit) = by_split(
+        split,
+        (s.train_split.as_str(), s.max_train),
+        (s.eval_split.as_str(), s.max_eval),
+    );
     load_split(
         hub,
         &s.repo,
@@ -764,11 +765,11 @@ pub fn load_pref_records(
     hub: &HubAccess,
 ) -> Result<Loaded<PrefRecord>> {
     let s = &cfg.prefs;
-    let name = split_name(&s.train_split, &s.eval_split, split);
-    let limit = match split {
-        Split::Train => s.max_train,
-        Split::Eval => s.max_eval,
-    };
+    let (name, limit) = by_split(
+        split,
+        (s.train_split.as_str(), s.max_train),
+        (s.eval_split.as_str(), s.max_eval),
+    );
     load_split(
         hub,
         &s.repo,
