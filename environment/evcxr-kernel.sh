@@ -14,8 +14,9 @@
 # every kernel: two kernels sharing one target directory load each other's cells (measured:
 # "dlsym failed", a dead kernel). So every slot has a target directory of its own. A new slot
 # starts from a copy of another slot's (the crate and its dependencies, without any cell
-# libraries), taken while holding that directory's cargo locks, so only the first slot ever
-# compiles the crate; cargo's fingerprints are relative to the target directory and stay valid.
+# libraries; the compiled libraries hard-linked, see below), taken while holding that
+# directory's cargo locks, so only the first slot ever compiles the crate; cargo's fingerprints
+# are relative to the target directory and stay valid.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${OVEROPT_EVCXR_BUILD:-$ROOT/notebooks/.evcxr-build}
@@ -88,8 +89,24 @@ if [ ! -d "$slot/target" ]; then
         done < <(find "$src" -maxdepth 3 -name .cargo-lock)
         rm -rf "$slot/target.tmp"
         mkdir -p "$slot/target.tmp"
+        # The compiled libraries (rlib, rmeta, so, a: about 2 GB of the 2.7 GB) become hard
+        # links, not copies: a full copy per slot filled CI's disk with four notebooks at
+        # once. rustc and the linker write a rebuilt library to a new file that replaces the
+        # old name, so a rebuild in one slot never changes another slot's files. Everything
+        # else (cargo's fingerprints, dep-info, build-script outputs, which cargo may rewrite
+        # in place) is copied, but for rustc's incremental caches, which only speed up a rebuild
+        # of the crate after an edit. Without hard links (another file system) it falls back to
+        # a copy.
+        skip=(-name 'libcode_*' -o -name 'libctx*' -o -path '*/ctx-*' -o -path '*/incremental/*'
+            -o -name '.cargo-lock')
+        lib=(-name '*.rlib' -o -name '*.rmeta' -o -name '*.so' -o -name '*.a')
+        (cd "$src" && find . -type f ! \( "${skip[@]}" \) \( "${lib[@]}" \) -print0 |
+            xargs -0 -r cp -l --parents -t "$slot/target.tmp" 2>/dev/null) ||
+            (cd "$src" && find . -type f ! \( "${skip[@]}" \) \( "${lib[@]}" \) -print0 |
+                xargs -0 -r cp -p --parents -t "$slot/target.tmp")
         tar -C "$src" --exclude='libcode_*' --exclude='libctx*' --exclude='ctx-*' \
-            --exclude='.cargo-lock' -cf - . | tar -C "$slot/target.tmp" -xf -
+            --exclude='incremental' --exclude='.cargo-lock' --exclude='*.rlib' --exclude='*.rmeta' \
+            --exclude='*.so' --exclude='*.a' -cf - . | tar -C "$slot/target.tmp" -xf -
         mv "$slot/target.tmp" "$slot/target"
         for fd in "${fds[@]}"; do exec {fd}<&-; done
     fi

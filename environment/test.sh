@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 SECONDS=0
+# Disk is the resource that ran out on CI (the notebooks' kernels), so say what is free.
+disk() { df -h . | awk 'NR==2 {print "disk: " $4 " free of " $2}'; }
+disk
 echo "== cargo test (all targets) =="
 cargo test --locked --all-targets --no-run 2>&1 | tail -3
 cargo test --locked 2>&1
@@ -29,5 +32,7 @@ VENV=environment/.venv-tests
 "$VENV/bin/python" tests/test_dockerfile.py
 
 echo "== notebooks (environment/test-notebooks.sh) at ${SECONDS} s =="
+disk
 bash environment/test-notebooks.sh
+disk
 echo "== test.sh: all passed in ${SECONDS} s =="
