@@ -373,7 +373,7 @@ outcome on the length difference at zero difference. The prototype of the task f
 budget effect reversed (R^2 grew as beta shrank) and R^2 growing with size, and so does the
 full teach grid (docs/teach_sweep.md): the R^2 of implicit reward on length is higher for the
 small model in 12 of 60 comparisons and for the smaller KL budget in 1 of 36, so C6 fails
-there; the verdict above reports what this run shows.
+there; the next cell reports what this run shows.
 """),
         code('notebook::scale_note(&p, &verdicts, &["C6"])'),
         sentinel("03_length"),
