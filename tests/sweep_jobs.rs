@@ -118,3 +118,87 @@ fn job_array_matches_single_process_and_resumes() {
         jobs.join("results.parquet").to_str().unwrap(),
     ]);
 }
+
+/// artifact/slurm/sweep.sbatch, submitted to a stand-in `sbatch` that runs each job at once
+/// (array tasks one index after another, in dependency order): the script's prepare / run /
+/// collect stages produce the smoke grid's table.
+#[test]
+fn slurm_script_runs_the_grid_through_a_stand_in_scheduler() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let d = tempfile::tempdir().unwrap();
+    let bin = d.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = d.path().join("sbatch.log");
+    let sbatch = bin.join("sbatch");
+    std::fs::write(
+        &sbatch,
+        format!(
+            r#"#!/usr/bin/env bash
+# Stand-in for sbatch: run the job now; print a job id as --parsable does.
+set -euo pipefail
+echo "sbatch $*" >> {log:?}
+script="${{@: -1}}"
+stage=""
+array=""
+for a in "$@"; do
+    case "$a" in
+        --export=*) stage=$(printf '%s' "$a" | sed -n 's/.*STAGE=\([a-z]*\).*/\1/p') ;;
+        --array=*) array=${{a#--array=}}; array=${{array%%\%*}} ;;
+    esac
+done
+if [ -n "$array" ]; then
+    for i in $(seq "${{array%-*}}" "${{array#*-}}"); do
+        STAGE=$stage SLURM_ARRAY_TASK_ID=$i bash "$script" >&2
+    done
+else
+    STAGE=$stage bash "$script" >&2
+fi
+echo "$RANDOM"
+"#
+        ),
+    )
+    .unwrap();
+    let chmod = Command::new("chmod")
+        .arg("+x")
+        .arg(&sbatch)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+    let out = d.path().join("out");
+    let o = Command::new("bash")
+        .arg("artifact/slurm/sweep.sbatch")
+        .current_dir(root)
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("OVEROPT", env!("CARGO_BIN_EXE_overopt"))
+        .env("SCALE", "teach")
+        .env("CONFIG", "artifact/configs/teach/smoke.toml")
+        .env("OUT", &out)
+        .env("GPU", "")
+        .env_remove("STAGE")
+        .env_remove("DRY_RUN")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("sweep.sbatch: 9 runs of"), "{text}");
+    let submitted = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(submitted.lines().count(), 3, "{submitted}");
+    assert!(submitted.contains("--array=0-8%16"), "{submitted}");
+    assert!(!submitted.contains("--gres"), "GPU=\"\" asks for none: {submitted}");
+    assert_eq!(table(&out).len(), 2 + 9 * 2, "{text}");
+    let expected = root.join("artifact/expected/smoke/results.parquet");
+    overopt(&[
+        "compare",
+        "--expected",
+        expected.to_str().unwrap(),
+        "--actual",
+        out.join("results.parquet").to_str().unwrap(),
+    ]);
+}

@@ -799,3 +799,92 @@ fn malformed_rows_name_their_index_and_file() {
         "{e}"
     );
 }
+
+/// `overopt export-tldr`: the command line writes the four JSON-lines sets of a data config
+/// from the hub cache (offline, through the environment), and its manifest says what it read.
+#[test]
+fn export_command_writes_the_run_data_from_the_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    build_cache(&cache);
+    let data = tmp.path().join("data.toml");
+    std::fs::write(
+        &data,
+        format!("[sft]\nrepo = \"{SFT_REPO}\"\n\n[prefs]\nrepo = \"{PREF_REPO}\"\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("runs/data");
+    let run = |data: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_overopt"))
+            .arg("export-tldr")
+            .arg("--data")
+            .arg(data)
+            .arg("--out")
+            .arg(&out)
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env_remove("HF_HOME")
+            .output()
+            .unwrap()
+    };
+    let o = run(&data);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{text}");
+
+    // The same records as the library loads, in the files the paper run configs name.
+    let hub = HubAccess::offline_cache(&cache);
+    let cfg = test_config();
+    let sft_train: Vec<tldr::SftRecord> =
+        overopt::util::read_jsonl(&out.join("sft-train.jsonl")).unwrap();
+    assert_eq!(
+        sft_train,
+        load_sft_records(&cfg, Split::Train, &hub).unwrap().records
+    );
+    let sft_eval: Vec<tldr::SftRecord> =
+        overopt::util::read_jsonl(&out.join("sft-eval.jsonl")).unwrap();
+    assert_eq!(sft_eval.len(), 2);
+    let prefs_train: Vec<PrefRecord> =
+        overopt::util::read_jsonl(&out.join("prefs-train.jsonl")).unwrap();
+    assert_eq!(
+        prefs_train,
+        load_pref_records(&cfg, Split::Train, &hub).unwrap().records
+    );
+    let prefs_eval: Vec<PrefRecord> =
+        overopt::util::read_jsonl(&out.join("prefs-eval.jsonl")).unwrap();
+    assert_eq!(prefs_eval.len(), 2, "the CNN/DM row is dropped");
+    assert!(text.contains("prefs-eval.jsonl 2 records (1 skipped)"), "{text}");
+
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("export.json")).unwrap()).unwrap();
+    let files = manifest["files"].as_array().unwrap();
+    assert_eq!(files.len(), 4);
+    assert_eq!(files[3]["file"], "prefs-eval.jsonl");
+    assert_eq!(files[3]["skipped"], 1);
+    assert_eq!(
+        files[3]["read"][0], "comparisons/validation/0000.parquet",
+        "{manifest}"
+    );
+    assert_eq!(manifest["config"]["prefs"]["repo"], PREF_REPO);
+
+    // A config naming a split the cache lacks: offline, so an error naming the set, not a
+    // download attempt; a bad key names the file.
+    std::fs::write(
+        &data,
+        format!("[sft]\nrepo = \"{SFT_REPO}\"\n\n[prefs]\nrepo = \"{PREF_REPO}\"\ntrain_split = \"nope\"\n"),
+    )
+    .unwrap();
+    let o = run(&data);
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(e.contains("preference set") && e.contains("offline"), "{e}");
+    std::fs::write(&data, "[sft]\nrepos = \"x/y\"\n").unwrap();
+    let o = run(&data);
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(e.contains("data.toml") && e.contains("repos"), "{e}");
+}

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod data_cmds;
 mod judge_cmd;
 pub(crate) mod model_cmds;
 mod reproduce;
@@ -45,6 +46,9 @@ pub enum Command {
     /// reads JSON lines {"prompt", "candidate", "reference"} (optional "id"), writes one verdict
     /// line per input and a summary JSON (win rate, interval, position bias, tokens, cost).
     Judge(judge_cmd::JudgeArgs),
+    /// Export the TL;DR SFT and preference sets of a data config (hub parquet, cache first) as
+    /// the JSON lines that `sft` / `daa` read: sft-train, sft-eval, prefs-train, prefs-eval.
+    ExportTldr(data_cmds::ExportArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -62,5 +66,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sweep(a) => reproduce::sweep(a),
         Command::Collect(a) => reproduce::collect(a),
         Command::Compare(a) => reproduce::compare(a),
+        Command::ExportTldr(a) => data_cmds::export(a),
     }
 }
