@@ -100,10 +100,14 @@ if [ ! -d "$slot/target" ]; then
         skip=(-name 'libcode_*' -o -name 'libctx*' -o -path '*/ctx-*' -o -path '*/incremental/*'
             -o -name '.cargo-lock')
         lib=(-name '*.rlib' -o -name '*.rmeta' -o -name '*.so' -o -name '*.a')
-        (cd "$src" && find . -type f ! \( "${skip[@]}" \) \( "${lib[@]}" \) -print0 |
-            xargs -0 -r cp -l --parents -t "$slot/target.tmp" 2>/dev/null) ||
+        libs() {  # $1: -l (hard links) or -p (copies)
             (cd "$src" && find . -type f ! \( "${skip[@]}" \) \( "${lib[@]}" \) -print0 |
-                xargs -0 -r cp -p --parents -t "$slot/target.tmp")
+                xargs -0 -r cp "$1" --parents -t "$slot/target.tmp")
+        }
+        if ! libs -l 2>/dev/null; then
+            rm -rf "$slot/target.tmp" && mkdir -p "$slot/target.tmp"
+            libs -p
+        fi
         tar -C "$src" --exclude='libcode_*' --exclude='libctx*' --exclude='ctx-*' \
             --exclude='incremental' --exclude='.cargo-lock' --exclude='*.rlib' --exclude='*.rmeta' \
             --exclude='*.so' --exclude='*.a' -cf - . | tar -C "$slot/target.tmp" -xf -

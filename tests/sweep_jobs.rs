@@ -1,6 +1,8 @@
 //! The teach grid run as separate processes through the job-array entry points (prepare,
 //! one process per run index, collect) ends with the same results table as one process.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -24,6 +26,19 @@ fn table(dir: &Path) -> Vec<serde_json::Value> {
     rows.iter()
         .map(|r| serde_json::to_value(r).unwrap())
         .collect()
+}
+
+/// `overopt compare` of DIR/results.parquet with the committed smoke results passes.
+fn matches_expected_smoke(dir: &Path) {
+    let expected =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("artifact/expected/smoke/results.parquet");
+    overopt(&[
+        "compare",
+        "--expected",
+        expected.to_str().unwrap(),
+        "--actual",
+        dir.join("results.parquet").to_str().unwrap(),
+    ]);
 }
 
 #[test]
@@ -99,15 +114,7 @@ fn job_array_matches_single_process_and_resumes() {
     ]);
     assert_eq!(table(&single), a);
     // The fresh run matches the committed expected results (artifact/expected/smoke).
-    let expected =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("artifact/expected/smoke/results.parquet");
-    overopt(&[
-        "compare",
-        "--expected",
-        expected.to_str().unwrap(),
-        "--actual",
-        single.join("results.parquet").to_str().unwrap(),
-    ]);
+    matches_expected_smoke(&single);
     // compare: identical tables pass.
     let out = single.join("results.parquet");
     overopt(&[
@@ -181,24 +188,16 @@ echo "$RANDOM"
         .env_remove("DRY_RUN")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let text = common::output_text(&o);
     assert!(o.status.success(), "{text}");
     assert!(text.contains("sweep.sbatch: 9 runs of"), "{text}");
     let submitted = std::fs::read_to_string(&log).unwrap();
     assert_eq!(submitted.lines().count(), 3, "{submitted}");
     assert!(submitted.contains("--array=0-8%16"), "{submitted}");
-    assert!(!submitted.contains("--gres"), "GPU=\"\" asks for none: {submitted}");
+    assert!(
+        !submitted.contains("--gres"),
+        "GPU=\"\" asks for none: {submitted}"
+    );
     assert_eq!(table(&out).len(), 2 + 9 * 2, "{text}");
-    let expected = root.join("artifact/expected/smoke/results.parquet");
-    overopt(&[
-        "compare",
-        "--expected",
-        expected.to_str().unwrap(),
-        "--actual",
-        out.join("results.parquet").to_str().unwrap(),
-    ]);
+    matches_expected_smoke(&out);
 }

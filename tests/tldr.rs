@@ -580,11 +580,7 @@ fn environment_variables_select_the_cache_and_offline_mode() {
         .env("OVEROPT_TLDR_CHILD", "1")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("child loaded 5 sft, 4 pairs"), "{text}");
 }
@@ -829,11 +825,7 @@ fn export_command_writes_the_run_data_from_the_hub_cache() {
             .unwrap()
     };
     let o = run(&data);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let text = common::output_text(&o);
     assert!(o.status.success(), "{text}");
 
     // The same records as the library loads, in the files the paper run configs name.
@@ -857,7 +849,10 @@ fn export_command_writes_the_run_data_from_the_hub_cache() {
     let prefs_eval: Vec<PrefRecord> =
         overopt::util::read_jsonl(&out.join("prefs-eval.jsonl")).unwrap();
     assert_eq!(prefs_eval.len(), 2, "the CNN/DM row is dropped");
-    assert!(text.contains("prefs-eval.jsonl 2 records (1 skipped)"), "{text}");
+    assert!(
+        text.contains("prefs-eval.jsonl 2 records (1 skipped)"),
+        "{text}"
+    );
 
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("export.json")).unwrap()).unwrap();

@@ -58,7 +58,10 @@ fn write_split<T: Serialize>(out: &Path, name: &str, loaded: &Loaded<T>) -> Resu
 pub fn export_tldr(cfg: &TldrConfig, hub: &HubAccess, out: &Path) -> Result<serde_json::Value> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut files = Vec::new();
-    for (name, split) in [("sft-train.jsonl", Split::Train), ("sft-eval.jsonl", Split::Eval)] {
+    for (name, split) in [
+        ("sft-train.jsonl", Split::Train),
+        ("sft-eval.jsonl", Split::Eval),
+    ] {
         let loaded = tldr::load_sft_records(cfg, split, hub)
             .with_context(|| format!("the SFT set ({})", cfg.sft.repo))?;
         files.push(write_split(out, name, &loaded)?);

@@ -1,4 +1,5 @@
-//! A loopback HTTP/1.1 server for tests of network clients. It listens on 127.0.0.1 only,
+//! Shared test helpers: a loopback HTTP/1.1 server for tests of network clients, and
+//! [`output_text`] for child processes. The server listens on 127.0.0.1 only,
 //! speaks just enough HTTP (one request per connection, `Content-Length` bodies,
 //! `Connection: close`), counts and records requests, and lets a handler choose each reply:
 //! a response, a stall (accept, read the request, never answer) or an abrupt close.
@@ -317,4 +318,13 @@ fn serve(
         }
         Reply::Close => {}
     }
+}
+
+/// A child process's stdout and stderr as one text, for assertions and their messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
