@@ -28,17 +28,22 @@ fn table(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// `overopt compare` of DIR/results.parquet with the committed smoke results passes.
-fn matches_expected_smoke(dir: &Path) {
-    let expected =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("artifact/expected/smoke/results.parquet");
+/// `overopt compare --expected EXPECTED --actual ACTUAL` passes.
+fn compare_passes(expected: &Path, actual: &Path) {
     overopt(&[
         "compare",
         "--expected",
         expected.to_str().unwrap(),
         "--actual",
-        dir.join("results.parquet").to_str().unwrap(),
+        actual.to_str().unwrap(),
     ]);
+}
+
+/// DIR/results.parquet matches the committed smoke results.
+fn matches_expected_smoke(dir: &Path) {
+    let expected =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("artifact/expected/smoke/results.parquet");
+    compare_passes(&expected, &dir.join("results.parquet"));
 }
 
 #[test]
@@ -116,14 +121,10 @@ fn job_array_matches_single_process_and_resumes() {
     // The fresh run matches the committed expected results (artifact/expected/smoke).
     matches_expected_smoke(&single);
     // compare: identical tables pass.
-    let out = single.join("results.parquet");
-    overopt(&[
-        "compare",
-        "--expected",
-        out.to_str().unwrap(),
-        "--actual",
-        jobs.join("results.parquet").to_str().unwrap(),
-    ]);
+    compare_passes(
+        &single.join("results.parquet"),
+        &jobs.join("results.parquet"),
+    );
 }
 
 /// artifact/slurm/sweep.sbatch, submitted to a stand-in `sbatch` that runs each job at once
