@@ -568,3 +568,87 @@ fn growing_kv_cache_decode_matches_full_forward() {
         assert!(d < 1e-4, "step {step}: {d}");
     }
 }
+
+/// Pairs of continuations of shared prompts, scored with each prompt run once, give the
+/// log-probs and parameter gradients of scoring every `prompt ++ continuation` row on its
+/// own (both residual layouts; training op path and inference copy).
+#[test]
+fn shared_prefix_scoring_equals_full_rows_in_values_and_gradients() {
+    use overopt::model::score::shared_prefix_logps;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    for name in NAMES {
+        let lm = load::load(
+            fixture(name).to_str().unwrap(),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let vocab = lm.model.config().vocab_size as u32;
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut draw =
+            |len: usize| -> Vec<u32> { (0..len).map(|_| rng.random_range(2..vocab)).collect() };
+        // Prompt lengths 1..9, continuations 0..6 tokens (EOS is appended to each).
+        let prompt_lens = [1usize, 9, 4, 6, 2];
+        let prompts: Vec<Vec<u32>> = prompt_lens.iter().map(|&l| draw(l)).collect();
+        let cont_lens = [[0usize, 3], [5, 1], [2, 6], [4, 4], [1, 0]];
+        let conts: Vec<Vec<u32>> = cont_lens.iter().flatten().map(|&l| draw(l)).collect();
+        // Row order: first continuations of every prompt, then the second ones.
+        let order: Vec<(usize, usize)> = (0..2)
+            .flat_map(|side| (0..prompts.len()).map(move |i| (i, 2 * i + side)))
+            .collect();
+        let eos = 0u32;
+        let pad = 1u32;
+        let p_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let responses: Vec<(usize, &[u32])> = order
+            .iter()
+            .map(|&(i, c)| (i, conts[c].as_slice()))
+            .collect();
+        let full_p: Vec<&[u32]> = order.iter().map(|&(i, _)| prompts[i].as_slice()).collect();
+        let full_r: Vec<&[u32]> = order.iter().map(|&(_, c)| conts[c].as_slice()).collect();
+        for model in [lm.model.clone(), lm.model.inference_copy().unwrap()] {
+            let (shared, lens) =
+                shared_prefix_logps(&model, &p_refs, &responses, Some(eos), pad).unwrap();
+            let batch = collate(&full_p, &full_r, Some(eos), pad, &Device::Cpu).unwrap();
+            let rows = sequence_logps(&model, &batch).unwrap();
+            assert_eq!(lens, batch.n_response_tokens, "{name}");
+            let diff = max_abs_diff(&shared, &rows);
+            assert!(diff < 1e-4, "{name}: shared-prefix log-probs off by {diff}");
+        }
+        // Gradients of a weighted sum (distinct weights, so that rows cannot trade errors).
+        let w: Vec<f32> = (0..order.len()).map(|r| 1.0 + 0.1 * r as f32).collect();
+        let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
+        let (shared, _) =
+            shared_prefix_logps(&lm.model, &p_refs, &responses, Some(eos), pad).unwrap();
+        let g_shared = (shared * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let batch = collate(&full_p, &full_r, Some(eos), pad, &Device::Cpu).unwrap();
+        let rows = sequence_logps(&lm.model, &batch).unwrap();
+        let g_rows = (rows * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let vars = lm.varmap.data().lock().unwrap();
+        for (pname, var) in vars.iter() {
+            let a = g_shared
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: {pname} has no gradient (shared prefix)"));
+            let b = g_rows.get(var.as_tensor()).unwrap();
+            let scale = b
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let rel = max_abs_diff(a, b) / scale.max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "{name}: gradient of {pname} off by {rel} (max {scale})"
+            );
+        }
+    }
+}

@@ -12,6 +12,7 @@
 //! dtypes keep the composite path. tests/fused_ops.rs compares values and gradients with the
 //! composite.
 
+use super::gemm::{self, MatRef};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
 };
@@ -603,4 +604,81 @@ impl CustomOp2 for BiasGeluOp {
 /// `gelu(x + bias)` (the exact, erf GELU) with `bias` (d) added to every row of `x` (.., d).
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGeluOp)
+}
+
+/// `x @ w^T` for x (rows, k) and w (n, k), both contiguous, with [`super::gemm`]'s kernels.
+struct MatmulWtOp;
+
+impl MatmulWtOp {
+    fn dims(lx: &Layout, lw: &Layout) -> Result<(usize, usize, usize)> {
+        match (lx.dims(), lw.dims()) {
+            (&[rows, k], &[n, kw]) if k == kw => Ok((rows, k, n)),
+            (a, b) => candle_core::bail!("matmul x w^T: shapes {a:?} and {b:?} do not fit"),
+        }
+    }
+}
+
+impl CustomOp2 for MatmulWtOp {
+    fn name(&self) -> &'static str {
+        "overopt-matmul-wt"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k, n) = Self::dims(l1, l2)?;
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let mut out = vec![0f32; rows * n];
+        gemm::sgemm(
+            MatRef::row_major(x, rows, k),
+            MatRef::row_major(w, n, k).t(),
+            &mut out,
+            false,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        cpu_values!(x, xv);
+        cpu_values!(w, wv);
+        cpu_values!(grad, gv);
+        // dx = grad w: (rows, n) (n, k); dw = grad^T x: (n, rows) (rows, k).
+        let mut dx = vec![0f32; rows * k];
+        gemm::sgemm(
+            MatRef::row_major(gv, rows, n),
+            MatRef::row_major(wv, n, k),
+            &mut dx,
+            false,
+        );
+        let mut dw = vec![0f32; n * k];
+        gemm::sgemm(
+            MatRef::row_major(gv, rows, n).t(),
+            MatRef::row_major(xv, rows, k),
+            &mut dw,
+            false,
+        );
+        Ok((
+            Some(Tensor::from_vec(dx, (rows, k), x.device())?),
+            Some(Tensor::from_vec(dw, (n, k), w.device())?),
+        ))
+    }
+}
+
+/// `x @ w^T` for x (rows, k) and a weight w (n, k), as a linear layer computes it, with a
+/// backward pass; f32 on the CPU ([`usable`]).
+pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, MatmulWtOp)
 }

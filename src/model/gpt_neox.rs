@@ -85,7 +85,12 @@ fn linear(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Lin
 fn matmul_weight(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let k = x.dim(D::Minus1)?;
     let rows = x.elem_count() / k.max(1);
-    x.contiguous()?.reshape((rows, k))?.matmul(&l.weight().t()?)
+    let x = x.contiguous()?.reshape((rows, k))?;
+    if super::fused::usable(&[&x, l.weight()]) {
+        super::fused::matmul_wt(&x, l.weight())
+    } else {
+        x.matmul(&l.weight().t()?)
+    }
 }
 
 /// The output shape of a `Linear` applied to `x`.
@@ -123,6 +128,9 @@ fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> 
     match l.bias() {
         Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
             super::fused::bias_add(&matmul_weight(l, x)?, b)?.reshape(linear_out_dims(l, x)?)
+        }
+        None if super::fused::usable(&[x, l.weight()]) => {
+            matmul_weight(l, x)?.reshape(linear_out_dims(l, x)?)
         }
         _ => l.forward(x),
     }
@@ -326,28 +334,25 @@ impl Attention {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
+    /// Queries, keys and values (b, heads, t, head_size) of `x` (b, t, hidden), rotary applied.
+    fn project(
         &self,
         x: &Tensor,
         rotary: &Rotary,
         cos_sin: &(Tensor, Tensor),
-        bias: &Tensor,
-        cache: Option<(&mut LayerCache, usize)>,
-        path: OpPath,
         compute: Option<DType>,
-    ) -> Result<Tensor> {
-        let (b, t, hidden) = x.dims3()?;
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
         // Per head, the fused projection is laid out [q | k | v], each head_size wide.
         let qkv = linear_fwd(&self.query_key_value, x, compute)?;
         let (cos, sin) = cos_sin;
-        let (q, k, v) = if super::fused::usable(&[&qkv, cos, sin]) {
+        if super::fused::usable(&[&qkv, cos, sin]) {
             // One custom op per part (split, heads-first layout and rotary together); it has
             // a backward pass, so both op paths use it.
             let split = |part, rotate| {
                 super::fused::split_heads_rotary(&qkv, cos, sin, self.n_heads, part, rotate)
             };
-            (split(0, true)?, split(1, true)?, split(2, false)?)
+            Ok((split(0, true)?, split(1, true)?, split(2, false)?))
         } else {
             let qkv = qkv
                 .reshape((b, t, self.n_heads, 3 * self.head_size))?
@@ -357,18 +362,34 @@ impl Attention {
             let v = qkv
                 .narrow(D::Minus1, 2 * self.head_size, self.head_size)?
                 .contiguous()?;
-            (rotary.apply(&q, cos, sin)?, rotary.apply(&k, cos, sin)?, v)
-        };
-        let cached = cache.is_some();
-        let (k, v) = match cache {
-            None => (k, v),
-            Some((c, capacity)) => c.append(&k, &v, capacity)?,
-        };
+            Ok((rotary.apply(&q, cos, sin)?, rotary.apply(&k, cos, sin)?, v))
+        }
+    }
+
+    /// Attention of queries `q` (b, h, t, hs) over keys / values (b, h, t_k, hs) with the
+    /// additive `bias` (b, 1, t, t_k), then the output projection: (b, t, hidden).
+    /// `strided_keys`: `k` is a prefix view of a cache buffer (read through its strides).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        path: OpPath,
+        strided_keys: bool,
+        compute: Option<DType>,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
         let scale = 1.0 / (self.head_size as f64).sqrt();
         let q = q.contiguous()?;
         // The cached keys are a prefix view of a larger buffer: the matmul reads them through
         // their strides; a transposed copy would cost as much as the cache itself each step.
-        let kt = if cached { k.t()? } else { k.t()?.contiguous()? };
+        let kt = if strided_keys {
+            k.t()?
+        } else {
+            k.t()?.contiguous()?
+        };
         // Scores and softmax in f32, as HF does; `bias` is (b, 1, t, t_total) additive.
         let raw = q.matmul(&kt)?.to_dtype(DType::F32)?;
         let probs = match path {
@@ -382,9 +403,31 @@ impl Attention {
                 candle_nn::ops::softmax_last_dim(&(raw * scale)?.broadcast_add(bias)?)?
             }
         };
-        let out = probs.to_dtype(v.dtype())?.matmul(&v)?; // (b, h, t, hs)
-        let out = out.transpose(1, 2)?.reshape((b, t, hidden))?;
+        let out = probs.to_dtype(v.dtype())?.matmul(v)?; // (b, h, t, hs)
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_size))?;
         linear_fwd(&self.dense, &out, compute)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cos_sin: &(Tensor, Tensor),
+        bias: &Tensor,
+        cache: Option<(&mut LayerCache, usize)>,
+        path: OpPath,
+        compute: Option<DType>,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, rotary, cos_sin, compute)?;
+        let cached = cache.is_some();
+        let (k, v) = match cache {
+            None => (k, v),
+            Some((c, capacity)) => c.append(&k, &v, capacity)?,
+        };
+        self.attend(&q, &k, &v, bias, path, cached, compute)
     }
 }
 
@@ -455,20 +498,29 @@ impl Layer {
         path: OpPath,
         compute: Option<DType>,
     ) -> Result<Tensor> {
-        // The residual stream stays in the master dtype; branch outputs are cast back to it.
+        let attn = self.attention.forward(
+            &self.input_layernorm.forward(x, path)?,
+            rotary,
+            cos_sin,
+            bias,
+            cache,
+            path,
+            compute,
+        )?;
+        self.residual_mlp(x, &attn, path, compute)
+    }
+
+    /// The rest of the layer after attention: residual connection(s) and the MLP. The
+    /// residual stream stays in the master dtype; branch outputs are cast back to it.
+    fn residual_mlp(
+        &self,
+        x: &Tensor,
+        attn: &Tensor,
+        path: OpPath,
+        compute: Option<DType>,
+    ) -> Result<Tensor> {
         let dt = x.dtype();
-        let attn = self
-            .attention
-            .forward(
-                &self.input_layernorm.forward(x, path)?,
-                rotary,
-                cos_sin,
-                bias,
-                cache,
-                path,
-                compute,
-            )?
-            .to_dtype(dt)?;
+        let attn = attn.to_dtype(dt)?;
         if self.parallel {
             let mlp = self
                 .mlp
@@ -483,6 +535,36 @@ impl Layer {
                 .to_dtype(dt)?;
             h + mlp
         }
+    }
+
+    /// The layer over a prompt stream `xp` (n, Pm, hidden) and a response stream `xr`
+    /// (m, Rm, hidden) whose row r continues prompt `rows[r]`: the response queries attend to
+    /// their prompt's keys and values (computed once per prompt) and to their own.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_shared(
+        &self,
+        xp: &Tensor,
+        xr: &Tensor,
+        rows: &Tensor,
+        rotary: &Rotary,
+        cos_sin: (&(Tensor, Tensor), &(Tensor, Tensor)),
+        bias: (&Tensor, &Tensor),
+        path: OpPath,
+        compute: Option<DType>,
+    ) -> Result<(Tensor, Tensor)> {
+        let att = &self.attention;
+        let hp = self.input_layernorm.forward(xp, path)?;
+        let hr = self.input_layernorm.forward(xr, path)?;
+        let (qp, kp, vp) = att.project(&hp, rotary, cos_sin.0, compute)?;
+        let (qr, kr, vr) = att.project(&hr, rotary, cos_sin.1, compute)?;
+        let k_all = Tensor::cat(&[&kp.index_select(rows, 0)?, &kr], 2)?;
+        let v_all = Tensor::cat(&[&vp.index_select(rows, 0)?, &vr], 2)?;
+        let ap = att.attend(&qp, &kp, &vp, bias.0, path, false, compute)?;
+        let ar = att.attend(&qr, &k_all, &v_all, bias.1, path, false, compute)?;
+        Ok((
+            self.residual_mlp(xp, &ap, path, compute)?,
+            self.residual_mlp(xr, &ar, path, compute)?,
+        ))
     }
 }
 
@@ -786,5 +868,139 @@ impl GptNeoX {
         let bias = attention_bias(full_mask, t_new)?;
         self.run(input_ids, position_ids, &bias, Some(cache), true)?
             .i((.., 0, ..))
+    }
+
+    /// Logits for several continuations of shared prompts, each prompt run once.
+    ///
+    /// `prompts` (n, each non-empty); `continuations` (m) as (prompt index, tokens): row r
+    /// continues prompt `continuations[r].0` with its tokens. Returns the logits at each
+    /// prompt's last token (n, vocab): the distribution of every continuation's first token,
+    /// and, when some continuation is non-empty, the logits at each continuation token
+    /// (m, Rm, vocab), Rm the longest continuation (right-padded; padded positions carry no
+    /// meaning). Equal to running `prompt ++ continuation` rows through [`GptNeoX::forward`],
+    /// for about the cost of the prompts once plus the continuations: preference pairs
+    /// (chosen and rejected after one prompt) then cost half as much where prompts dominate.
+    pub fn forward_shared_prefix(
+        &self,
+        prompts: &[&[u32]],
+        continuations: &[(usize, &[u32])],
+        pad_id: u32,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dev = &self.device;
+        let n = prompts.len();
+        let m = continuations.len();
+        if n == 0 || prompts.iter().any(|p| p.is_empty()) {
+            candle_core::bail!("shared-prefix forward: prompts must be non-empty");
+        }
+        if let Some((i, _)) = continuations.iter().find(|(i, _)| *i >= n) {
+            candle_core::bail!(
+                "shared-prefix forward: continuation of prompt {i}, only {n} prompts"
+            );
+        }
+        let pm = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let rm = continuations
+            .iter()
+            .map(|(_, c)| c.len())
+            .max()
+            .unwrap_or(0);
+        let longest = continuations
+            .iter()
+            .map(|(i, c)| prompts[*i].len() + c.len())
+            .chain(prompts.iter().map(|p| p.len()))
+            .max()
+            .unwrap_or(0);
+        if longest > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {longest} tokens is beyond max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        // Prompt stream: right-padded, causal (padding comes after every real token).
+        let mut ids = vec![pad_id; n * pm];
+        let mut mask = vec![0u8; n * pm];
+        for (i, p) in prompts.iter().enumerate() {
+            ids[i * pm..i * pm + p.len()].copy_from_slice(p);
+            mask[i * pm..i * pm + p.len()].fill(1);
+        }
+        let pos_p: Vec<u32> = (0..n).flat_map(|_| 0..pm as u32).collect();
+        let pos_p = Tensor::from_vec(pos_p, (n, pm), dev)?;
+        let bias_p = attention_bias(&Tensor::from_vec(mask, (n, pm), dev)?, pm)?;
+        let mut xp = self
+            .embed_in
+            .forward(&Tensor::from_vec(ids, (n, pm), dev)?)?;
+        let last: Vec<u32> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i * pm + p.len() - 1) as u32)
+            .collect();
+        let last = Tensor::from_vec(last, n, dev)?;
+        let head = |x: &Tensor| -> Result<Tensor> {
+            let x = self.final_layer_norm.forward(x, self.path)?;
+            linear_fwd(&self.embed_out, &x, self.compute_dtype)
+        };
+        let cos_sin = |pos: &Tensor| -> Result<(Tensor, Tensor)> {
+            let cs = self.rotary.gather(pos)?;
+            match self.compute_dtype {
+                Some(cd) => Ok((cs.0.to_dtype(cd)?, cs.1.to_dtype(cd)?)),
+                None => Ok(cs),
+            }
+        };
+        let cs_p = cos_sin(&pos_p)?;
+        if rm == 0 {
+            for layer in &self.layers {
+                xp = layer.forward(
+                    &xp,
+                    &self.rotary,
+                    &cs_p,
+                    &bias_p,
+                    None,
+                    self.path,
+                    self.compute_dtype,
+                )?;
+            }
+            let hidden = xp
+                .reshape((n * pm, self.cfg.hidden_size))?
+                .index_select(&last, 0)?;
+            return Ok((head(&hidden)?, None));
+        }
+        // Continuation stream: right-padded; keys are [its prompt's Pm | its own Rm].
+        let mut ids = vec![pad_id; m * rm];
+        let mut pos = vec![0u32; m * rm];
+        let neg = f32::MIN;
+        let mut bias = vec![neg; m * rm * (pm + rm)];
+        for (r, (i, c)) in continuations.iter().enumerate() {
+            let pl = prompts[*i].len();
+            ids[r * rm..r * rm + c.len()].copy_from_slice(c);
+            for q in 0..rm {
+                // Padded positions repeat the last real one (their outputs are never read).
+                pos[r * rm + q] = (pl + q.min(c.len().saturating_sub(1))) as u32;
+                let row = &mut bias[(r * rm + q) * (pm + rm)..(r * rm + q + 1) * (pm + rm)];
+                row[..pl].fill(0.0);
+                row[pm..pm + q + 1].fill(0.0);
+            }
+        }
+        let rows: Vec<u32> = continuations.iter().map(|(i, _)| *i as u32).collect();
+        let rows = Tensor::from_vec(rows, m, dev)?;
+        let bias_r = Tensor::from_vec(bias, (m, 1, rm, pm + rm), dev)?;
+        let cs_r = cos_sin(&Tensor::from_vec(pos, (m, rm), dev)?)?;
+        let mut xr = self
+            .embed_in
+            .forward(&Tensor::from_vec(ids, (m, rm), dev)?)?;
+        for layer in &self.layers {
+            (xp, xr) = layer.forward_shared(
+                &xp,
+                &xr,
+                &rows,
+                &self.rotary,
+                (&cs_p, &cs_r),
+                (&bias_p, &bias_r),
+                self.path,
+                self.compute_dtype,
+            )?;
+        }
+        let hidden = xp
+            .reshape((n * pm, self.cfg.hidden_size))?
+            .index_select(&last, 0)?;
+        Ok((head(&hidden)?, Some(head(&xr)?)))
     }
 }

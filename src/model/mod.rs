@@ -1,6 +1,7 @@
 //! Models: the GPT-NeoX (Pythia) architecture, loading, scoring and sampling.
 pub mod config;
 pub mod fused;
+pub mod gemm;
 pub mod generate;
 pub mod gpt_neox;
 pub mod load;

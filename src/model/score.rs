@@ -99,12 +99,7 @@ pub fn collate(
 pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
     let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None)?;
     let t = logits.dim(1)?;
-    let logits = logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?;
-    let logp = if super::fused::usable(&[&logits]) {
-        super::fused::log_softmax_last(&logits)?
-    } else {
-        candle_nn::ops::log_softmax(&logits, D::Minus1)?
-    };
+    let logp = log_softmax_f32(&logits.narrow(1, 0, t - 1)?)?;
     let picked = logp
         .gather(
             &batch.targets.unsqueeze(D::Minus1)?.contiguous()?,
@@ -112,6 +107,88 @@ pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
         )?
         .squeeze(D::Minus1)?;
     Ok(picked.mul(&batch.label_mask)?)
+}
+
+/// Log-softmax over the last dimension, in f32 (logits are cast first).
+fn log_softmax_f32(logits: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    Ok(if super::fused::usable(&[&logits]) {
+        super::fused::log_softmax_last(&logits)?
+    } else {
+        candle_nn::ops::log_softmax(&logits, D::Minus1)?
+    })
+}
+
+/// Summed log-probs of several responses to shared prompts, each prompt run through the
+/// model once ([`GptNeoX::forward_shared_prefix`]): `responses` are (prompt index, tokens).
+/// Returns (m,) f32 log-probs and the scored tokens per response (EOS included when
+/// appended). The same values as [`collate`] + [`sequence_logps`] over `prompt ++ response`
+/// rows; differentiable when the model is.
+pub fn shared_prefix_logps(
+    model: &GptNeoX,
+    prompts: &[&[u32]],
+    responses: &[(usize, &[u32])],
+    append_eos: Option<u32>,
+    pad_id: u32,
+) -> Result<(Tensor, Vec<usize>)> {
+    let dev = model.device();
+    let full: Vec<Vec<u32>> = responses
+        .iter()
+        .map(|(_, r)| {
+            let mut s = r.to_vec();
+            s.extend(append_eos);
+            s
+        })
+        .collect();
+    for (r, (s, (i, _))) in full.iter().zip(responses).enumerate() {
+        if s.is_empty() {
+            bail!("row {r}: empty response");
+        }
+        match prompts.get(*i) {
+            None => bail!("row {r}: prompt {i} of {}", prompts.len()),
+            Some(p) if p.is_empty() => bail!(
+                "row {r}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)"
+            ),
+            Some(_) => {}
+        }
+    }
+    // Each response is scored from its prompt's last position (first token) and from its
+    // own tokens but the last (the rest).
+    let inputs: Vec<(usize, &[u32])> = full
+        .iter()
+        .zip(responses)
+        .map(|(s, (i, _))| (*i, &s[..s.len() - 1]))
+        .collect();
+    let (first_logits, rest_logits) = model.forward_shared_prefix(prompts, &inputs, pad_id)?;
+    let m = responses.len();
+    let rows = Tensor::from_vec(
+        responses.iter().map(|(i, _)| *i as u32).collect::<Vec<_>>(),
+        m,
+        dev,
+    )?;
+    let first_tok = Tensor::from_vec(full.iter().map(|s| s[0]).collect::<Vec<_>>(), (m, 1), dev)?;
+    let mut total = log_softmax_f32(&first_logits)?
+        .index_select(&rows, 0)?
+        .gather(&first_tok, 1)?
+        .squeeze(1)?;
+    if let Some(rest) = rest_logits {
+        let rm = rest.dim(1)?;
+        let mut targets = vec![pad_id; m * rm];
+        let mut mask = vec![0f32; m * rm];
+        for (r, s) in full.iter().enumerate() {
+            for (j, &tok) in s[1..].iter().enumerate() {
+                targets[r * rm + j] = tok;
+                mask[r * rm + j] = 1.0;
+            }
+        }
+        let targets = Tensor::from_vec(targets, (m, rm, 1), dev)?;
+        let picked = log_softmax_f32(&rest)?
+            .gather(&targets, D::Minus1)?
+            .squeeze(D::Minus1)?;
+        let mask = Tensor::from_vec(mask, (m, rm), dev)?;
+        total = (total + picked.mul(&mask)?.sum(1)?)?;
+    }
+    Ok((total, full.iter().map(|s| s.len()).collect()))
 }
 
 /// Summed response log-probs, (b,) f32. Differentiable when the model is.

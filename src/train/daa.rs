@@ -10,7 +10,7 @@ use super::optim::RmsPropConfig;
 use super::sft::SpecialTokens;
 use super::trainer::{LoopConfig, MicroOutput, TrainOutcome, run_epoch};
 use crate::data::PrefExample;
-use crate::model::score::{collate, sequence_logps};
+use crate::model::score::{collate, sequence_logps, shared_prefix_logps};
 use crate::model::{GptNeoX, LoadedModel};
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
@@ -42,28 +42,55 @@ pub fn data_hash(data: &[PrefExample]) -> String {
     h.hex()
 }
 
-/// Policy (or reference) log-probs of chosen and rejected for the given examples, in one
-/// concatenated batch: returns two (n,) tensors and the response lengths (tokens incl. EOS).
+/// Policy (or reference) log-probs of chosen and rejected for the given examples: returns two
+/// (n,) tensors and the response lengths (tokens incl. EOS).
+///
+/// Each prompt runs through the model once for both of its responses
+/// ([`shared_prefix_logps`]); the same values as scoring `prompt ++ response` rows (chosen
+/// and rejected concatenated in one batch, as the reference code does), which
+/// `OVEROPT_NO_SHARED_PREFIX=1` switches back to (for A/B measurements).
 pub fn pair_logps(
     model: &GptNeoX,
     data: &[PrefExample],
     idx: &[usize],
     tokens: SpecialTokens,
 ) -> Result<(Tensor, Tensor, Vec<usize>, Vec<usize>)> {
+    static CONCAT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let n = idx.len();
-    let mut p: Vec<&[u32]> = Vec::with_capacity(2 * n);
-    let mut r: Vec<&[u32]> = Vec::with_capacity(2 * n);
-    for &i in idx {
-        p.push(&data[i].prompt);
-        r.push(&data[i].chosen);
-    }
-    for &i in idx {
-        p.push(&data[i].prompt);
-        r.push(&data[i].rejected);
-    }
-    let batch = collate(&p, &r, Some(tokens.eos), tokens.pad, model.device())?;
-    let lp = sequence_logps(model, &batch)?;
-    let lens = batch.n_response_tokens;
+    let concat = *CONCAT.get_or_init(|| std::env::var_os("OVEROPT_NO_SHARED_PREFIX").is_some());
+    let (lp, lens) = if concat {
+        let mut p: Vec<&[u32]> = Vec::with_capacity(2 * n);
+        let mut r: Vec<&[u32]> = Vec::with_capacity(2 * n);
+        for side in 0..2 {
+            for &i in idx {
+                p.push(&data[i].prompt);
+                r.push(if side == 0 {
+                    &data[i].chosen
+                } else {
+                    &data[i].rejected
+                });
+            }
+        }
+        let batch = collate(&p, &r, Some(tokens.eos), tokens.pad, model.device())?;
+        (sequence_logps(model, &batch)?, batch.n_response_tokens)
+    } else {
+        let prompts: Vec<&[u32]> = idx.iter().map(|&i| data[i].prompt.as_slice()).collect();
+        let responses: Vec<(usize, &[u32])> = (0..2)
+            .flat_map(|side| {
+                idx.iter().enumerate().map(move |(k, &i)| {
+                    (
+                        k,
+                        if side == 0 {
+                            &data[i].chosen[..]
+                        } else {
+                            &data[i].rejected[..]
+                        },
+                    )
+                })
+            })
+            .collect();
+        shared_prefix_logps(model, &prompts, &responses, Some(tokens.eos), tokens.pad)?
+    };
     Ok((
         lp.narrow(0, 0, n)?,
         lp.narrow(0, n, n)?,
