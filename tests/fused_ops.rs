@@ -3,8 +3,8 @@
 
 use candle_core::{D, Device, Tensor, Var};
 use overopt::model::fused::{
-    bias_add, bias_gelu, layer_norm, log_softmax_last, masked_softmax, softmax_last,
-    split_heads_rotary,
+    attention_inference, bias_gelu, layer_norm, linear, log_softmax_last, masked_softmax,
+    matmul_wt, softmax_last, split_heads_rotary,
 };
 use overopt::model::gpt_neox::attention_bias;
 
@@ -197,8 +197,47 @@ fn check_bias_op(
 }
 
 #[test]
-fn bias_add_matches_broadcast_add_with_gradients() {
-    check_bias_op(1.0, bias_add, |x, b| x.broadcast_add(b), 1e-5);
+fn linear_and_matmul_match_candle_with_gradients() {
+    // Odd sizes: edge tiles of every micro-kernel in both directions.
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 29), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (45, 29), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 45, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (37, 45), &dev).unwrap();
+    let composite = || x.matmul(&w.t().unwrap()).unwrap();
+    let f = linear(&x, &w, &b).unwrap();
+    let c = composite().broadcast_add(&b).unwrap();
+    close(&f, &c, 1e-5);
+    close_grads(f, c, &r, &[&x, &w, &b], 1e-5);
+    let f = matmul_wt(&x, &w).unwrap();
+    let c = composite();
+    close(&f, &c, 1e-5);
+    close_grads(f, c, &r, &[&x, &w], 1e-5);
+}
+
+#[test]
+fn inference_attention_matches_the_composite_over_a_cache_view() {
+    let dev = Device::Cpu;
+    let (b, h, t, l, hs, cap) = (3, 2, 2, 7, 12, 10);
+    let q = Tensor::randn(0f32, 1.0, (b, h, t, hs), &dev).unwrap();
+    // Keys and values as prefix views of larger buffers, as the KV cache hands them out.
+    let kbuf = Tensor::randn(0f32, 1.0, (b, h, cap, hs), &dev).unwrap();
+    let vbuf = Tensor::randn(0f32, 1.0, (b, h, cap, hs), &dev).unwrap();
+    let (k, v) = (kbuf.narrow(2, 0, l).unwrap(), vbuf.narrow(2, 0, l).unwrap());
+    // Left padding on row 1 (its first two keys masked), causal over the last t positions.
+    let mask = Tensor::new(&[[1u8; 7], [0, 0, 1, 1, 1, 1, 1], [1; 7]], &dev).unwrap();
+    let bias = attention_bias(&mask, t).unwrap();
+    let scale = 1.0 / (hs as f64).sqrt();
+    let got = attention_inference(&q, &k, &v, &bias, scale).unwrap();
+    let scores = (q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap() * scale)
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap();
+    let want = candle_nn::ops::softmax_last_dim(&scores)
+        .unwrap()
+        .matmul(&v.contiguous().unwrap())
+        .unwrap();
+    close(&got, &want, 1e-5);
 }
 
 #[test]

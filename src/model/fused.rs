@@ -5,8 +5,9 @@
 //! which the backward pass visits again (and candle's gradient store zero-fills one buffer per
 //! operand). These custom ops do the forward in one pass over each row and the backward in
 //! one more, with gradients written out by hand. Besides layer norm and the softmaxes: the
-//! split of the fused QKV projection into heads with the rotary embedding, the bias add of a
-//! linear layer and bias + exact GELU.
+//! split of the fused QKV projection into heads with the rotary embedding, the linear layer
+//! (matmul with [`super::gemm`]'s kernels, and its bias, in one node) and bias + exact GELU.
+//! For inference only (no backward): the attention of a decode step over the KV cache.
 //!
 //! Only contiguous f32 tensors on the CPU are handled: [`usable`] says when; other devices and
 //! dtypes keep the composite path. tests/fused_ops.rs compares values and gradients with the
@@ -472,74 +473,94 @@ pub fn split_heads_rotary(
     )
 }
 
-struct BiasAddOp;
-
-impl CustomOp2 for BiasAddOp {
-    fn name(&self) -> &'static str {
-        "overopt-bias-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
-        let b = slice(s2, l2, self.name())?;
-        let d = last_dim(l1)?;
-        if b.len() != d {
-            candle_core::bail!("bias add: bias of {} for rows of {d}", b.len());
-        }
-        let mut out = x.to_vec();
-        for row in out.chunks_exact_mut(d) {
-            for (y, &c) in row.iter_mut().zip(b) {
-                *y += c;
-            }
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // The bias gradient sums the rows: one pass over contiguous rows (candle's reduction
-        // of a broadcast over the leading dims walks the columns with a stride).
-        let d = grad.dim(D::Minus1)?;
-        cpu_values!(grad, g);
-        let mut db = vec![0f32; d];
-        for row in g.chunks_exact(d) {
-            for (s, &v) in db.iter_mut().zip(row) {
-                *s += v;
-            }
-        }
-        Ok((
-            Some(grad.clone()),
-            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
-        ))
-    }
+/// e^x in f32 without a libm call, so that loops over it vectorize: Cody-Waite range
+/// reduction (x = n ln 2 + r) and a degree-6 polynomial for e^r (Cephes' expf coefficients),
+/// within 2 ulp of libm's `expf` on [-87, 88]; 0 below -87.3, +inf-free (clamped) above 88.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // Round to nearest through the 1.5 * 2^23 trick (no `round` call).
+    const MAGIC: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.3);
+    let shifted = xc * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
+    let r = xc - n * C1 - n * C2;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let er = p * r * r + r + 1.0;
+    // 2^n from the integer in the low bits of `shifted` (bits 0x4B40_0000 + n): integer ops
+    // only, no float-to-int conversion, so the loops stay vectorizable.
+    let scale = f32::from_bits(
+        shifted
+            .to_bits()
+            .wrapping_sub(0x4B40_0000)
+            .wrapping_add(127)
+            << 23,
+    );
+    let y = er * scale;
+    if x < -87.3 { 0.0 } else { y }
 }
 
-/// `x + bias` with `bias` (d) added to every row of `x` (.., d).
-pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasAddOp)
+/// erf(x) in f32 without a libm call (Abramowitz & Stegun 7.1.26 with [`fast_exp`]):
+/// absolute error below 1e-6 (the formula's own bound is 1.5e-7; f32 arithmetic adds the
+/// rest), against libm's erff (~6e-8).
+#[inline(always)]
+pub fn fast_erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    let a = x.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    let y = 1.0 - poly * fast_exp(-a * a);
+    y.copysign(x)
 }
 
-/// gelu(u) = u/2 (1 + erf(u / sqrt 2)), the exact GELU, with candle's f32 erf (libm's).
+/// gelu(u) = u/2 (1 + erf(u / sqrt 2)), the exact (erf) GELU, with [`fast_erf`].
+#[inline(always)]
 fn gelu(u: f32) -> f32 {
-    0.5 * u * (1.0 + libm::erff(u * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * u * (1.0 + fast_erf(u * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// d gelu / du = (1 + erf(u / sqrt 2)) / 2 + u exp(-u^2 / 2) / sqrt(2 pi).
+#[inline(always)]
 fn gelu_grad(u: f32) -> f32 {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
-    0.5 * (1.0 + libm::erff(u * std::f32::consts::FRAC_1_SQRT_2))
-        + u * (-0.5 * u * u).exp() * INV_SQRT_2PI
+    0.5 * (1.0 + fast_erf(u * std::f32::consts::FRAC_1_SQRT_2))
+        + u * fast_exp(-0.5 * u * u) * INV_SQRT_2PI
+}
+
+#[cfg(test)]
+mod fast_math_tests {
+    use super::{fast_erf, fast_exp};
+
+    #[test]
+    fn fast_exp_and_erf_track_libm() {
+        let mut worst_exp = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (fast_exp(x) as f64, (x as f64).exp());
+            worst_exp = worst_exp.max((got - want).abs() / want);
+            x += 0.0137;
+        }
+        assert!(worst_exp < 3e-7, "exp: worst relative error {worst_exp}");
+        assert_eq!(fast_exp(-100.0), 0.0);
+        assert!(fast_exp(100.0).is_finite());
+        let mut worst_erf = 0f64;
+        let mut x = -6.0f32;
+        while x < 6.0 {
+            let want = libm::erf(x as f64);
+            worst_erf = worst_erf.max((fast_erf(x) as f64 - want).abs());
+            x += 0.000_37;
+        }
+        assert!(worst_erf < 1e-6, "erf: worst absolute error {worst_erf}");
+        assert!(fast_erf(0.0).abs() < 1e-7);
+        assert_eq!(fast_erf(-9.0), -1.0);
+    }
 }
 
 struct BiasGeluOp;
@@ -589,9 +610,11 @@ impl CustomOp2 for BiasGeluOp {
             .zip(gv.chunks_exact(d))
             .zip(dx.chunks_exact_mut(d))
         {
-            for j in 0..d {
-                dr[j] = gr[j] * gelu_grad(xr[j] + bv[j]);
-                db[j] += dr[j];
+            for ((((dx, s), &g), &u), &c) in
+                dr.iter_mut().zip(db.iter_mut()).zip(gr).zip(xr).zip(bv)
+            {
+                *dx = g * gelu_grad(u + c);
+                *s += *dx;
             }
         }
         Ok((
@@ -677,8 +700,184 @@ impl CustomOp2 for MatmulWtOp {
     }
 }
 
+/// `x @ w^T + b` for x (rows, k), w (n, k), b (n): a linear layer with its bias in one node.
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "overopt-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k, n) = MatmulWtOp::dims(l1, l2)?;
+        let b = slice(s3, l3, self.name())?;
+        if b.len() != n {
+            candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
+        }
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        // Start from the bias in every row and accumulate the product onto it.
+        let mut out = Vec::with_capacity(rows * n);
+        for _ in 0..rows {
+            out.extend_from_slice(b);
+        }
+        gemm::sgemm(
+            MatRef::row_major(x, rows, k),
+            MatRef::row_major(w, n, k).t(),
+            &mut out,
+            true,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = MatmulWtOp.bwd(x, w, res, grad)?;
+        let n = b.elem_count();
+        cpu_values!(grad, g);
+        let mut db = vec![0f32; n];
+        for row in g.chunks_exact(n) {
+            for (s, &v) in db.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        Ok((dx, dw, Some(Tensor::from_vec(db, b.shape(), b.device())?)))
+    }
+}
+
+/// `x @ w^T + b` for x (rows, k), a weight w (n, k) and its bias b (n), with a backward pass;
+/// f32 on the CPU ([`usable`]).
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
+}
+
 /// `x @ w^T` for x (rows, k) and a weight w (n, k), as a linear layer computes it, with a
 /// backward pass; f32 on the CPU ([`usable`]).
 pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, MatmulWtOp)
+}
+
+/// Dot product with eight independent partial sums (a plain iterator sum is a sequential
+/// float reduction, which the compiler may not vectorize).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The values of a CPU f32 tensor with a contiguous last dimension (4-d): the storage, the
+/// strides of the first three dimensions and the start offset.
+fn strided4<'a>(s: &'a Storage, lay: &Layout) -> Result<(&'a [f32], [usize; 3], usize)> {
+    let st = lay.stride();
+    if st.len() != 4 || st[3] != 1 {
+        candle_core::bail!("attention: keys / values need a contiguous last dimension");
+    }
+    let data = match s {
+        Storage::Cpu(c) => c.as_slice::<f32>()?,
+        _ => candle_core::bail!("attention: expects CPU tensors"),
+    };
+    Ok((data, [st[0], st[1], st[2]], lay.start_offset()))
+}
+
+/// Softmax attention for inference (no backward): `softmax(q k^T * scale + bias) v` per batch
+/// row and head in one pass, for q (b, h, t, hs), k and v (b, h, L, hs) (any strides with a
+/// contiguous last dimension, e.g. a prefix view of a KV-cache buffer) and an additive f32
+/// `bias` (b, 1, t, L). Returns (b, h, t, hs). A decode step (t = 1) otherwise costs two
+/// small matmul calls per (row, head).
+pub fn attention_inference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, t, hs) = q.dims4()?;
+    let l = k.dim(2)?;
+    if k.dims() != [b, h, l, hs] || v.dims() != [b, h, l, hs] || bias.dims() != [b, 1, t, l] {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?}, bias {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            bias.dims()
+        );
+    }
+    let q = q.contiguous()?;
+    let bias = bias.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let qv = cpu_slice(&qs, ql)?;
+    let bv = cpu_slice(&bs, bl)?;
+    let (kd, kst, ko) = strided4(&ks, kl)?;
+    let (vd, vst, vo) = strided4(&vs, vl)?;
+    let scale = scale as f32;
+    let mut out = vec![0f32; b * h * t * hs];
+    let row = |(bi, ob): (usize, &mut [f32])| {
+        let mut p = vec![0f32; l];
+        for hi in 0..h {
+            let kb = ko + bi * kst[0] + hi * kst[1];
+            let vb = vo + bi * vst[0] + hi * vst[1];
+            for i in 0..t {
+                let qr = &qv[((bi * h + hi) * t + i) * hs..][..hs];
+                let br = &bv[(bi * t + i) * l..][..l];
+                let mut mx = f32::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate() {
+                    let kr = &kd[kb + j * kst[2]..][..hs];
+                    *pj = dot(qr, kr) * scale + br[j];
+                    mx = mx.max(*pj);
+                }
+                let mut sum = 0f32;
+                for pj in p.iter_mut() {
+                    *pj = fast_exp(*pj - mx);
+                    sum += *pj;
+                }
+                let inv = 1.0 / sum;
+                let o = &mut ob[(hi * t + i) * hs..][..hs];
+                for (j, &pj) in p.iter().enumerate() {
+                    let w = pj * inv;
+                    let vr = &vd[vb + j * vst[2]..][..hs];
+                    for (x, &y) in o.iter_mut().zip(vr) {
+                        *x += w * y;
+                    }
+                }
+            }
+        }
+    };
+    let chunk = h * t * hs;
+    if candle_core::utils::get_num_threads() > 1 && b * h * t * l * hs >= 1 << 16 {
+        use rayon::prelude::*;
+        out.par_chunks_mut(chunk).enumerate().for_each(row);
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(row);
+    }
+    Tensor::from_vec(out, (b, h, t, hs), q.device())
 }

@@ -118,16 +118,19 @@ fn linear_autocast(l: &Linear, x: &Tensor, cd: DType) -> Result<Tensor> {
 }
 
 /// `x @ weight^T + bias` of a `Linear`. With an autocast dtype, [`linear_autocast`]. On the
-/// CPU in f32 the bias is added by [`super::fused::bias_add`], whose backward sums the rows in
-/// one pass (candle's reduction of the broadcast walks the columns with a stride); elsewhere
-/// candle's `Linear::forward`.
+/// CPU in f32 one node, [`super::fused::linear`] (the matmul with [`super::gemm`]'s kernels;
+/// the bias gradient sums rows in one contiguous pass, where candle's reduction of the
+/// broadcast walks the columns with a stride); elsewhere candle's `Linear::forward`.
 fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
     if let Some(cd) = autocast_to(l, x, compute) {
         return linear_autocast(l, x, cd);
     }
     match l.bias() {
         Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
-            super::fused::bias_add(&matmul_weight(l, x)?, b)?.reshape(linear_out_dims(l, x)?)
+            let k = x.dim(D::Minus1)?;
+            let rows = x.elem_count() / k.max(1);
+            super::fused::linear(&x.contiguous()?.reshape((rows, k))?, l.weight(), b)?
+                .reshape(linear_out_dims(l, x)?)
         }
         None if super::fused::usable(&[x, l.weight()]) => {
             matmul_weight(l, x)?.reshape(linear_out_dims(l, x)?)
@@ -382,6 +385,30 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, _, t, _) = q.dims4()?;
         let scale = 1.0 / (self.head_size as f64).sqrt();
+        let out = if path == OpPath::Fused && super::fused::usable(&[q, k, v, bias]) {
+            // Inference on the CPU: one pass per (row, head), reading the cache in place.
+            super::fused::attention_inference(q, k, v, bias, scale)?
+        } else {
+            self.attention_probs_v(q, k, v, bias, path, strided_keys, scale)?
+        };
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_size))?;
+        linear_fwd(&self.dense, &out, compute)
+    }
+
+    /// softmax(q k^T * scale + bias) v with candle's matmuls, (b, h, t, hs).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_probs_v(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        path: OpPath,
+        strided_keys: bool,
+        scale: f64,
+    ) -> Result<Tensor> {
         let q = q.contiguous()?;
         // The cached keys are a prefix view of a larger buffer: the matmul reads them through
         // their strides; a transposed copy would cost as much as the cache itself each step.
@@ -403,11 +430,7 @@ impl Attention {
                 candle_nn::ops::softmax_last_dim(&(raw * scale)?.broadcast_add(bias)?)?
             }
         };
-        let out = probs.to_dtype(v.dtype())?.matmul(v)?; // (b, h, t, hs)
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, t, self.n_heads * self.head_size))?;
-        linear_fwd(&self.dense, &out, compute)
+        probs.to_dtype(v.dtype())?.matmul(v) // (b, h, t, hs)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -557,8 +580,8 @@ impl Layer {
         let hr = self.input_layernorm.forward(xr, path)?;
         let (qp, kp, vp) = att.project(&hp, rotary, cos_sin.0, compute)?;
         let (qr, kr, vr) = att.project(&hr, rotary, cos_sin.1, compute)?;
-        let k_all = Tensor::cat(&[&kp.index_select(rows, 0)?, &kr], 2)?;
-        let v_all = Tensor::cat(&[&vp.index_select(rows, 0)?, &vr], 2)?;
+        let k_all = Tensor::cat(&[&kp.contiguous()?.index_select(rows, 0)?, &kr], 2)?;
+        let v_all = Tensor::cat(&[&vp.contiguous()?.index_select(rows, 0)?, &vr], 2)?;
         let ap = att.attend(&qp, &kp, &vp, bias.0, path, false, compute)?;
         let ar = att.attend(&qr, &k_all, &v_all, bias.1, path, false, compute)?;
         Ok((
