@@ -53,6 +53,7 @@ fn job_array_matches_single_process_and_resumes() {
     let d = tempfile::tempdir().unwrap();
     let single = d.path().join("single");
     let jobs = d.path().join("jobs");
+    let local = d.path().join("local");
     overopt(&[
         "reproduce",
         "--section",
@@ -61,6 +62,20 @@ fn job_array_matches_single_process_and_resumes() {
         cfg,
         "--out",
         single.to_str().unwrap(),
+        "--jobs",
+        "1",
+    ]);
+    // The local job runner: the same stages as separate `sweep` processes, two at a time.
+    overopt(&[
+        "reproduce",
+        "--section",
+        "overoptimization",
+        "--config",
+        cfg,
+        "--out",
+        local.to_str().unwrap(),
+        "--jobs",
+        "2",
     ]);
     let list = Command::new(env!("CARGO_BIN_EXE_overopt"))
         .args(["sweep", "--config", cfg, "--list"])
@@ -93,6 +108,11 @@ fn job_array_matches_single_process_and_resumes() {
     let (a, b) = (table(&single), table(&jobs));
     assert_eq!(a.len(), 2 + 9 * 2, "2 SFT rows + 9 runs x 2 checkpoints");
     assert_eq!(a, b, "job array and single process differ");
+    assert_eq!(
+        table(&local),
+        a,
+        "reproduce --jobs 2 and a single process differ"
+    );
     // Re-running the finished sweep skips everything and rewrites the same table.
     overopt(&[
         "reproduce",

@@ -37,6 +37,10 @@ pub struct ReproduceArgs {
     /// Only DAA runs whose id contains one of these strings (repeatable).
     #[arg(long)]
     pub only: Vec<String>,
+    /// Stages run at a time, each an `overopt sweep` process with CPUs / jobs threads
+    /// (0: one per CPU). 1 runs everything in this process.
+    #[arg(long, default_value_t = 0)]
+    pub jobs: usize,
 }
 
 fn teach_config(scale: &str, config: &Option<PathBuf>) -> Result<TeachConfig> {
@@ -45,10 +49,13 @@ fn teach_config(scale: &str, config: &Option<PathBuf>) -> Result<TeachConfig> {
             "--scale {scale}: only the teach scale runs through `reproduce` so far; paper-scale runs use `overopt sft` / `overopt daa` with the configs in artifact/configs/paper"
         );
     }
-    let path = config
+    TeachConfig::from_file(&config_path(scale, config))
+}
+
+fn config_path(scale: &str, config: &Option<PathBuf>) -> PathBuf {
+    config
         .clone()
-        .unwrap_or_else(|| PathBuf::from("artifact/configs/teach/teach.toml"));
-    TeachConfig::from_file(&path)
+        .unwrap_or_else(|| PathBuf::from(format!("artifact/configs/{scale}/{scale}.toml")))
 }
 
 fn run_toy(out: &Path) -> Result<crate::toy_mdp::ToyMdpReport> {
@@ -84,8 +91,24 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
     };
     let (rows, samples) = if a.section != "toy-mdp" {
         let cfg = teach_config(&a.scale, &a.config)?;
-        let t = Teach::new(cfg, &a.out)?;
-        let (rows, samples) = t.run_all(&a.only)?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let jobs = if a.jobs == 0 { cpus } else { a.jobs };
+        let (rows, samples) = if jobs > 1 {
+            let stages = crate::sweep::local::jobs(&cfg, &a.only)?;
+            // The workers read the same configuration file (a relative default resolves in
+            // this working directory, which they inherit).
+            let config = config_path(&a.scale, &a.config);
+            let exe = std::env::current_exe().context("cannot locate the overopt executable")?;
+            println!(
+                "reproduce: {} stages, {jobs} at a time, {} thread(s) each",
+                stages.len(),
+                (cpus / jobs).max(1)
+            );
+            crate::sweep::local::run(&exe, &config, &a.out, &stages, jobs, (cpus / jobs).max(1))?;
+            Teach::new(cfg, &a.out)?.collect()?
+        } else {
+            Teach::new(cfg, &a.out)?.run_all(&a.only)?
+        };
         crate::sweep::tables::write_tables(&a.out, &rows, &samples)?;
         println!(
             "reproduce: {} result rows, {} sample rows",
@@ -131,6 +154,10 @@ pub struct SweepArgs {
     /// Run one DAA run by id, or by its 0-based index in `--list` (e.g. $SLURM_ARRAY_TASK_ID).
     #[arg(long)]
     pub run: Option<String>,
+    /// Run one shared stage: `sft:SIZE`, `pairs` or `sft-eval:SIZE` (what `--prepare` runs,
+    /// one piece at a time; `reproduce --jobs` runs them side by side).
+    #[arg(long)]
+    pub stage: Option<String>,
 }
 
 pub fn sweep(a: SweepArgs) -> Result<()> {
@@ -150,6 +177,20 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         t.pairs()?;
         for s in &t.cfg.sizes {
             t.run_sft_eval(&s.name)?;
+        }
+    }
+    if let Some(stage) = &a.stage {
+        match stage.split_once(':') {
+            Some(("sft", size)) => {
+                t.sft_model(size)?;
+            }
+            Some(("sft-eval", size)) => {
+                t.run_sft_eval(size)?;
+            }
+            None if stage == "pairs" => {
+                t.pairs()?;
+            }
+            _ => bail!("unknown --stage {stage:?}: expected sft:SIZE, pairs or sft-eval:SIZE"),
         }
     }
     if let Some(id) = &a.run {

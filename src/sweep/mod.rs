@@ -1,3 +1,4 @@
 //! The sweep runner: the top of the pipeline, holding the state of a whole reproduction.
+pub mod local;
 pub mod tables;
 pub mod teach;
