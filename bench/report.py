@@ -34,7 +34,7 @@ def summary(results_path, rss_path):
     by = {(r["side"], r["bench"], r["size"]): r for r in res}
     sizes = [r["size"] for r in res if r["side"] == "overopt" and r["bench"] == "p1"]
     print()
-    print("P1  one DPO optimizer step (batch of pairs, chosen+rejected in one forward), median")
+    print("P1  one DPO optimizer step (batch of pairs; overopt runs each prompt once for both responses, torch the concatenated rows), median")
     print(f"    {'size':<8}{'params':>9}{'overopt ex/s':>14}{'torch ex/s':>12}{'ratio':>8}"
           f"   overopt fwd/bwd/opt ms")
     ratios = {}
@@ -55,6 +55,17 @@ def summary(results_path, rss_path):
     print(f"    overopt {o2['tokens_per_s']:.0f} tokens/s ({o2['tokens']} tokens in "
           f"{o2['median_s']:.3f} s); torch {t2['tokens_per_s']:.0f} tokens/s "
           f"({t2['tokens']} tokens in {t2['median_s']:.3f} s)")
+    gemm = [r for r in res if r["side"] == "overopt" and r["bench"] == "gemm"]
+    if gemm:
+        print()
+        print(f"G   x @ w^T on the largest model's linear layers, GFLOP/s, median "
+              f"(overopt kernel: {gemm[0]['kernel']}; candle's matmul is the gemm crate)")
+        print(f"    {'rows x k x n':<16}{'overopt':>9}{'candle':>9}{'torch':>9}{'ratio':>8}")
+        for o in gemm:
+            t = by.get(("torch", "gemm", o["size"]))
+            tg = t["gflops"] if t else float("nan")
+            print(f"    {o['size']:<16}{o['gflops']:>9.1f}{o['candle_gflops']:>9.1f}"
+                  f"{tg:>9.1f}{o['gflops'] / tg:>8.2f}")
     print()
     print("P6  peak RSS, each side and workload in its own process")
     r6 = {}

@@ -65,6 +65,8 @@ run overopt-p1 "$BIN" p1 --data "$OUT/data.json" --out "$RES"
 run torch-p1 "$PY" bench/torch_ref.py p1 --data "$OUT/data.json" --out "$RES"
 run overopt-p2 "$BIN" p2 --data "$OUT/data.json" --out "$RES"
 run torch-p2 "$PY" bench/torch_ref.py p2 --data "$OUT/data.json" --out "$RES"
+run overopt-gemm "$BIN" gemm --data "$OUT/data.json" --out "$RES"
+run torch-gemm "$PY" bench/torch_ref.py gemm --data "$OUT/data.json" --out "$RES"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 "$PY" bench/report.py summary "$RES" "$RSS"

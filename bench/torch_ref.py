@@ -149,9 +149,23 @@ def p2(w, out, nthreads):
     print(json.dumps(line), file=out, flush=True)
 
 
+def gemm(w, out, nthreads):
+    for rows, k, n in w.get("gemm_shapes", []):
+        x, wt = torch.randn(rows, k), torch.randn(n, k)
+        ts = []
+        for i in range(35):
+            t0 = time.perf_counter()
+            x @ wt.t()
+            if i >= 5:
+                ts.append(time.perf_counter() - t0)
+        line = {"side": "torch", "bench": "gemm", "size": f"{rows}x{k}x{n}", "threads": nthreads,
+                "gflops": 2 * rows * k * n / statistics.median(ts) / 1e9}
+        print(json.dumps(line), file=out, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["p1", "p2", "versions"])
+    ap.add_argument("cmd", choices=["p1", "p2", "gemm", "versions"])
     ap.add_argument("--data")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -163,7 +177,7 @@ def main():
     with open(a.data) as f:
         w = json.load(f)
     out = open(a.out, "a") if a.out else sys.stdout
-    {"p1": p1, "p2": p2}[a.cmd](w, out, n)
+    {"p1": p1, "p2": p2, "gemm": gemm}[a.cmd](w, out, n)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@
 //! - `data --out F`: write the shared workload (model configs, DAA batches, sampling prompts)
 //!   as JSON, so both sides run exactly the same shapes;
 //! - `p1 --data F [--out R]`: one DAA (DPO) optimizer step per size: policy forward + backward
-//!   over chosen and rejected (one concatenated batch), cached reference log-probs, DPO loss,
+//!   over chosen and rejected (each prompt once: `train::daa::pair_logps`), cached reference
+//!   log-probs, DPO loss,
 //!   grad-norm clipping, RMSProp, exactly as `train::trainer::run_epoch` does it;
-//! - `p2 --data F [--out R]`: batched top-k sampling with a KV cache (`model::generate`).
+//! - `p2 --data F [--out R]`: batched top-k sampling with a KV cache (`model::generate`);
+//! - `gemm --data F [--out R]`: `x @ w^T` on the linear layers' shapes, overopt's kernel
+//!   (`model::gemm`) and candle's matmul side by side, GFLOP/s.
 //!
 //! Results are JSON lines (`R`, default stdout). Threads: RAYON_NUM_THREADS.
 
@@ -58,6 +61,9 @@ struct Workload {
     p2_size: String,
     p2_prompts: Vec<Vec<u32>>,
     p2_new_tokens: usize,
+    /// G: (rows, k, n) of `x (rows, k) @ w^T` products, the linear layers of the largest size.
+    #[serde(default)]
+    gemm_shapes: Vec<[usize; 3]>,
     p2_top_k: usize,
     p2_warmup: usize,
     p2_reps: usize,
@@ -84,6 +90,40 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+/// The linear layers of the largest teach size on 1024 token rows: QKV, attention output,
+/// MLP in and out.
+fn gemm_shapes(cfg: &TeachConfig) -> Vec<[usize; 3]> {
+    let Some(s) = cfg.sizes.iter().max_by_key(|s| s.hidden_size) else {
+        return vec![];
+    };
+    let (h, i) = (s.hidden_size, s.intermediate_size);
+    vec![[1024, h, 3 * h], [1024, h, h], [1024, h, i], [1024, i, h]]
+}
+
+/// GFLOP/s of `x @ w^T` for one shape: overopt's kernel (the linear layers' op) and candle's
+/// matmul (the `gemm` crate), median of 30 after 5 warm-up calls.
+fn gemm_shape(shape: [usize; 3]) -> Result<(f64, f64)> {
+    let [rows, k, n] = shape;
+    let dev = Device::Cpu;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+    let time = |f: &dyn Fn() -> candle_core::Result<candle_core::Tensor>| -> Result<f64> {
+        let mut ts = vec![];
+        for i in 0..35 {
+            let t0 = Instant::now();
+            f()?;
+            if i >= 5 {
+                ts.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        ts.sort_by(f64::total_cmp);
+        Ok(2.0 * (rows * k * n) as f64 / ts[ts.len() / 2] / 1e9)
+    };
+    let ours = time(&|| overopt::model::fused::matmul_wt(&x, &w))?;
+    let candle = time(&|| x.matmul(&w.t()?))?;
+    Ok((ours, candle))
 }
 
 fn make_data(teach_path: &str) -> Result<Workload> {
@@ -145,6 +185,7 @@ fn make_data(teach_path: &str) -> Result<Workload> {
         p2_size: cfg.pairs.source_size.clone(),
         p2_prompts: prompts,
         p2_new_tokens: env_usize("BENCH_P2_NEW_TOKENS", 16),
+        gemm_shapes: gemm_shapes(&cfg),
         p2_top_k: 50,
         p2_warmup: 1,
         p2_reps: env_usize("BENCH_P2_REPS", 3),
@@ -331,7 +372,18 @@ fn main() -> Result<()> {
                 "tokens": n, "tokens_per_s": n as f64 / sec});
             writeln!(out, "{line}")?;
         }
-        c => bail!("unknown command {c:?}: expected data, p1 or p2"),
+        "gemm" => {
+            let w = load_data()?;
+            for &shape in &w.gemm_shapes {
+                let (ours, candle) = gemm_shape(shape)?;
+                let line = serde_json::json!({"side": "overopt", "bench": "gemm",
+                    "size": format!("{}x{}x{}", shape[0], shape[1], shape[2]),
+                    "threads": threads, "gflops": ours, "candle_gflops": candle,
+                    "kernel": overopt::model::gemm::kernel_name()});
+                writeln!(out, "{line}")?;
+            }
+        }
+        c => bail!("unknown command {c:?}: expected data, p1, p2 or gemm"),
     }
     Ok(())
 }

@@ -35,10 +35,9 @@ fn pairs() -> Vec<(String, String)> {
         .collect()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+/// The largest |x| of a tensor.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -46,6 +45,21 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
+/// A gpt_neox fixture (HF layout), loaded on the CPU in f32.
+fn fixture_model(name: &str) -> load::LoadedModel {
+    load::load(
+        fixture(name).to_str().unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 const NAMES: [&str; 2] = ["parallel", "sequential"];
@@ -64,13 +78,7 @@ fn parallel_fixture(dtype: DType) -> load::LoadedModel {
 #[test]
 fn logits_match_hf_on_a_right_padded_batch() {
     for name in NAMES {
-        let lm = load::load(
-            fixture(name).to_str().unwrap(),
-            None,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let lm = fixture_model(name);
         let exp = expected(name);
         let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
         let mask = exp["attention_mask"].to_dtype(DType::U8).unwrap();
@@ -116,13 +124,7 @@ fn fixture_batch(name: &str, lm: &load::LoadedModel) -> overopt::model::score::S
 #[test]
 fn summed_logps_and_gradients_match_hf() {
     for name in NAMES {
-        let lm = load::load(
-            fixture(name).to_str().unwrap(),
-            None,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let lm = fixture_model(name);
         let exp = expected(name);
         let batch = fixture_batch(name, &lm);
         // The collated batch is the one HF scored.
@@ -174,13 +176,7 @@ fn summed_logps_and_gradients_match_hf() {
 #[test]
 fn every_parameter_receives_a_gradient() {
     for name in NAMES {
-        let lm = load::load(
-            fixture(name).to_str().unwrap(),
-            None,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let lm = fixture_model(name);
         let batch = fixture_batch(name, &lm);
         let loss = sequence_logps(&lm.model, &batch)
             .unwrap()
@@ -243,13 +239,7 @@ fn greedy_recompute(
 #[test]
 fn greedy_generation_with_kv_cache_matches_recompute_and_hf() {
     for name in NAMES {
-        let lm = load::load(
-            fixture(name).to_str().unwrap(),
-            None,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let lm = fixture_model(name);
         let exp = expected(name);
         let cfg = lm.model.config().clone();
         let eos = cfg.eos_token_id.unwrap();
@@ -577,13 +567,7 @@ fn shared_prefix_scoring_equals_full_rows_in_values_and_gradients() {
     use overopt::model::score::shared_prefix_logps;
     use rand::{Rng, SeedableRng, rngs::StdRng};
     for name in NAMES {
-        let lm = load::load(
-            fixture(name).to_str().unwrap(),
-            None,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let lm = fixture_model(name);
         let vocab = lm.model.config().vocab_size as u32;
         let mut rng = StdRng::seed_from_u64(11);
         let mut draw =
@@ -635,15 +619,7 @@ fn shared_prefix_scoring_equals_full_rows_in_values_and_gradients() {
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: {pname} has no gradient (shared prefix)"));
             let b = g_rows.get(var.as_tensor()).unwrap();
-            let scale = b
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(b);
             let rel = max_abs_diff(a, b) / scale.max(1e-12);
             assert!(
                 rel < 1e-4,

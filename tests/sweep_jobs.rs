@@ -54,29 +54,22 @@ fn job_array_matches_single_process_and_resumes() {
     let single = d.path().join("single");
     let jobs = d.path().join("jobs");
     let local = d.path().join("local");
-    overopt(&[
-        "reproduce",
-        "--section",
-        "overoptimization",
-        "--config",
-        cfg,
-        "--out",
-        single.to_str().unwrap(),
-        "--jobs",
-        "1",
-    ]);
-    // The local job runner: the same stages as separate `sweep` processes, two at a time.
-    overopt(&[
-        "reproduce",
-        "--section",
-        "overoptimization",
-        "--config",
-        cfg,
-        "--out",
-        local.to_str().unwrap(),
-        "--jobs",
-        "2",
-    ]);
+    // The grid's table section, in one process (`--jobs 1`) or as `sweep` processes side by side.
+    let reproduce = |out: &Path, jobs: &str| {
+        overopt(&[
+            "reproduce",
+            "--section",
+            "overoptimization",
+            "--config",
+            cfg,
+            "--out",
+            out.to_str().unwrap(),
+            "--jobs",
+            jobs,
+        ])
+    };
+    reproduce(&single, "1");
+    reproduce(&local, "2");
     let list = Command::new(env!("CARGO_BIN_EXE_overopt"))
         .args(["sweep", "--config", cfg, "--list"])
         .output()
@@ -114,29 +107,13 @@ fn job_array_matches_single_process_and_resumes() {
         "reproduce --jobs 2 and a single process differ"
     );
     // Re-running the finished sweep skips everything and rewrites the same table.
-    overopt(&[
-        "reproduce",
-        "--section",
-        "overoptimization",
-        "--config",
-        cfg,
-        "--out",
-        single.to_str().unwrap(),
-    ]);
+    reproduce(&single, "1");
     assert_eq!(table(&single), a);
     // A lost run result is recomputed identically from its checkpoints' run directory.
     let victim = single.join("results").join(format!("{}.json", ids[3]));
     std::fs::remove_file(&victim).unwrap();
     std::fs::remove_dir_all(single.join("runs").join(&ids[3])).unwrap();
-    overopt(&[
-        "reproduce",
-        "--section",
-        "overoptimization",
-        "--config",
-        cfg,
-        "--out",
-        single.to_str().unwrap(),
-    ]);
+    reproduce(&single, "1");
     assert_eq!(table(&single), a);
     // The fresh run matches the committed expected results (artifact/expected/smoke).
     matches_expected_smoke(&single);

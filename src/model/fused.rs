@@ -629,6 +629,27 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGeluOp)
 }
 
+/// `x @ w^T` for row-major x (rows, k) and w (n, k) into a new (rows, n) buffer; with `bias`
+/// (n), every row starts from it and the product is accumulated onto it.
+fn x_wt(
+    x: &[f32],
+    w: &[f32],
+    (rows, k, n): (usize, usize, usize),
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut out = match bias {
+        Some(b) => b.repeat(rows),
+        None => vec![0f32; rows * n],
+    };
+    gemm::sgemm(
+        MatRef::row_major(x, rows, k),
+        MatRef::row_major(w, n, k).t(),
+        &mut out,
+        bias.is_some(),
+    );
+    out
+}
+
 /// `x @ w^T` for x (rows, k) and w (n, k), both contiguous, with [`super::gemm`]'s kernels.
 struct MatmulWtOp;
 
@@ -653,17 +674,11 @@ impl CustomOp2 for MatmulWtOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, k, n) = Self::dims(l1, l2)?;
+        let dims = Self::dims(l1, l2)?;
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
-        let mut out = vec![0f32; rows * n];
-        gemm::sgemm(
-            MatRef::row_major(x, rows, k),
-            MatRef::row_major(w, n, k).t(),
-            &mut out,
-            false,
-        );
-        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+        let out = x_wt(x, w, dims, None);
+        Ok((CpuStorage::F32(out), Shape::from((dims.0, dims.2))))
     }
 
     fn bwd(
@@ -724,17 +739,7 @@ impl CustomOp3 for LinearOp {
         }
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
-        // Start from the bias in every row and accumulate the product onto it.
-        let mut out = Vec::with_capacity(rows * n);
-        for _ in 0..rows {
-            out.extend_from_slice(b);
-        }
-        gemm::sgemm(
-            MatRef::row_major(x, rows, k),
-            MatRef::row_major(w, n, k).t(),
-            &mut out,
-            true,
-        );
+        let out = x_wt(x, w, (rows, k, n), Some(b));
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 
