@@ -559,6 +559,33 @@ fn growing_kv_cache_decode_matches_full_forward() {
     }
 }
 
+/// A prompt that fills the whole context, scored with an empty response (EOS only), next to a
+/// short row whose response is longer: the padded positions of the first row stay inside
+/// the position table, and the short row scores as it does alone.
+#[test]
+fn shared_prefix_scoring_handles_a_prompt_that_fills_the_context() {
+    use overopt::model::score::shared_prefix_logps;
+    let lm = fixture_model("parallel");
+    let max = lm.model.config().max_position_embeddings;
+    let long: Vec<u32> = (0..max as u32).map(|i| 2 + i % 5).collect();
+    let short = [3u32, 4, 5];
+    let resp = [6u32, 7, 8, 9];
+    let (lp, lens) = shared_prefix_logps(
+        &lm.model,
+        &[long.as_slice(), &short],
+        &[(0, &[]), (1, &resp)],
+        Some(0),
+        1,
+    )
+    .unwrap();
+    assert_eq!(lens, vec![1, 5]);
+    let batch = collate(&[&short], &[&resp], Some(0), 1, &Device::Cpu).unwrap();
+    let alone = sequence_logps(&lm.model, &batch).unwrap();
+    let diff = max_abs_diff(&lp.narrow(0, 1, 1).unwrap(), &alone);
+    assert!(diff < 1e-4, "short row off by {diff}");
+    assert!(lp.to_vec1::<f32>().unwrap()[0].is_finite());
+}
+
 /// Pairs of continuations of shared prompts, scored with each prompt run once, give the
 /// log-probs and parameter gradients of scoring every `prompt ++ continuation` row on its
 /// own (both residual layouts; training op path and inference copy).

@@ -995,8 +995,11 @@ impl GptNeoX {
             let pl = prompts[*i].len();
             ids[r * rm..r * rm + c.len()].copy_from_slice(c);
             for q in 0..rm {
-                // Padded positions repeat the last real one (their outputs are never read).
-                pos[r * rm + q] = (pl + q.min(c.len().saturating_sub(1))) as u32;
+                // Padded positions repeat the last real one (their outputs are never read;
+                // an empty continuation after a prompt that fills the context gets the last
+                // position there is).
+                let p = pl + q.min(c.len().saturating_sub(1));
+                pos[r * rm + q] = p.min(self.cfg.max_position_embeddings - 1) as u32;
                 let row = &mut bias[(r * rm + q) * (pm + rm)..(r * rm + q + 1) * (pm + rm)];
                 row[..pl].fill(0.0);
                 row[pm..pm + q + 1].fill(0.0);
