@@ -878,7 +878,7 @@ pub fn attention_inference(
         }
     };
     let chunk = h * t * hs;
-    if candle_core::utils::get_num_threads() > 1 && b * h * t * l * hs >= 1 << 16 {
+    if gemm::threads() > 1 && b * h * t * l * hs >= 1 << 16 {
         use rayon::prelude::*;
         out.par_chunks_mut(chunk).enumerate().for_each(row);
     } else {

@@ -88,7 +88,12 @@ pub enum Isa {
 
 impl Isa {
     /// Every kernel the running CPU supports, best first.
-    pub fn available() -> Vec<Isa> {
+    pub fn available() -> &'static [Isa] {
+        static AVAIL: OnceLock<Vec<Isa>> = OnceLock::new();
+        AVAIL.get_or_init(Self::detect)
+    }
+
+    fn detect() -> Vec<Isa> {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
@@ -144,6 +149,13 @@ pub fn default_isa() -> Isa {
     })
 }
 
+/// The threads the CPU kernels may use: candle's setting (RAYON_NUM_THREADS, else the CPUs),
+/// read once per process (candle reads the environment on every call).
+pub fn threads() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// A short description of the kernel [`sgemm`] uses on this CPU.
 pub fn kernel_name() -> &'static str {
     default_isa().kernel().name
@@ -176,7 +188,7 @@ pub fn sgemm_isa(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool
     let kern = isa.kernel();
     let panels = n.div_ceil(kern.nr);
     let mut bpack = vec![0f32; panels * kern.nr * KC.min(k)];
-    let parallel = candle_core::utils::get_num_threads() > 1 && m * n * k >= PAR_MIN_FLOP;
+    let parallel = threads() > 1 && m * n * k >= PAR_MIN_FLOP;
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         pack_b(b, p0, kc, kern.nr, &mut bpack[..panels * kern.nr * kc]);
@@ -470,7 +482,7 @@ mod tests {
             (200, 520, 64),
             (12, 32, 32),
         ];
-        for isa in Isa::available() {
+        for &isa in Isa::available() {
             for &(m, k, n) in &shapes {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     let av: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();

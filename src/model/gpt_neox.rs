@@ -81,11 +81,15 @@ fn linear(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Lin
     Ok(Linear::new(w, Some(b)))
 }
 
+/// `x` (.., k) as a contiguous (rows, k) matrix, rows = all leading dims.
+fn rows2d(x: &Tensor) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    x.contiguous()?.reshape((x.elem_count() / k.max(1), k))
+}
+
 /// `x @ weight^T` of a `Linear`, without its bias, as (rows, out) with rows = all leading dims.
 fn matmul_weight(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    let k = x.dim(D::Minus1)?;
-    let rows = x.elem_count() / k.max(1);
-    let x = x.contiguous()?.reshape((rows, k))?;
+    let x = rows2d(x)?;
     if super::fused::usable(&[&x, l.weight()]) {
         super::fused::matmul_wt(&x, l.weight())
     } else {
@@ -127,10 +131,7 @@ fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> 
     }
     match l.bias() {
         Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
-            let k = x.dim(D::Minus1)?;
-            let rows = x.elem_count() / k.max(1);
-            super::fused::linear(&x.contiguous()?.reshape((rows, k))?, l.weight(), b)?
-                .reshape(linear_out_dims(l, x)?)
+            super::fused::linear(&rows2d(x)?, l.weight(), b)?.reshape(linear_out_dims(l, x)?)
         }
         None if super::fused::usable(&[x, l.weight()]) => {
             matmul_weight(l, x)?.reshape(linear_out_dims(l, x)?)
@@ -862,21 +863,31 @@ impl GptNeoX {
             candle_core::bail!("position {n_pos} is beyond max_position_embeddings {max}");
         }
         let compute = self.compute_dtype;
-        let cos_sin = self.rotary.gather(position_ids)?;
-        let cos_sin = match compute {
-            Some(cd) => (cos_sin.0.to_dtype(cd)?, cos_sin.1.to_dtype(cd)?),
-            None => cos_sin,
-        };
+        let cos_sin = self.rotary_tables(position_ids)?;
         let mut x = self.embed_in.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.capacity));
             x = layer.forward(&x, &self.rotary, &cos_sin, bias, lc, self.path, compute)?;
         }
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
-        let x = self.final_layer_norm.forward(&x, self.path)?;
-        let logits = linear_fwd(&self.embed_out, &x, compute)?;
+        let logits = self.head(&x)?;
         debug_assert_eq!(logits.dim(0)?, b);
         Ok(logits)
+    }
+
+    /// The rotary tables at `position_ids`, in the matmuls' dtype.
+    fn rotary_tables(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.rotary.gather(position_ids)?;
+        match self.compute_dtype {
+            Some(cd) => Ok((cos.to_dtype(cd)?, sin.to_dtype(cd)?)),
+            None => Ok((cos, sin)),
+        }
+    }
+
+    /// Final layer norm and output projection: logits of hidden states `x` (.., hidden).
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.final_layer_norm.forward(x, self.path)?;
+        linear_fwd(&self.embed_out, &x, self.compute_dtype)
     }
 
     /// Logits at the last position only, (b, vocab): cheaper output projection for sampling.
@@ -957,18 +968,7 @@ impl GptNeoX {
             .map(|(i, p)| (i * pm + p.len() - 1) as u32)
             .collect();
         let last = Tensor::from_vec(last, n, dev)?;
-        let head = |x: &Tensor| -> Result<Tensor> {
-            let x = self.final_layer_norm.forward(x, self.path)?;
-            linear_fwd(&self.embed_out, &x, self.compute_dtype)
-        };
-        let cos_sin = |pos: &Tensor| -> Result<(Tensor, Tensor)> {
-            let cs = self.rotary.gather(pos)?;
-            match self.compute_dtype {
-                Some(cd) => Ok((cs.0.to_dtype(cd)?, cs.1.to_dtype(cd)?)),
-                None => Ok(cs),
-            }
-        };
-        let cs_p = cos_sin(&pos_p)?;
+        let cs_p = self.rotary_tables(&pos_p)?;
         if rm == 0 {
             for layer in &self.layers {
                 xp = layer.forward(
@@ -984,7 +984,7 @@ impl GptNeoX {
             let hidden = xp
                 .reshape((n * pm, self.cfg.hidden_size))?
                 .index_select(&last, 0)?;
-            return Ok((head(&hidden)?, None));
+            return Ok((self.head(&hidden)?, None));
         }
         // Continuation stream: right-padded; keys are [its prompt's Pm | its own Rm].
         let mut ids = vec![pad_id; m * rm];
@@ -1008,7 +1008,7 @@ impl GptNeoX {
         let rows: Vec<u32> = continuations.iter().map(|(i, _)| *i as u32).collect();
         let rows = Tensor::from_vec(rows, m, dev)?;
         let bias_r = Tensor::from_vec(bias, (m, 1, rm, pm + rm), dev)?;
-        let cs_r = cos_sin(&Tensor::from_vec(pos, (m, rm), dev)?)?;
+        let cs_r = self.rotary_tables(&Tensor::from_vec(pos, (m, rm), dev)?)?;
         let mut xr = self
             .embed_in
             .forward(&Tensor::from_vec(ids, (m, rm), dev)?)?;
@@ -1027,6 +1027,6 @@ impl GptNeoX {
         let hidden = xp
             .reshape((n * pm, self.cfg.hidden_size))?
             .index_select(&last, 0)?;
-        Ok((head(&hidden)?, Some(head(&xr)?)))
+        Ok((self.head(&hidden)?, Some(self.head(&xr)?)))
     }
 }

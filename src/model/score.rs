@@ -23,6 +23,20 @@ pub struct SeqBatch {
     pub n_response_tokens: Vec<usize>,
 }
 
+/// A scored row needs a prompt token (the first response token is predicted from it) and a
+/// response token (EOS included when appended).
+fn check_row(row: usize, prompt_len: usize, response_len: usize) -> Result<()> {
+    if prompt_len == 0 {
+        bail!(
+            "row {row}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)"
+        );
+    }
+    if response_len == 0 {
+        bail!("row {row}: empty response");
+    }
+    Ok(())
+}
+
 /// Build a batch from token ids. With `append_eos`, EOS is appended to every response (the
 /// reference code's rule for training and scoring); without it the responses are scored as
 /// they are (for model samples, which carry their own EOS when they ended).
@@ -56,14 +70,7 @@ pub fn collate(
         })
         .collect();
     for (i, (s, pl)) in seqs.iter().enumerate() {
-        if *pl == 0 {
-            bail!(
-                "row {i}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)"
-            );
-        }
-        if s.len() == *pl {
-            bail!("row {i}: empty response");
-        }
+        check_row(i, *pl, s.len() - pl)?;
     }
     let b = seqs.len();
     let t = seqs.iter().map(|(s, _)| s.len()).max().unwrap();
@@ -141,15 +148,9 @@ pub fn shared_prefix_logps(
         })
         .collect();
     for (r, (s, (i, _))) in full.iter().zip(responses).enumerate() {
-        if s.is_empty() {
-            bail!("row {r}: empty response");
-        }
         match prompts.get(*i) {
             None => bail!("row {r}: prompt {i} of {}", prompts.len()),
-            Some(p) if p.is_empty() => bail!(
-                "row {r}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)"
-            ),
-            Some(_) => {}
+            Some(p) => check_row(r, p.len(), s.len())?,
         }
     }
     // Each response is scored from its prompt's last position (first token) and from its

@@ -31,55 +31,53 @@ pub struct Job {
 /// each SFT evaluation, then the DAA runs (largest sizes first), restricted to ids containing
 /// one of `only` when it is not empty.
 pub fn jobs(cfg: &TeachConfig, only: &[String]) -> Result<Vec<Job>> {
-    let cost = |name: &str| -> Result<usize> {
-        let s = cfg.size(name)?;
-        Ok(s.hidden_size * s.hidden_size * s.num_hidden_layers)
+    // Job i < sizes.len() is the SFT of sizes[i], the largest (longest) first.
+    let mut specs: Vec<_> = cfg.sizes.iter().collect();
+    specs.sort_by_key(|s| std::cmp::Reverse(s.hidden_size * s.hidden_size * s.num_hidden_layers));
+    let sizes: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let sft = |name: &str| -> Result<usize> {
+        sizes
+            .iter()
+            .position(|s| *s == name)
+            .with_context(|| format!("no size {name:?} in the grid"))
     };
-    let mut sizes: Vec<&str> = cfg.sizes.iter().map(|s| s.name.as_str()).collect();
-    let mut keyed = Vec::with_capacity(sizes.len());
-    for s in &sizes {
-        keyed.push((std::cmp::Reverse(cost(s)?), *s));
-    }
-    keyed.sort();
-    sizes = keyed.into_iter().map(|(_, s)| s).collect();
-    let mut out: Vec<Job> = vec![];
     let job = |name: String, args: &[&str], deps: Vec<usize>| Job {
         name,
         args: args.iter().map(|s| s.to_string()).collect(),
         deps,
     };
-    for s in &sizes {
-        out.push(job(
-            format!("sft:{s}"),
-            &["--stage", &format!("sft:{s}")],
-            vec![],
-        ));
-    }
-    let sft = |out: &[Job], s: &str| -> Result<usize> {
-        out.iter()
-            .position(|j| j.name == format!("sft:{s}"))
-            .with_context(|| format!("no size {s:?} in the grid"))
-    };
+    let mut out: Vec<Job> = sizes
+        .iter()
+        .map(|s| {
+            job(
+                format!("sft:{s}"),
+                &["--stage", &format!("sft:{s}")],
+                vec![],
+            )
+        })
+        .collect();
     let pairs = out.len();
-    let src = sft(&out, &cfg.pairs.source_size)?;
-    out.push(job("pairs".into(), &["--stage", "pairs"], vec![src]));
-    for s in &sizes {
-        let d = sft(&out, s)?;
+    out.push(job(
+        "pairs".into(),
+        &["--stage", "pairs"],
+        vec![sft(&cfg.pairs.source_size)?],
+    ));
+    for (i, s) in sizes.iter().enumerate() {
         out.push(job(
             format!("sft-eval:{s}"),
             &["--stage", &format!("sft-eval:{s}")],
-            vec![d, pairs],
+            vec![i, pairs],
         ));
     }
-    let mut runs = cfg.runs();
-    runs.retain(|r| only.is_empty() || only.iter().any(|o| r.id().contains(o.as_str())));
-    let mut keyed = Vec::with_capacity(runs.len());
-    for (i, r) in runs.into_iter().enumerate() {
-        keyed.push((std::cmp::Reverse(cost(&r.size)?), i, r));
+    // DAA runs by size, largest first (a stable sort keeps the grid's order within a size).
+    let mut runs = vec![];
+    for r in cfg.runs() {
+        if only.is_empty() || only.iter().any(|o| r.id().contains(o.as_str())) {
+            runs.push((sft(&r.size)?, r));
+        }
     }
-    keyed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    for (_, _, r) in keyed {
-        let d = sft(&out, &r.size)?;
+    runs.sort_by_key(|(d, _)| *d);
+    for (d, r) in runs {
         let id = r.id();
         out.push(job(format!("daa:{id}"), &["--run", &id], vec![d, pairs]));
     }
