@@ -591,7 +591,7 @@ fn shared_prefix_scoring_handles_a_prompt_that_fills_the_context() {
 /// own (both residual layouts; training op path and inference copy).
 #[test]
 fn shared_prefix_scoring_equals_full_rows_in_values_and_gradients() {
-    use overopt::model::score::shared_prefix_logps;
+    use overopt::model::score::shared_prefix_logps_via;
     use rand::{Rng, SeedableRng, rngs::StdRng};
     for name in NAMES {
         let lm = fixture_model(name);
@@ -617,41 +617,92 @@ fn shared_prefix_scoring_equals_full_rows_in_values_and_gradients() {
             .collect();
         let full_p: Vec<&[u32]> = order.iter().map(|&(i, _)| prompts[i].as_slice()).collect();
         let full_r: Vec<&[u32]> = order.iter().map(|&(_, c)| conts[c].as_slice()).collect();
-        for model in [lm.model.clone(), lm.model.inference_copy().unwrap()] {
-            let (shared, lens) =
-                shared_prefix_logps(&model, &p_refs, &responses, Some(eos), pad).unwrap();
+        // Both implementations: the hand-written CPU path and candle's graph.
+        for hand in [true, false] {
+            let tag = if hand { "hand-written" } else { "graph" };
+            for model in [lm.model.clone(), lm.model.inference_copy().unwrap()] {
+                let (shared, lens) =
+                    shared_prefix_logps_via(&model, &p_refs, &responses, Some(eos), pad, hand)
+                        .unwrap();
+                let batch = collate(&full_p, &full_r, Some(eos), pad, &Device::Cpu).unwrap();
+                let rows = sequence_logps(&model, &batch).unwrap();
+                assert_eq!(lens, batch.n_response_tokens, "{name}");
+                let diff = max_abs_diff(&shared, &rows);
+                assert!(diff < 1e-4, "{name} {tag}: shared-prefix log-probs off by {diff}");
+            }
+            // Gradients of a weighted sum (distinct weights, so that rows cannot trade errors).
+            let w: Vec<f32> = (0..order.len()).map(|r| 1.0 + 0.1 * r as f32).collect();
+            let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
+            let (shared, _) =
+                shared_prefix_logps_via(&lm.model, &p_refs, &responses, Some(eos), pad, hand)
+                    .unwrap();
+            let g_shared = (shared * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let batch = collate(&full_p, &full_r, Some(eos), pad, &Device::Cpu).unwrap();
-            let rows = sequence_logps(&model, &batch).unwrap();
-            assert_eq!(lens, batch.n_response_tokens, "{name}");
-            let diff = max_abs_diff(&shared, &rows);
-            assert!(diff < 1e-4, "{name}: shared-prefix log-probs off by {diff}");
-        }
-        // Gradients of a weighted sum (distinct weights, so that rows cannot trade errors).
-        let w: Vec<f32> = (0..order.len()).map(|r| 1.0 + 0.1 * r as f32).collect();
-        let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
-        let (shared, _) =
-            shared_prefix_logps(&lm.model, &p_refs, &responses, Some(eos), pad).unwrap();
-        let g_shared = (shared * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let batch = collate(&full_p, &full_r, Some(eos), pad, &Device::Cpu).unwrap();
-        let rows = sequence_logps(&lm.model, &batch).unwrap();
-        let g_rows = (rows * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let vars = lm.varmap.data().lock().unwrap();
-        for (pname, var) in vars.iter() {
-            let a = g_shared
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: {pname} has no gradient (shared prefix)"));
-            let b = g_rows.get(var.as_tensor()).unwrap();
-            let scale = max_abs(b);
-            let rel = max_abs_diff(a, b) / scale.max(1e-12);
-            assert!(
-                rel < 1e-4,
-                "{name}: gradient of {pname} off by {rel} (max {scale})"
-            );
+            let rows = sequence_logps(&lm.model, &batch).unwrap();
+            let g_rows = (rows * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let vars = lm.varmap.data().lock().unwrap();
+            for (pname, var) in vars.iter() {
+                let a = g_shared.get(var.as_tensor()).unwrap_or_else(|| {
+                    panic!("{name} {tag}: {pname} has no gradient (shared prefix)")
+                });
+                let b = g_rows.get(var.as_tensor()).unwrap();
+                let scale = max_abs(b);
+                let rel = max_abs_diff(a, b) / scale.max(1e-12);
+                assert!(
+                    rel < 1e-4,
+                    "{name} {tag}: gradient of {pname} off by {rel} (max {scale})"
+                );
+            }
         }
     }
+}
+
+/// The hand-written path gives the same bits on any number of threads (each sum is made by
+/// one thread in a fixed order), values and gradients, and a second backward over the same
+/// graph (which recomputes the activations) gives the same gradients as the first.
+#[test]
+fn hand_written_path_is_independent_of_the_thread_count() {
+    use overopt::model::score::shared_prefix_logps_via;
+    let lm = fixture_model("parallel");
+    let prompts: Vec<Vec<u32>> = (0..40)
+        .map(|i| (0..1 + i % 9).map(|j| 2 + ((i * 7 + j * 3) % 20) as u32).collect())
+        .collect();
+    let conts: Vec<Vec<u32>> = (0..80)
+        .map(|r| (0..r % 11).map(|j| 2 + ((r * 5 + j) % 20) as u32).collect())
+        .collect();
+    let p_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let responses: Vec<(usize, &[u32])> = conts
+        .iter()
+        .enumerate()
+        .map(|(r, c)| (r % 40, c.as_slice()))
+        .collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (lp, _) =
+                shared_prefix_logps_via(&lm.model, &p_refs, &responses, Some(0), 1, true)
+                    .unwrap();
+            let loss = lp.sum_all().unwrap();
+            let g1 = loss.backward().unwrap();
+            let g2 = loss.backward().unwrap();
+            let mut out = vec![lp.to_vec1::<f32>().unwrap()];
+            for (_, var) in overopt::sorted_vars(&lm.varmap) {
+                let a = g1.get(var.as_tensor()).unwrap();
+                let b = g2.get(var.as_tensor()).unwrap();
+                let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(a, b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                out.push(a);
+            }
+            out
+        })
+    };
+    assert_eq!(run(1), run(3));
 }

@@ -7,7 +7,7 @@
 use crate::data::PrefExample;
 use crate::model::GptNeoX;
 use crate::model::generate::{SampleConfig, generate};
-use crate::model::score::{collate, token_logps};
+use crate::model::score::shared_prefix_logps;
 use crate::train::SpecialTokens;
 use crate::train::daa::pair_logps;
 use crate::train::loss::{Objective, margin, pair_loss};
@@ -157,13 +157,18 @@ pub fn evaluate_policy(
     let mut stats = Vec::with_capacity(samples.len());
     let idx: Vec<usize> = (0..samples.len()).collect();
     for chunk in idx.chunks(cfg.batch_size.max(1)) {
-        let p: Vec<&[u32]> = chunk.iter().map(|&i| expanded[i].as_slice()).collect();
-        let r: Vec<&[u32]> = chunk
-            .iter()
-            .map(|&i| samples[i].tokens.as_slice())
+        // The samples of one prompt share its pass through the model.
+        let first = chunk[0] / k;
+        let p: Vec<&[u32]> = (first..=chunk[chunk.len() - 1] / k)
+            .map(|j| prompts[j].as_slice())
             .collect();
-        let batch = collate(&p, &r, None, tokens.pad, refm.device())?;
-        let ref_lp = token_logps(&refm, &batch)?.sum(1)?.to_vec1::<f32>()?;
+        let r: Vec<(usize, &[u32])> = chunk
+            .iter()
+            .map(|&i| (i / k - first, samples[i].tokens.as_slice()))
+            .collect();
+        let ref_lp = shared_prefix_logps(&refm, &p, &r, None, tokens.pad)?
+            .0
+            .to_vec1::<f32>()?;
         for (j, &i) in chunk.iter().enumerate() {
             let s = &samples[i];
             let pol_lp: f64 = s.logps.iter().map(|&x| x as f64).sum();

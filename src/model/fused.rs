@@ -28,7 +28,7 @@ pub fn usable(ts: &[&Tensor]) -> bool {
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -44,7 +44,7 @@ fn last_dim(l: &Layout) -> Result<usize> {
 }
 
 /// The f32 values of a CPU tensor's storage at `l`, borrowed (see [`cpu_values`]).
-fn cpu_slice<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn cpu_slice<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     match s {
         Storage::Cpu(c) => slice(c, l, "fused backward"),
         _ => candle_core::bail!("fused backward: expects a CPU tensor"),
@@ -57,16 +57,72 @@ macro_rules! cpu_values {
     ($t:expr, $v:ident) => {
         let c = $t.contiguous()?;
         let (guard, layout) = c.storage_and_layout();
-        let $v = cpu_slice(&guard, layout)?;
+        let $v = $crate::model::fused::cpu_slice(&guard, layout)?;
     };
 }
+pub(crate) use cpu_values;
 
 /// Mean and 1/sqrt(var + eps) of a row (population variance, as torch's layer norm).
-fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
+pub(crate) fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// Backward of layer norm for one row: `xn` the normalized row, `rstd` 1/sqrt(var + eps),
+/// `g` the gradient of the output, `w` the weight. ADDS the input gradient to `dx` and the
+/// row's weight and bias gradients to `dw`, `db` (f64 accumulators over rows).
+pub(crate) fn layer_norm_bwd_row(
+    xn: &[f32],
+    rstd: f32,
+    g: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f64],
+    db: &mut [f64],
+) {
+    let d = xn.len();
+    let (mut m1, mut m2) = (0f64, 0f64);
+    for j in 0..d {
+        let gw = (g[j] * w[j]) as f64;
+        m1 += gw;
+        m2 += gw * xn[j] as f64;
+        dw[j] += (g[j] * xn[j]) as f64;
+        db[j] += g[j] as f64;
+    }
+    let (m1, m2) = ((m1 / d as f64) as f32, (m2 / d as f64) as f32);
+    for j in 0..d {
+        dx[j] += rstd * (g[j] * w[j] - m1 - xn[j] * m2);
+    }
+}
+
+/// The rotary embedding of one head, rotate-half layout: the first `c.len()` dims of `src`
+/// rotated by the tables `c`, `s` at its position, the rest copied, into `dst`.
+#[inline(always)]
+pub(crate) fn rotate_half(src: &[f32], c: &[f32], s: &[f32], dst: &mut [f32]) {
+    let nd = c.len();
+    let half = nd / 2;
+    for j in 0..half {
+        let (x1, x2) = (src[j], src[j + half]);
+        dst[j] = x1 * c[j] - x2 * s[j];
+        dst[j + half] = x2 * c[j + half] + x1 * s[j + half];
+    }
+    dst[nd..].copy_from_slice(&src[nd..]);
+}
+
+/// The backward of [`rotate_half`]: the gradient `g` of its output, written to `dst`.
+#[inline(always)]
+pub(crate) fn rotate_half_bwd(g: &[f32], c: &[f32], s: &[f32], dst: &mut [f32]) {
+    let nd = c.len();
+    let half = nd / 2;
+    // y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+    for j in 0..half {
+        let (g1, g2) = (g[j], g[j + half]);
+        dst[j] = g1 * c[j] + g2 * s[j + half];
+        dst[j + half] = g2 * c[j + half] - g1 * s[j];
+    }
+    dst[nd..].copy_from_slice(&g[nd..]);
 }
 
 struct LayerNormOp {
@@ -130,19 +186,10 @@ impl CustomOp3 for LayerNormOp {
             .zip(dx.chunks_exact_mut(d))
         {
             let (mean, rstd) = row_stats(xr, self.eps);
-            let (mut m1, mut m2) = (0f64, 0f64);
-            for j in 0..d {
-                xn[j] = (xr[j] - mean) * rstd;
-                let gw = (gr[j] * wv[j]) as f64;
-                m1 += gw;
-                m2 += gw * xn[j] as f64;
-                dw[j] += (gr[j] * xn[j]) as f64;
-                db[j] += gr[j] as f64;
+            for (n, &x) in xn.iter_mut().zip(xr) {
+                *n = (x - mean) * rstd;
             }
-            let (m1, m2) = ((m1 / d as f64) as f32, (m2 / d as f64) as f32);
-            for j in 0..d {
-                dxr[j] = rstd * (gr[j] * wv[j] - m1 - xn[j] * m2);
-            }
+            layer_norm_bwd_row(&xn, rstd, gr, wv, dxr, &mut dw, &mut db);
         }
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
@@ -379,7 +426,6 @@ impl CustomOp3 for SplitHeadsOp {
         let sin = slice(s3, l3, self.name())?;
         let (b, t) = self.dims(l1, l2)?;
         let (h, hs, nd) = (self.heads, self.head_size, self.ndims);
-        let half = nd / 2;
         let mut out = vec![0f32; b * h * t * hs];
         for bi in 0..b {
             for ti in 0..t {
@@ -389,12 +435,7 @@ impl CustomOp3 for SplitHeadsOp {
                 for hi in 0..h {
                     let src = &x[row + (hi * 3 + self.part) * hs..][..hs];
                     let dst = &mut out[((bi * h + hi) * t + ti) * hs..][..hs];
-                    for j in 0..half {
-                        let (x1, x2) = (src[j], src[j + half]);
-                        dst[j] = x1 * c[j] - x2 * s[j];
-                        dst[j + half] = x2 * c[j + half] + x1 * s[j + half];
-                    }
-                    dst[nd..].copy_from_slice(&src[nd..]);
+                    rotate_half(src, c, s, dst);
                 }
             }
         }
@@ -411,7 +452,6 @@ impl CustomOp3 for SplitHeadsOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t, _) = qkv.dims3()?;
         let (h, hs, nd) = (self.heads, self.head_size, self.ndims);
-        let half = nd / 2;
         cpu_values!(grad, g);
         cpu_values!(cos, cv);
         cpu_values!(sin, sv);
@@ -424,13 +464,7 @@ impl CustomOp3 for SplitHeadsOp {
                 for hi in 0..h {
                     let gr = &g[((bi * h + hi) * t + ti) * hs..][..hs];
                     let dst = &mut dx[row + (hi * 3 + self.part) * hs..][..hs];
-                    // y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
-                    for j in 0..half {
-                        let (g1, g2) = (gr[j], gr[j + half]);
-                        dst[j] = g1 * c[j] + g2 * s[j + half];
-                        dst[j + half] = g2 * c[j + half] - g1 * s[j];
-                    }
-                    dst[nd..].copy_from_slice(&gr[nd..]);
+                    rotate_half_bwd(gr, c, s, dst);
                 }
             }
         }
@@ -522,13 +556,13 @@ pub fn fast_erf(x: f32) -> f32 {
 
 /// gelu(u) = u/2 (1 + erf(u / sqrt 2)), the exact (erf) GELU, with [`fast_erf`].
 #[inline(always)]
-fn gelu(u: f32) -> f32 {
+pub(crate) fn gelu(u: f32) -> f32 {
     0.5 * u * (1.0 + fast_erf(u * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// d gelu / du = (1 + erf(u / sqrt 2)) / 2 + u exp(-u^2 / 2) / sqrt(2 pi).
 #[inline(always)]
-fn gelu_grad(u: f32) -> f32 {
+pub(crate) fn gelu_grad(u: f32) -> f32 {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
     0.5 * (1.0 + fast_erf(u * std::f32::consts::FRAC_1_SQRT_2))
         + u * fast_exp(-0.5 * u * u) * INV_SQRT_2PI
@@ -631,7 +665,7 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 /// `x @ w^T` for row-major x (rows, k) and w (n, k) into a new (rows, n) buffer; with `bias`
 /// (n), every row starts from it and the product is accumulated onto it.
-fn x_wt(
+pub(crate) fn x_wt(
     x: &[f32],
     w: &[f32],
     (rows, k, n): (usize, usize, usize),
@@ -780,7 +814,7 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Dot product with eight independent partial sums (a plain iterator sum is a sequential
 /// float reduction, which the compiler may not vectorize).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

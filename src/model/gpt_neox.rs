@@ -884,6 +884,13 @@ impl GptNeoX {
         }
     }
 
+    /// The rotary tables as f32 values, (max_position_embeddings, rotary_ndims) each: cos and
+    /// sin in the rotate-half layout (for the hand-written CPU path, [`super::hand`]).
+    pub(crate) fn rotary_values(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let f = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok((f(&self.rotary.cos)?, f(&self.rotary.sin)?))
+    }
+
     /// Final layer norm and output projection: logits of hidden states `x` (.., hidden).
     fn head(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.final_layer_norm.forward(x, self.path)?;

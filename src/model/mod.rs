@@ -4,6 +4,7 @@ pub mod fused;
 pub mod gemm;
 pub mod generate;
 pub mod gpt_neox;
+pub mod hand;
 pub mod load;
 pub mod score;
 

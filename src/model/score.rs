@@ -131,12 +131,30 @@ fn log_softmax_f32(logits: &Tensor) -> Result<Tensor> {
 /// Returns (m,) f32 log-probs and the scored tokens per response (EOS included when
 /// appended). The same values as [`collate`] + [`sequence_logps`] over `prompt ++ response`
 /// rows; differentiable when the model is.
+///
+/// On the CPU in f32 the hand-written forward and backward of [`super::hand`] compute it (one
+/// node of candle's graph, no padding); elsewhere candle's graph of
+/// [`GptNeoX::forward_shared_prefix`]. [`shared_prefix_logps_via`] chooses explicitly.
 pub fn shared_prefix_logps(
     model: &GptNeoX,
     prompts: &[&[u32]],
     responses: &[(usize, &[u32])],
     append_eos: Option<u32>,
     pad_id: u32,
+) -> Result<(Tensor, Vec<usize>)> {
+    let hand = super::hand::usable(model);
+    shared_prefix_logps_via(model, prompts, responses, append_eos, pad_id, hand)
+}
+
+/// [`shared_prefix_logps`] with the implementation chosen: `hand` for [`super::hand`] (CPU,
+/// f32 only), otherwise candle's graph.
+pub fn shared_prefix_logps_via(
+    model: &GptNeoX,
+    prompts: &[&[u32]],
+    responses: &[(usize, &[u32])],
+    append_eos: Option<u32>,
+    pad_id: u32,
+    hand: bool,
 ) -> Result<(Tensor, Vec<usize>)> {
     let dev = model.device();
     let full: Vec<Vec<u32>> = responses
@@ -152,6 +170,18 @@ pub fn shared_prefix_logps(
             None => bail!("row {r}: prompt {i} of {}", prompts.len()),
             Some(p) => check_row(r, p.len(), s.len())?,
         }
+    }
+    let lens = full.iter().map(|s| s.len()).collect();
+    if hand {
+        let rows: Vec<(usize, &[u32])> = full
+            .iter()
+            .zip(responses)
+            .map(|(s, (i, _))| (*i, s.as_slice()))
+            .collect();
+        return Ok((
+            super::hand::shared_prefix_logps(model, prompts, &rows)?,
+            lens,
+        ));
     }
     // Each response is scored from its prompt's last position (first token) and from its
     // own tokens but the last (the rest).
@@ -189,7 +219,7 @@ pub fn shared_prefix_logps(
         let mask = Tensor::from_vec(mask, (m, rm), dev)?;
         total = (total + picked.mul(&mask)?.sum(1)?)?;
     }
-    Ok((total, full.iter().map(|s| s.len()).collect()))
+    Ok((total, lens))
 }
 
 /// Summed response log-probs, (b,) f32. Differentiable when the model is.
@@ -212,13 +242,17 @@ pub fn score_pairs(
     for start in (0..prompts.len()).step_by(batch_size.max(1)) {
         let end = (start + batch_size.max(1)).min(prompts.len());
         let p: Vec<&[u32]> = prompts[start..end].iter().map(|x| x.as_slice()).collect();
-        let r: Vec<&[u32]> = responses[start..end].iter().map(|x| x.as_slice()).collect();
-        let batch = collate(&p, &r, append_eos, pad_id, inf.device())?;
-        let lp = sequence_logps(&inf, &batch)?.to_vec1::<f32>()?;
+        let r: Vec<(usize, &[u32])> = responses[start..end]
+            .iter()
+            .enumerate()
+            .map(|(k, x)| (k, x.as_slice()))
+            .collect();
+        let (lp, n_tokens) = shared_prefix_logps(&inf, &p, &r, append_eos, pad_id)?;
         out.extend(
-            lp.into_iter()
+            lp.to_vec1::<f32>()?
+                .into_iter()
                 .map(|x| x as f64)
-                .zip(batch.n_response_tokens.iter().copied()),
+                .zip(n_tokens),
         );
     }
     Ok(out)

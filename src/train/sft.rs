@@ -5,7 +5,7 @@ use super::optim::RmsPropConfig;
 use super::trainer::{LoopConfig, MicroOutput, TrainOutcome, run_epoch};
 use crate::data::SftExample;
 use crate::model::LoadedModel;
-use crate::model::score::{collate, sequence_logps};
+use crate::model::score::shared_prefix_logps;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -25,11 +25,16 @@ pub fn sft_micro(
     tokens: SpecialTokens,
 ) -> Result<MicroOutput> {
     let p: Vec<&[u32]> = idx.iter().map(|&i| data[i].prompt.as_slice()).collect();
-    let r: Vec<&[u32]> = idx.iter().map(|&i| data[i].response.as_slice()).collect();
-    let batch = collate(&p, &r, Some(tokens.eos), tokens.pad, lm.model.device())?;
-    let lp = sequence_logps(&lm.model, &batch)?;
+    let r: Vec<(usize, &[u32])> = idx
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| (k, data[i].response.as_slice()))
+        .collect();
+    // The same values as scoring `prompt ++ response` rows (collate + sequence_logps); on
+    // the CPU in f32 the hand-written path, without padding.
+    let (lp, n_tokens) = shared_prefix_logps(&lm.model, &p, &r, Some(tokens.eos), tokens.pad)?;
     let loss = lp.mean_all()?.neg()?;
-    let ntok = batch.n_response_tokens.iter().sum::<usize>() as f64;
+    let ntok = n_tokens.iter().sum::<usize>() as f64;
     let nll = -(lp.sum_all()?.to_scalar::<f32>()? as f64);
     Ok(MicroOutput {
         loss,

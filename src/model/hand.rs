@@ -1,0 +1,958 @@
+//! A hand-written forward and backward pass of GPT-NeoX for scoring and training on the CPU
+//! in f32: summed log-probabilities of continuations of shared prompts (the quantity every
+//! trainer and scorer of this crate needs) and their gradient with respect to every parameter.
+//!
+//! Why: with candle's autograd each graph node costs, besides its own work, a zero-filled
+//! gradient buffer and an addition per operand, and each layer is a dozen nodes; on the teach
+//! models that bookkeeping, the copies between layouts and the padding were more than half of
+//! a DPO step (docs/perf.md). Here the whole model is ONE node of candle's graph, a custom op
+//! over the parameters concatenated into one vector, so the loss, the optimizer and the
+//! trainers keep using candle unchanged while the model's forward and backward run as plain
+//! loops and [`super::gemm`] products over packed buffers:
+//!
+//! - tokens are packed without padding: each prompt's tokens, then the input tokens of each of
+//!   its continuations, prompt by prompt. A continuation token attends to its prompt's tokens
+//!   and to its own earlier tokens, exactly the keys it would see in a `prompt ++
+//!   continuation` row; nothing is computed for padding;
+//! - the logits are computed only where a log-prob is read: at each prompt's last token (the
+//!   first token of its continuations) and at each continuation input token;
+//! - work is split over threads by row blocks (products), by rows (layer norm, GELU) and by
+//!   prompt (attention: a prompt and its continuations only see each other); each result is
+//!   summed by one thread in a fixed order, so values do not depend on the thread count.
+//!
+//! [`super::score::shared_prefix_logps`] uses it whenever [`usable`] says so; the candle graph
+//! computes the same function (tests/gpt_neox_parity.rs checks values and every parameter's
+//! gradient against it, both residual layouts). `OVEROPT_NO_HAND=1` switches it off.
+
+use super::fused::{
+    cpu_values, dot, fast_exp, gelu, gelu_grad, layer_norm_bwd_row, rotate_half, rotate_half_bwd,
+    row_stats, slice, x_wt,
+};
+use super::gemm::{self, MatRef};
+use super::gpt_neox::GptNeoX;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// True when the hand-written path applies to `model`: f32 parameters on the CPU, no
+/// autocast, and neither `OVEROPT_NO_HAND` nor `OVEROPT_NO_FUSED` set.
+pub fn usable(model: &GptNeoX) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var_os("OVEROPT_NO_HAND").is_some())
+        && super::fused::usable(&[])
+        && model.device().is_cpu()
+        && model.dtype() == DType::F32
+        && model.compute_dtype() == DType::F32
+}
+
+/// Summed log-probs (m,) of `responses` (prompt index, tokens to score: the response with its
+/// EOS, each non-empty) given `prompts` (each non-empty), differentiable with respect to the
+/// model's parameters when they are variables. The caller checks the rows (see
+/// [`super::score::shared_prefix_logps`]).
+pub fn shared_prefix_logps(
+    model: &GptNeoX,
+    prompts: &[&[u32]],
+    responses: &[(usize, &[u32])],
+) -> Result<Tensor> {
+    let dims = Dims::of(model)?;
+    let params = model.named_parameters();
+    let spans = Spans::of(&dims, &params)?;
+    let plan = Plan::new(prompts, responses, &dims)?;
+    let save = params.iter().any(|(_, t)| t.track_op());
+    let flat = params
+        .iter()
+        .map(|(_, t)| t.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    let flat = Tensor::cat(&flat, 0)?;
+    flat.apply_op1(HandOp {
+        dims,
+        spans,
+        plan,
+        save,
+        saved: Mutex::new(None),
+    })
+}
+
+/// Shapes and constants of the model.
+struct Dims {
+    hidden: usize,
+    heads: usize,
+    head_size: usize,
+    inter: usize,
+    vocab: usize,
+    layers: usize,
+    eps: f64,
+    parallel: bool,
+    max_pos: usize,
+    rot: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Dims {
+    fn of(model: &GptNeoX) -> Result<Self> {
+        let c = model.config();
+        let (cos, sin) = model.rotary_values()?;
+        Ok(Self {
+            hidden: c.hidden_size,
+            heads: c.num_attention_heads,
+            head_size: c.head_size(),
+            inter: c.intermediate_size,
+            vocab: c.vocab_size,
+            layers: c.num_hidden_layers,
+            eps: c.layer_norm_eps,
+            parallel: c.use_parallel_residual,
+            max_pos: c.max_position_embeddings,
+            rot: c.rotary_ndims(),
+            cos,
+            sin,
+        })
+    }
+
+    /// The rotary tables at position `p`.
+    fn table(&self, p: usize) -> (&[f32], &[f32]) {
+        let r = p * self.rot..(p + 1) * self.rot;
+        (&self.cos[r.clone()], &self.sin[r])
+    }
+}
+
+/// Where a parameter lives in the concatenated vector: (offset, length).
+#[derive(Clone, Copy, Debug)]
+struct Span(usize, usize);
+
+impl Span {
+    fn of<'a>(&self, v: &'a [f32]) -> &'a [f32] {
+        &v[self.0..self.0 + self.1]
+    }
+
+    fn of_mut<'a>(&self, v: &'a mut [f32]) -> &'a mut [f32] {
+        &mut v[self.0..self.0 + self.1]
+    }
+}
+
+/// A layer norm's weight and bias, or a linear layer's weight and bias.
+#[derive(Clone, Copy, Debug)]
+struct Pair {
+    w: Span,
+    b: Span,
+}
+
+#[derive(Debug)]
+struct LayerSpans {
+    ln1: Pair,
+    ln2: Pair,
+    qkv: Pair,
+    dense: Pair,
+    fc: Pair,
+    out: Pair,
+}
+
+/// The parameters' places in the concatenation of [`GptNeoX::named_parameters`].
+#[derive(Debug)]
+struct Spans {
+    embed: Span,
+    layers: Vec<LayerSpans>,
+    lnf: Pair,
+    head: Span,
+    total: usize,
+}
+
+impl Spans {
+    fn of(d: &Dims, params: &[(String, Tensor)]) -> Result<Self> {
+        let mut off = 0;
+        let mut it = params.iter();
+        let mut next = |name: &str, len: usize| -> Result<Span> {
+            match it.next() {
+                Some((n, t)) if n == name && t.elem_count() == len => {
+                    off += len;
+                    Ok(Span(off - len, len))
+                }
+                Some((n, t)) => bail!(
+                    "hand-written path: parameter {n} ({} values) where {name} ({len}) was expected",
+                    t.elem_count()
+                ),
+                None => bail!("hand-written path: parameter {name} missing"),
+            }
+        };
+        let (h, i3, f) = (d.hidden, 3 * d.hidden, d.inter);
+        let embed = next("gpt_neox.embed_in.weight", d.vocab * h)?;
+        let mut layers = vec![];
+        for l in 0..d.layers {
+            let p = format!("gpt_neox.layers.{l}");
+            let mut pair = |name: &str, w: usize, b: usize| -> Result<Pair> {
+                Ok(Pair {
+                    w: next(&format!("{p}.{name}.weight"), w)?,
+                    b: next(&format!("{p}.{name}.bias"), b)?,
+                })
+            };
+            layers.push(LayerSpans {
+                ln1: pair("input_layernorm", h, h)?,
+                ln2: pair("post_attention_layernorm", h, h)?,
+                qkv: pair("attention.query_key_value", i3 * h, i3)?,
+                dense: pair("attention.dense", h * h, h)?,
+                fc: pair("mlp.dense_h_to_4h", f * h, f)?,
+                out: pair("mlp.dense_4h_to_h", h * f, h)?,
+            });
+        }
+        let lnf = Pair {
+            w: next("gpt_neox.final_layer_norm.weight", h)?,
+            b: next("gpt_neox.final_layer_norm.bias", h)?,
+        };
+        let head = next("embed_out.weight", d.vocab * h)?;
+        if let Some((n, _)) = it.next() {
+            bail!("hand-written path: unexpected parameter {n}");
+        }
+        Ok(Self {
+            embed,
+            layers,
+            lnf,
+            head,
+            total: off,
+        })
+    }
+}
+
+/// The packed token layout of a batch.
+struct Plan {
+    tokens: Vec<u32>,
+    pos: Vec<usize>,
+    /// Token ranges of the groups (a prompt and its continuations).
+    groups: Vec<(usize, usize)>,
+    /// Per token, the key tokens it attends to: up to two (start, len) ranges.
+    keys: Vec<[(usize, usize); 2]>,
+    /// Prefix sums of the key counts (T + 1): where each token's probabilities are stored.
+    key_off: Vec<usize>,
+    /// Tokens whose logits are read.
+    head_rows: Vec<usize>,
+    /// (head row, target token, response) per scored token.
+    picks: Vec<(usize, u32, usize)>,
+    responses: usize,
+}
+
+impl Plan {
+    fn new(prompts: &[&[u32]], responses: &[(usize, &[u32])], d: &Dims) -> Result<Self> {
+        let n = prompts.len();
+        let mut by_prompt: Vec<Vec<usize>> = vec![vec![]; n];
+        for (r, (i, s)) in responses.iter().enumerate() {
+            if *i >= n {
+                bail!("hand-written path: response {r} continues prompt {i} of {n}");
+            }
+            if s.is_empty() {
+                bail!("hand-written path: response {r} has no token to score");
+            }
+            by_prompt[*i].push(r);
+        }
+        let mut p = Plan {
+            tokens: vec![],
+            pos: vec![],
+            groups: vec![],
+            keys: vec![],
+            key_off: vec![0],
+            head_rows: vec![],
+            picks: vec![],
+            responses: responses.len(),
+        };
+        let vocab = d.vocab as u32;
+        let check = |t: u32| -> Result<u32> {
+            if t >= vocab {
+                bail!("token id {t} is outside the vocabulary of {vocab}");
+            }
+            Ok(t)
+        };
+        let push = |p: &mut Plan, tok: u32, pos: usize, keys: [(usize, usize); 2]| {
+            p.tokens.push(tok);
+            p.pos.push(pos);
+            p.keys.push(keys);
+            let last = *p.key_off.last().unwrap_or(&0);
+            p.key_off.push(last + keys[0].1 + keys[1].1);
+        };
+        for (i, prompt) in prompts.iter().enumerate() {
+            if prompt.is_empty() {
+                bail!("hand-written path: prompt {i} is empty");
+            }
+            let start = p.tokens.len();
+            let pl = prompt.len();
+            for (q, &t) in prompt.iter().enumerate() {
+                push(&mut p, check(t)?, q, [(start, q + 1), (0, 0)]);
+            }
+            let last_row = p.head_rows.len();
+            p.head_rows.push(start + pl - 1);
+            for &r in &by_prompt[i] {
+                let s = responses[r].1;
+                if pl + s.len() - 1 > d.max_pos {
+                    bail!(
+                        "sequence of {} tokens is beyond max_position_embeddings {}",
+                        pl + s.len() - 1,
+                        d.max_pos
+                    );
+                }
+                p.picks.push((last_row, check(s[0])?, r));
+                let rs = p.tokens.len();
+                for (j, &t) in s[..s.len() - 1].iter().enumerate() {
+                    push(&mut p, check(t)?, pl + j, [(start, pl), (rs, j + 1)]);
+                    p.picks.push((p.head_rows.len(), check(s[j + 1])?, r));
+                    p.head_rows.push(rs + j);
+                }
+            }
+            p.groups.push((start, p.tokens.len()));
+        }
+        if let Some(&mx) = p.pos.iter().max()
+            && mx >= d.max_pos
+        {
+            bail!(
+                "position {mx} is beyond max_position_embeddings {}",
+                d.max_pos
+            );
+        }
+        Ok(p)
+    }
+
+    fn len(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Rows per task when per-row loops are split over threads (a fixed size: sums over rows are
+/// then made in the same order whatever the thread count).
+const ROWS: usize = 32;
+
+/// Apply `f(first_row, rows)` to consecutive blocks of `width`-wide rows of `out`, in parallel
+/// when the kernels may use several threads.
+fn row_blocks<F>(out: &mut [f32], width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    let chunk = ROWS * width.max(1);
+    if gemm::threads() > 1 && out.len() > chunk {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i * ROWS, c));
+    } else {
+        out.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i * ROWS, c));
+    }
+}
+
+/// Layer norm of every row of `x` (rows, d): the normalized rows, 1/std per row, the output.
+struct Norm {
+    xn: Vec<f32>,
+    rstd: Vec<f32>,
+    y: Vec<f32>,
+}
+
+fn layer_norm(x: &[f32], d: usize, w: &[f32], b: &[f32], eps: f64) -> Norm {
+    let rows = x.len() / d;
+    let mut xn = vec![0f32; x.len()];
+    let mut rstd = vec![0f32; rows];
+    let mut y = vec![0f32; x.len()];
+    let per_row = |r: usize, xn: &mut [f32], y: &mut [f32]| -> f32 {
+        let xr = &x[r * d..(r + 1) * d];
+        let (mean, rs) = row_stats(xr, eps);
+        for j in 0..d {
+            xn[j] = (xr[j] - mean) * rs;
+            y[j] = xn[j] * w[j] + b[j];
+        }
+        rs
+    };
+    let chunk = ROWS * d;
+    let body = |(i, ((xc, yc), rc)): (usize, ((&mut [f32], &mut [f32]), &mut [f32]))| {
+        for (k, ((xr, yr), rr)) in xc
+            .chunks_mut(d)
+            .zip(yc.chunks_mut(d))
+            .zip(rc.iter_mut())
+            .enumerate()
+        {
+            *rr = per_row(i * ROWS + k, xr, yr);
+        }
+    };
+    if gemm::threads() > 1 && x.len() > chunk {
+        xn.par_chunks_mut(chunk)
+            .zip(y.par_chunks_mut(chunk))
+            .zip(rstd.par_chunks_mut(ROWS))
+            .enumerate()
+            .for_each(body);
+    } else {
+        xn.chunks_mut(chunk)
+            .zip(y.chunks_mut(chunk))
+            .zip(rstd.chunks_mut(ROWS))
+            .enumerate()
+            .for_each(body);
+    }
+    Norm { xn, rstd, y }
+}
+
+/// Backward of [`layer_norm`]: ADDS the input gradient to `dx`, writes the weight and bias
+/// gradients. Per block of rows the weight and bias sums are kept apart and then added in
+/// block order (the same order for any thread count).
+fn layer_norm_bwd(n: &Norm, g: &[f32], w: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+    let d = w.len();
+    let block = |first: usize, dxc: &mut [f32]| -> (Vec<f64>, Vec<f64>) {
+        let (mut sw, mut sb) = (vec![0f64; d], vec![0f64; d]);
+        for (k, dxr) in dxc.chunks_mut(d).enumerate() {
+            let r = first + k;
+            let span = r * d..(r + 1) * d;
+            layer_norm_bwd_row(
+                &n.xn[span.clone()],
+                n.rstd[r],
+                &g[span],
+                w,
+                dxr,
+                &mut sw,
+                &mut sb,
+            );
+        }
+        (sw, sb)
+    };
+    let chunk = ROWS * d;
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = if gemm::threads() > 1 && dx.len() > chunk {
+        dx.par_chunks_mut(chunk)
+            .enumerate()
+            .map(|(i, c)| block(i * ROWS, c))
+            .collect()
+    } else {
+        dx.chunks_mut(chunk)
+            .enumerate()
+            .map(|(i, c)| block(i * ROWS, c))
+            .collect()
+    };
+    let (mut sw, mut sb) = (vec![0f64; d], vec![0f64; d]);
+    for (pw, pb) in parts {
+        for j in 0..d {
+            sw[j] += pw[j];
+            sb[j] += pb[j];
+        }
+    }
+    for j in 0..d {
+        dw[j] = sw[j] as f32;
+        db[j] = sb[j] as f32;
+    }
+}
+
+/// Column sums of `g` (rows, n) into `out` (n), rows in order.
+fn col_sums(g: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for row in g.chunks_exact(out.len()) {
+        for (s, &v) in out.iter_mut().zip(row) {
+            *s += v;
+        }
+    }
+}
+
+/// `x @ w^T + b` for x (rows, k), w (n, k).
+fn linear(x: &[f32], w: &[f32], b: &[f32], k: usize) -> Vec<f32> {
+    let n = b.len();
+    x_wt(x, w, (x.len() / k, k, n), Some(b))
+}
+
+/// Backward of [`linear`] given the output gradient `g` (rows, n): writes the weight and bias
+/// gradients and returns the input gradient (rows, k).
+fn linear_bwd(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    k: usize,
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> Vec<f32> {
+    let n = db.len();
+    let rows = x.len() / k;
+    gemm::sgemm(
+        MatRef::row_major(g, rows, n).t(),
+        MatRef::row_major(x, rows, k),
+        dw,
+        false,
+    );
+    col_sums(g, db);
+    let mut dx = vec![0f32; rows * k];
+    gemm::sgemm(
+        MatRef::row_major(g, rows, n),
+        MatRef::row_major(w, n, k),
+        &mut dx,
+        false,
+    );
+    dx
+}
+
+/// What the backward pass needs of one layer.
+struct LayerSave {
+    n1: Norm,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    a: Vec<f32>,
+    n2: Norm,
+    u: Vec<f32>,
+    g: Vec<f32>,
+}
+
+/// What the backward pass needs of the forward.
+struct Saved {
+    layers: Vec<LayerSave>,
+    nf: Norm,
+    /// softmax of the logits at the head rows (S, vocab).
+    probs: Vec<f32>,
+}
+
+/// Split `buf` (rows of `width`) into the groups' row ranges.
+fn group_slices<'a>(
+    mut buf: &'a mut [f32],
+    width: usize,
+    groups: &[(usize, usize)],
+) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(groups.len());
+    for &(s, e) in groups {
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut((e - s) * width);
+        out.push(head);
+        buf = rest;
+    }
+    out
+}
+
+/// Run `f(group index, slices)` for every group, in parallel when allowed.
+fn for_groups<T: Send, F>(items: Vec<T>, f: F)
+where
+    F: Fn(usize, T) + Sync + Send,
+{
+    if gemm::threads() > 1 && items.len() > 1 {
+        items.into_par_iter().enumerate().for_each(|(i, t)| f(i, t));
+    } else {
+        items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
+    }
+}
+
+/// Causal attention over the packed tokens: returns the output (T, hidden) and the
+/// probabilities (per token and head, over its keys).
+fn attention(d: &Dims, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let t_all = plan.len();
+    let mut a = vec![0f32; t_all * hd];
+    let mut probs = vec![0f32; plan.key_off[t_all] * heads];
+    let groups = &plan.groups;
+    let pg: Vec<(usize, usize)> = groups
+        .iter()
+        .map(|&(s, e)| (plan.key_off[s] * heads, plan.key_off[e] * heads))
+        .collect();
+    let items: Vec<_> = group_slices(&mut a, hd, groups)
+        .into_iter()
+        .zip(group_slices(&mut probs, 1, &pg))
+        .collect();
+    for_groups(items, |gi, (ag, pgs)| {
+        let (gs, ge) = groups[gi];
+        let p0 = plan.key_off[gs] * heads;
+        for t in gs..ge {
+            let keys = plan.keys[t];
+            let nk = keys[0].1 + keys[1].1;
+            for h in 0..heads {
+                let qv = &q[t * hd + h * hs..][..hs];
+                let pr = &mut pgs[plan.key_off[t] * heads - p0 + h * nk..][..nk];
+                let mut j = 0;
+                let mut mx = f32::NEG_INFINITY;
+                for &(s, len) in &keys {
+                    for kt in s..s + len {
+                        pr[j] = dot(qv, &k[kt * hd + h * hs..][..hs]) * scale;
+                        mx = mx.max(pr[j]);
+                        j += 1;
+                    }
+                }
+                let mut sum = 0f32;
+                for p in pr.iter_mut() {
+                    *p = fast_exp(*p - mx);
+                    sum += *p;
+                }
+                let inv = 1.0 / sum;
+                let out = &mut ag[(t - gs) * hd + h * hs..][..hs];
+                let mut j = 0;
+                for &(s, len) in &keys {
+                    for kt in s..s + len {
+                        pr[j] *= inv;
+                        let vr = &v[kt * hd + h * hs..][..hs];
+                        for (o, &x) in out.iter_mut().zip(vr) {
+                            *o += pr[j] * x;
+                        }
+                        j += 1;
+                    }
+                }
+            }
+        }
+    });
+    (a, probs)
+}
+
+/// Backward of [`attention`] given the output gradient `da`: (dq, dk, dv), (T, hidden) each,
+/// with respect to the rotated queries and keys.
+fn attention_bwd(
+    d: &Dims,
+    plan: &Plan,
+    s: &LayerSave,
+    da: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let t_all = plan.len();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; t_all * hd],
+        vec![0f32; t_all * hd],
+        vec![0f32; t_all * hd],
+    );
+    let groups = &plan.groups;
+    let items: Vec<_> = group_slices(&mut dq, hd, groups)
+        .into_iter()
+        .zip(group_slices(&mut dk, hd, groups))
+        .zip(group_slices(&mut dv, hd, groups))
+        .collect();
+    let (q, k, v) = (&s.q, &s.k, &s.v);
+    for_groups(items, |gi, ((dqg, dkg), dvg)| {
+        let (gs, ge) = groups[gi];
+        let mut dp = vec![0f32; d.max_pos + 1];
+        for t in gs..ge {
+            let keys = plan.keys[t];
+            let nk = keys[0].1 + keys[1].1;
+            for h in 0..heads {
+                let pr = &s.probs[plan.key_off[t] * heads + h * nk..][..nk];
+                let dat = &da[t * hd + h * hs..][..hs];
+                let mut j = 0;
+                let mut sum = 0f32;
+                for &(st, len) in &keys {
+                    for kt in st..st + len {
+                        dp[j] = dot(dat, &v[kt * hd + h * hs..][..hs]);
+                        sum += pr[j] * dp[j];
+                        j += 1;
+                    }
+                }
+                let qv = &q[t * hd + h * hs..][..hs];
+                let mut j = 0;
+                for &(st, len) in &keys {
+                    for kt in st..st + len {
+                        let ds = pr[j] * (dp[j] - sum) * scale;
+                        let kl = (kt - gs) * hd + h * hs;
+                        let kr = &k[kt * hd + h * hs..][..hs];
+                        let dqt = &mut dqg[(t - gs) * hd + h * hs..][..hs];
+                        for (o, &x) in dqt.iter_mut().zip(kr) {
+                            *o += ds * x;
+                        }
+                        for (o, &x) in dkg[kl..kl + hs].iter_mut().zip(qv) {
+                            *o += ds * x;
+                        }
+                        let p = pr[j];
+                        for (o, &x) in dvg[kl..kl + hs].iter_mut().zip(dat) {
+                            *o += p * x;
+                        }
+                        j += 1;
+                    }
+                }
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+/// q, k, v (T, hidden) each from the fused projection (T, 3 hidden; per head [q | k | v]),
+/// q and k rotated at each token's position.
+fn split_heads(d: &Dims, plan: &Plan, qkv: &[f32]) -> [Vec<f32>; 3] {
+    let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
+    let mut out = [
+        vec![0f32; qkv.len() / 3],
+        vec![0f32; qkv.len() / 3],
+        vec![0f32; qkv.len() / 3],
+    ];
+    for (part, o) in out.iter_mut().enumerate() {
+        row_blocks(o, hd, |first, rows| {
+            for (kk, row) in rows.chunks_mut(hd).enumerate() {
+                let t = first + kk;
+                let (c, s) = d.table(plan.pos[t]);
+                let (c, s) = if part < 2 { (c, s) } else { (&c[..0], &s[..0]) };
+                for h in 0..heads {
+                    let src = &qkv[t * 3 * hd + (h * 3 + part) * hs..][..hs];
+                    rotate_half(src, c, s, &mut row[h * hs..(h + 1) * hs]);
+                }
+            }
+        });
+    }
+    out
+}
+
+/// Backward of [`split_heads`]: the gradient of the fused projection (T, 3 hidden).
+fn split_heads_bwd(d: &Dims, plan: &Plan, grads: [&[f32]; 3]) -> Vec<f32> {
+    let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
+    let mut out = vec![0f32; plan.len() * 3 * hd];
+    row_blocks(&mut out, 3 * hd, |first, rows| {
+        for (kk, row) in rows.chunks_mut(3 * hd).enumerate() {
+            let t = first + kk;
+            let (c, s) = d.table(plan.pos[t]);
+            for (part, g) in grads.iter().enumerate() {
+                let (c, s) = if part < 2 { (c, s) } else { (&c[..0], &s[..0]) };
+                for h in 0..heads {
+                    let gr = &g[t * hd + h * hs..][..hs];
+                    rotate_half_bwd(gr, c, s, &mut row[(h * 3 + part) * hs..][..hs]);
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The forward pass: summed log-probs per response and, with `save`, what the backward needs.
+fn forward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, save: bool) -> (Vec<f32>, Option<Saved>) {
+    let hd = d.hidden;
+    let emb = sp.embed.of(p);
+    let mut x = vec![0f32; plan.len() * hd];
+    for (row, &t) in x.chunks_exact_mut(hd).zip(&plan.tokens) {
+        row.copy_from_slice(&emb[t as usize * hd..(t as usize + 1) * hd]);
+    }
+    let mut saves = vec![];
+    for ls in &sp.layers {
+        let n1 = layer_norm(&x, hd, ls.ln1.w.of(p), ls.ln1.b.of(p), d.eps);
+        let qkv = linear(&n1.y, ls.qkv.w.of(p), ls.qkv.b.of(p), hd);
+        let [q, k, v] = split_heads(d, plan, &qkv);
+        drop(qkv);
+        let (a, probs) = attention(d, plan, &q, &k, &v);
+        let o = linear(&a, ls.dense.w.of(p), ls.dense.b.of(p), hd);
+        // Parallel residual: x + attn(ln1 x) + mlp(ln2 x); sequential: h = x + attn(ln1 x),
+        // h + mlp(ln2 h).
+        let mid: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+        let n2 = layer_norm(
+            if d.parallel { &x } else { &mid },
+            hd,
+            ls.ln2.w.of(p),
+            ls.ln2.b.of(p),
+            d.eps,
+        );
+        let u = linear(&n2.y, ls.fc.w.of(p), ls.fc.b.of(p), hd);
+        let mut g = vec![0f32; u.len()];
+        row_blocks(&mut g, d.inter, |first, rows| {
+            let uu = &u[first * d.inter..][..rows.len()];
+            for (y, &x) in rows.iter_mut().zip(uu) {
+                *y = gelu(x);
+            }
+        });
+        let m = linear(&g, ls.out.w.of(p), ls.out.b.of(p), d.inter);
+        x = mid.iter().zip(&m).map(|(a, b)| a + b).collect();
+        if save {
+            saves.push(LayerSave {
+                n1,
+                q,
+                k,
+                v,
+                probs,
+                a,
+                n2,
+                u,
+                g,
+            });
+        }
+    }
+    // Head rows only: final layer norm, output projection, log-softmax.
+    let s_rows = plan.head_rows.len();
+    let mut xs = vec![0f32; s_rows * hd];
+    for (row, &t) in xs.chunks_exact_mut(hd).zip(&plan.head_rows) {
+        row.copy_from_slice(&x[t * hd..(t + 1) * hd]);
+    }
+    let nf = layer_norm(&xs, hd, sp.lnf.w.of(p), sp.lnf.b.of(p), d.eps);
+    let vocab = d.vocab;
+    let mut logits = vec![0f32; s_rows * vocab];
+    gemm::sgemm(
+        MatRef::row_major(&nf.y, s_rows, hd),
+        MatRef::row_major(sp.head.of(p), vocab, hd).t(),
+        &mut logits,
+        false,
+    );
+    // Log-softmax in place (as the candle path: max, exp, log of the sum).
+    for row in logits.chunks_exact_mut(vocab) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+        let lse = sum.ln();
+        row.iter_mut().for_each(|v| *v = *v - m - lse);
+    }
+    let mut lp = vec![0f32; plan.responses];
+    for &(s, tgt, r) in &plan.picks {
+        lp[r] += logits[s * vocab + tgt as usize];
+    }
+    let saved = save.then(|| {
+        logits.iter_mut().for_each(|v| *v = v.exp());
+        Saved {
+            layers: saves,
+            nf,
+            probs: logits,
+        }
+    });
+    (lp, saved)
+}
+
+/// The backward pass: the gradient of `sum(dlp * logps)` with respect to the concatenated
+/// parameters.
+fn backward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, sv: &Saved, dlp: &[f32]) -> Vec<f32> {
+    let (hd, vocab) = (d.hidden, d.vocab);
+    let mut grad = vec![0f32; sp.total];
+    let s_rows = plan.head_rows.len();
+    // d logp(target) / d logits = onehot(target) - softmax.
+    let mut dl = vec![0f32; s_rows * vocab];
+    let mut wsum = vec![0f32; s_rows];
+    for &(s, tgt, r) in &plan.picks {
+        dl[s * vocab + tgt as usize] += dlp[r];
+        wsum[s] += dlp[r];
+    }
+    for ((row, pr), &w) in dl
+        .chunks_exact_mut(vocab)
+        .zip(sv.probs.chunks_exact(vocab))
+        .zip(&wsum)
+    {
+        for (g, &q) in row.iter_mut().zip(pr) {
+            *g -= w * q;
+        }
+    }
+    gemm::sgemm(
+        MatRef::row_major(&dl, s_rows, vocab).t(),
+        MatRef::row_major(&sv.nf.y, s_rows, hd),
+        sp.head.of_mut(&mut grad),
+        false,
+    );
+    let mut dh = vec![0f32; s_rows * hd];
+    gemm::sgemm(
+        MatRef::row_major(&dl, s_rows, vocab),
+        MatRef::row_major(sp.head.of(p), vocab, hd),
+        &mut dh,
+        false,
+    );
+    let mut dxs = vec![0f32; s_rows * hd];
+    let (mut dw, mut db) = (vec![0f32; hd], vec![0f32; hd]);
+    layer_norm_bwd(&sv.nf, &dh, sp.lnf.w.of(p), &mut dxs, &mut dw, &mut db);
+    sp.lnf.w.of_mut(&mut grad).copy_from_slice(&dw);
+    sp.lnf.b.of_mut(&mut grad).copy_from_slice(&db);
+    let mut dx = vec![0f32; plan.len() * hd];
+    for (row, &t) in dxs.chunks_exact(hd).zip(&plan.head_rows) {
+        dx[t * hd..(t + 1) * hd].copy_from_slice(row);
+    }
+    for (ls, s) in sp.layers.iter().zip(&sv.layers).rev() {
+        // MLP branch: its output gradient is dx.
+        let mut dg = {
+            let (w, b) = (ls.out.w.of(p), ls.out.b);
+            let mut dw = vec![0f32; ls.out.w.1];
+            let mut db = vec![0f32; b.1];
+            let dg = linear_bwd(&s.g, w, &dx, d.inter, &mut dw, &mut db);
+            ls.out.w.of_mut(&mut grad).copy_from_slice(&dw);
+            b.of_mut(&mut grad).copy_from_slice(&db);
+            dg
+        };
+        row_blocks(&mut dg, d.inter, |first, rows| {
+            let uu = &s.u[first * d.inter..][..rows.len()];
+            for (g, &u) in rows.iter_mut().zip(uu) {
+                *g *= gelu_grad(u);
+            }
+        });
+        let dh2 = {
+            let mut dw = vec![0f32; ls.fc.w.1];
+            let mut db = vec![0f32; ls.fc.b.1];
+            let dh2 = linear_bwd(&s.n2.y, ls.fc.w.of(p), &dg, hd, &mut dw, &mut db);
+            ls.fc.w.of_mut(&mut grad).copy_from_slice(&dw);
+            ls.fc.b.of_mut(&mut grad).copy_from_slice(&db);
+            dh2
+        };
+        drop(dg);
+        // The gradient reaching the attention output: dx (parallel) or dx plus the MLP
+        // branch's layer norm (sequential, where that norm reads x + attn).
+        let mut dmid = dx.clone();
+        {
+            let (mut dw, mut db) = (vec![0f32; hd], vec![0f32; hd]);
+            layer_norm_bwd(&s.n2, &dh2, ls.ln2.w.of(p), &mut dmid, &mut dw, &mut db);
+            ls.ln2.w.of_mut(&mut grad).copy_from_slice(&dw);
+            ls.ln2.b.of_mut(&mut grad).copy_from_slice(&db);
+        }
+        let d_attn_out = if d.parallel { &dx } else { &dmid };
+        let da = {
+            let mut dw = vec![0f32; ls.dense.w.1];
+            let mut db = vec![0f32; hd];
+            let da = linear_bwd(&s.a, ls.dense.w.of(p), d_attn_out, hd, &mut dw, &mut db);
+            ls.dense.w.of_mut(&mut grad).copy_from_slice(&dw);
+            ls.dense.b.of_mut(&mut grad).copy_from_slice(&db);
+            da
+        };
+        let (dq, dk, dv) = attention_bwd(d, plan, s, &da);
+        drop(da);
+        let dqkv = split_heads_bwd(d, plan, [&dq, &dk, &dv]);
+        drop((dq, dk, dv));
+        let dh1 = {
+            let mut dw = vec![0f32; ls.qkv.w.1];
+            let mut db = vec![0f32; ls.qkv.b.1];
+            let dh1 = linear_bwd(&s.n1.y, ls.qkv.w.of(p), &dqkv, hd, &mut dw, &mut db);
+            ls.qkv.w.of_mut(&mut grad).copy_from_slice(&dw);
+            ls.qkv.b.of_mut(&mut grad).copy_from_slice(&db);
+            dh1
+        };
+        // The input gradient: the residual (dmid already holds dx plus, in the parallel
+        // layout, the MLP norm's part) plus the attention norm's part.
+        let (mut dw, mut db) = (vec![0f32; hd], vec![0f32; hd]);
+        layer_norm_bwd(&s.n1, &dh1, ls.ln1.w.of(p), &mut dmid, &mut dw, &mut db);
+        ls.ln1.w.of_mut(&mut grad).copy_from_slice(&dw);
+        ls.ln1.b.of_mut(&mut grad).copy_from_slice(&db);
+        dx = dmid;
+    }
+    let ge = sp.embed.of_mut(&mut grad);
+    for (row, &t) in dx.chunks_exact(hd).zip(&plan.tokens) {
+        for (g, &v) in ge[t as usize * hd..(t as usize + 1) * hd]
+            .iter_mut()
+            .zip(row)
+        {
+            *g += v;
+        }
+    }
+    grad
+}
+
+/// The whole model as one node of candle's graph: input the concatenated parameters, output
+/// the summed log-probs (m,).
+struct HandOp {
+    dims: Dims,
+    spans: Spans,
+    plan: Plan,
+    /// Keep the activations for a backward pass (the parameters are tracked).
+    save: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl CustomOp1 for HandOp {
+    fn name(&self) -> &'static str {
+        "overopt-hand-gpt-neox"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = slice(s, l, self.name())?;
+        if p.len() != self.spans.total {
+            bail!(
+                "hand-written path: {} parameter values, expected {}",
+                p.len(),
+                self.spans.total
+            );
+        }
+        let (lp, saved) = forward(&self.dims, &self.spans, p, &self.plan, self.save);
+        if let Some(sv) = saved {
+            *self
+                .saved
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? = Some(sv);
+        }
+        Ok((CpuStorage::F32(lp), Shape::from(self.plan.responses)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let taken = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?
+            .take();
+        cpu_values!(arg, p);
+        cpu_values!(grad, g);
+        // A second backward over the same graph recomputes the activations.
+        let saved = match taken {
+            Some(s) => s,
+            None => match forward(&self.dims, &self.spans, p, &self.plan, true).1 {
+                Some(s) => s,
+                None => bail!("hand-written path: no activations"),
+            },
+        };
+        let flat = backward(&self.dims, &self.spans, p, &self.plan, &saved, g);
+        Ok(Some(Tensor::from_vec(flat, arg.shape(), arg.device())?))
+    }
+}
