@@ -628,7 +628,10 @@ fn shared_prefix_scoring_equals_full_rows_in_values_and_gradients() {
                 let rows = sequence_logps(&model, &batch).unwrap();
                 assert_eq!(lens, batch.n_response_tokens, "{name}");
                 let diff = max_abs_diff(&shared, &rows);
-                assert!(diff < 1e-4, "{name} {tag}: shared-prefix log-probs off by {diff}");
+                assert!(
+                    diff < 1e-4,
+                    "{name} {tag}: shared-prefix log-probs off by {diff}"
+                );
             }
             // Gradients of a weighted sum (distinct weights, so that rows cannot trade errors).
             let w: Vec<f32> = (0..order.len()).map(|r| 1.0 + 0.1 * r as f32).collect();
@@ -670,7 +673,11 @@ fn hand_written_path_is_independent_of_the_thread_count() {
     use overopt::model::score::shared_prefix_logps_via;
     let lm = fixture_model("parallel");
     let prompts: Vec<Vec<u32>> = (0..40)
-        .map(|i| (0..1 + i % 9).map(|j| 2 + ((i * 7 + j * 3) % 20) as u32).collect())
+        .map(|i| {
+            (0..1 + i % 9)
+                .map(|j| 2 + ((i * 7 + j * 3) % 20) as u32)
+                .collect()
+        })
         .collect();
     let conts: Vec<Vec<u32>> = (0..80)
         .map(|r| (0..r % 11).map(|j| 2 + ((r * 5 + j) % 20) as u32).collect())
@@ -688,8 +695,7 @@ fn hand_written_path_is_independent_of_the_thread_count() {
             .unwrap();
         pool.install(|| {
             let (lp, _) =
-                shared_prefix_logps_via(&lm.model, &p_refs, &responses, Some(0), 1, true)
-                    .unwrap();
+                shared_prefix_logps_via(&lm.model, &p_refs, &responses, Some(0), 1, true).unwrap();
             let loss = lp.sum_all().unwrap();
             let g1 = loss.backward().unwrap();
             let g2 = loss.backward().unwrap();

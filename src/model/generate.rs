@@ -118,6 +118,101 @@ pub fn generate(
     Ok(out)
 }
 
+/// The model side of sampling: candle's graph with its KV cache, or the hand-written CPU
+/// decoder ([`super::hand::Decoder`]).
+enum Steps {
+    Graph {
+        cache: KvCache,
+        full_mask: Tensor,
+        next_pos: Vec<u32>,
+    },
+    Hand(super::hand::Decoder),
+}
+
+impl Steps {
+    /// Prefill on candle's graph: left-padded prompts; returns the state and the logits at
+    /// each prompt's last token, (b, vocab) row-major.
+    fn graph(
+        model: &GptNeoX,
+        prompts: &[Vec<u32>],
+        capacity: usize,
+        pad_id: u32,
+    ) -> Result<(Self, Vec<f32>)> {
+        let dev = model.device().clone();
+        let b = prompts.len();
+        let p = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
+        let mut ids = vec![pad_id; b * p];
+        let mut mask = vec![0u8; b * p];
+        for (i, pr) in prompts.iter().enumerate() {
+            let off = p - pr.len();
+            for (j, &t) in pr.iter().enumerate() {
+                ids[i * p + off + j] = t;
+                mask[i * p + off + j] = 1;
+            }
+        }
+        let input = Tensor::from_vec(ids, (b, p), &dev)?;
+        let full_mask = Tensor::from_vec(mask, (b, p), &dev)?;
+        let pos = position_ids_from_mask(&full_mask)?;
+        let next_pos: Vec<u32> = pos.narrow(1, p - 1, 1)?.flatten_all()?.to_vec1::<u32>()?;
+        let mut cache = KvCache::with_capacity(model.config().num_hidden_layers, capacity);
+        let logits = model.forward_cached_last(&input, &full_mask, &pos, &mut cache)?;
+        let logits = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let state = Steps::Graph {
+            cache,
+            full_mask,
+            next_pos,
+        };
+        Ok((state, logits))
+    }
+
+    /// Feed `next` to the rows that go on: `keep` are their indices in the previous running
+    /// batch, `active` their prompt indices. Returns their next-token logits.
+    fn step(
+        &mut self,
+        model: &GptNeoX,
+        keep: &[usize],
+        active: &[usize],
+        next: Vec<u32>,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Steps::Hand(dec) => Ok(dec.step(active, &next)?),
+            Steps::Graph {
+                cache,
+                full_mask,
+                next_pos,
+            } => {
+                let dev = model.device().clone();
+                if keep.len() != next_pos.len() {
+                    let idx = Tensor::from_vec(
+                        keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                        keep.len(),
+                        &dev,
+                    )?;
+                    cache.select_rows(&idx)?;
+                    *full_mask = full_mask.contiguous()?.index_select(&idx, 0)?;
+                    *next_pos = keep.iter().map(|&r| next_pos[r]).collect();
+                }
+                for x in next_pos.iter_mut() {
+                    *x += 1;
+                }
+                let n = keep.len();
+                let step_ids = Tensor::from_vec(next, (n, 1), &dev)?;
+                let step_pos = Tensor::from_vec(next_pos.clone(), (n, 1), &dev)?;
+                *full_mask =
+                    Tensor::cat(&[&*full_mask, &Tensor::ones((n, 1), DType::U8, &dev)?], 1)?;
+                let logits = model.forward_cached_last(&step_ids, full_mask, &step_pos, cache)?;
+                Ok(logits
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            }
+        }
+    }
+}
+
 fn generate_batch(
     model: &GptNeoX,
     prompts: &[Vec<u32>],
@@ -126,7 +221,6 @@ fn generate_batch(
     eos_id: u32,
     pad_id: u32,
 ) -> Result<Vec<Sample>> {
-    let dev = model.device().clone();
     let b = prompts.len();
     let p = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
     if prompts.iter().any(|x| x.is_empty()) {
@@ -145,23 +239,16 @@ fn generate_batch(
             StdRng::seed_from_u64(cfg.seed ^ idx.wrapping_mul(0x9E37_79B9_7F4A_7C15))
         })
         .collect();
-    let mut ids = vec![pad_id; b * p];
-    let mut mask = vec![0u8; b * p];
-    for (i, pr) in prompts.iter().enumerate() {
-        let off = p - pr.len();
-        for (j, &t) in pr.iter().enumerate() {
-            ids[i * p + off + j] = t;
-            mask[i * p + off + j] = 1;
-        }
-    }
-    let input = Tensor::from_vec(ids, (b, p), &dev)?;
-    let mut full_mask = Tensor::from_vec(mask, (b, p), &dev)?;
-    let pos = position_ids_from_mask(&full_mask)?;
-    let mut next_pos: Vec<u32> = pos.narrow(1, p - 1, 1)?.flatten_all()?.to_vec1::<u32>()?;
-    // Positions the cache will hold: the padded prompt plus one per decode step.
+    // Positions the cache will hold: the prompt plus one per decode step.
     let steps = max_new.iter().copied().max().unwrap_or(0);
-    let mut cache = KvCache::with_capacity(model.config().num_hidden_layers, p + steps);
-    let mut logits = model.forward_cached_last(&input, &full_mask, &pos, &mut cache)?;
+    let (mut state, mut logits) = if super::hand::usable(model) {
+        let refs: Vec<&[u32]> = prompts.iter().map(|x| x.as_slice()).collect();
+        let (dec, logits) = super::hand::Decoder::new(model, &refs, p + steps)?;
+        (Steps::Hand(dec), logits)
+    } else {
+        Steps::graph(model, prompts, p + steps, pad_id)?
+    };
+    let vocab = model.config().vocab_size;
     let mut samples: Vec<Sample> = (0..b)
         .map(|_| Sample {
             tokens: vec![],
@@ -171,13 +258,13 @@ fn generate_batch(
         .collect();
     // Rows of the running batch -> index of their prompt.
     let mut active: Vec<usize> = (0..b).collect();
-    for _step in 0..max_new.iter().copied().max().unwrap_or(0) {
-        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    for _step in 0..steps {
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (r, &i) in active.iter().enumerate() {
-            let tok = pick_token(&rows[r], cfg.temperature, cfg.top_k, &mut rngs[i]);
-            let lp = log_softmax_row(&rows[r])[tok as usize];
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let tok = pick_token(row, cfg.temperature, cfg.top_k, &mut rngs[i]);
+            let lp = log_softmax_row(row)[tok as usize];
             samples[i].tokens.push(tok);
             samples[i].logps.push(lp);
             if tok == eos_id {
@@ -190,25 +277,8 @@ fn generate_batch(
         if keep.is_empty() {
             break;
         }
-        if keep.len() != active.len() {
-            let idx = Tensor::from_vec(
-                keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                keep.len(),
-                &dev,
-            )?;
-            cache.select_rows(&idx)?;
-            full_mask = full_mask.contiguous()?.index_select(&idx, 0)?;
-            active = keep.iter().map(|&r| active[r]).collect();
-            next_pos = keep.iter().map(|&r| next_pos[r]).collect();
-        }
-        for x in next_pos.iter_mut() {
-            *x += 1;
-        }
-        let n = active.len();
-        let step_ids = Tensor::from_vec(next, (n, 1), &dev)?;
-        let step_pos = Tensor::from_vec(next_pos.clone(), (n, 1), &dev)?;
-        full_mask = Tensor::cat(&[&full_mask, &Tensor::ones((n, 1), DType::U8, &dev)?], 1)?;
-        logits = model.forward_cached_last(&step_ids, &full_mask, &step_pos, &mut cache)?;
+        active = keep.iter().map(|&r| active[r]).collect();
+        logits = state.step(model, &keep, &active, next)?;
     }
     Ok(samples)
 }

@@ -312,6 +312,29 @@ impl Plan {
     }
 }
 
+/// Run `f` compiled for AVX2 + FMA when the CPU has them (checked once): the per-row loops
+/// below are plain Rust that the compiler vectorizes, and the crate's baseline target only
+/// has SSE2. `f` is inlined into the feature-enabled frame (one call site), so its loops get
+/// the wider instructions; the results are the same (no reassociation is allowed).
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if *AVX2.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }) {
+            // SAFETY: the CPU supports the features enabled for `with_avx2`.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
 /// Rows per task when per-row loops are split over threads (a fixed size: sums over rows are
 /// then made in the same order whatever the thread count).
 const ROWS: usize = 32;
@@ -326,11 +349,11 @@ where
     if gemm::threads() > 1 && out.len() > chunk {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(i, c)| f(i * ROWS, c));
+            .for_each(|(i, c)| simd(|| f(i * ROWS, c)));
     } else {
         out.chunks_mut(chunk)
             .enumerate()
-            .for_each(|(i, c)| f(i * ROWS, c));
+            .for_each(|(i, c)| simd(|| f(i * ROWS, c)));
     }
 }
 
@@ -357,14 +380,16 @@ fn layer_norm(x: &[f32], d: usize, w: &[f32], b: &[f32], eps: f64) -> Norm {
     };
     let chunk = ROWS * d;
     let body = |(i, ((xc, yc), rc)): (usize, ((&mut [f32], &mut [f32]), &mut [f32]))| {
-        for (k, ((xr, yr), rr)) in xc
-            .chunks_mut(d)
-            .zip(yc.chunks_mut(d))
-            .zip(rc.iter_mut())
-            .enumerate()
-        {
-            *rr = per_row(i * ROWS + k, xr, yr);
-        }
+        simd(|| {
+            for (k, ((xr, yr), rr)) in xc
+                .chunks_mut(d)
+                .zip(yc.chunks_mut(d))
+                .zip(rc.iter_mut())
+                .enumerate()
+            {
+                *rr = per_row(i * ROWS + k, xr, yr);
+            }
+        })
     };
     if gemm::threads() > 1 && x.len() > chunk {
         xn.par_chunks_mut(chunk)
@@ -387,7 +412,7 @@ fn layer_norm(x: &[f32], d: usize, w: &[f32], b: &[f32], eps: f64) -> Norm {
 /// block order (the same order for any thread count).
 fn layer_norm_bwd(n: &Norm, g: &[f32], w: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
     let d = w.len();
-    let block = |first: usize, dxc: &mut [f32]| -> (Vec<f64>, Vec<f64>) {
+    let block_body = |first: usize, dxc: &mut [f32]| -> (Vec<f64>, Vec<f64>) {
         let (mut sw, mut sb) = (vec![0f64; d], vec![0f64; d]);
         for (k, dxr) in dxc.chunks_mut(d).enumerate() {
             let r = first + k;
@@ -404,6 +429,8 @@ fn layer_norm_bwd(n: &Norm, g: &[f32], w: &[f32], dx: &mut [f32], dw: &mut [f32]
         }
         (sw, sb)
     };
+    let block =
+        |first: usize, dxc: &mut [f32]| -> (Vec<f64>, Vec<f64>) { simd(|| block_body(first, dxc)) };
     let chunk = ROWS * d;
     let parts: Vec<(Vec<f64>, Vec<f64>)> = if gemm::threads() > 1 && dx.len() > chunk {
         dx.par_chunks_mut(chunk)
@@ -516,9 +543,47 @@ where
     F: Fn(usize, T) + Sync + Send,
 {
     if gemm::threads() > 1 && items.len() > 1 {
-        items.into_par_iter().enumerate().for_each(|(i, t)| f(i, t));
+        items
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(i, t)| simd(|| f(i, t)));
     } else {
-        items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
+        items
+            .into_iter()
+            .enumerate()
+            .for_each(|(i, t)| simd(|| f(i, t)));
+    }
+}
+
+/// Attention of one query `qv` (one head) over `pr.len()` keys and values, the j-th of which
+/// starts at `at(j)` in `kv.0` / `kv.1`: writes the probabilities to `pr` and ADDS the output
+/// to `out`.
+#[inline(always)]
+fn attend_row(
+    qv: &[f32],
+    kv: (&[f32], &[f32]),
+    at: impl Fn(usize) -> usize,
+    pr: &mut [f32],
+    out: &mut [f32],
+    scale: f32,
+) {
+    let hs = qv.len();
+    let mut mx = f32::NEG_INFINITY;
+    for (j, p) in pr.iter_mut().enumerate() {
+        *p = dot(qv, &kv.0[at(j)..][..hs]) * scale;
+        mx = mx.max(*p);
+    }
+    let mut sum = 0f32;
+    for p in pr.iter_mut() {
+        *p = fast_exp(*p - mx);
+        sum += *p;
+    }
+    let inv = 1.0 / sum;
+    for (j, p) in pr.iter_mut().enumerate() {
+        *p *= inv;
+        for (o, &x) in out.iter_mut().zip(&kv.1[at(j)..][..hs]) {
+            *o += *p * x;
+        }
     }
 }
 
@@ -546,35 +611,16 @@ fn attention(d: &Dims, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32
             let keys = plan.keys[t];
             let nk = keys[0].1 + keys[1].1;
             for h in 0..heads {
-                let qv = &q[t * hd + h * hs..][..hs];
                 let pr = &mut pgs[plan.key_off[t] * heads - p0 + h * nk..][..nk];
-                let mut j = 0;
-                let mut mx = f32::NEG_INFINITY;
-                for &(s, len) in &keys {
-                    for kt in s..s + len {
-                        pr[j] = dot(qv, &k[kt * hd + h * hs..][..hs]) * scale;
-                        mx = mx.max(pr[j]);
-                        j += 1;
-                    }
-                }
-                let mut sum = 0f32;
-                for p in pr.iter_mut() {
-                    *p = fast_exp(*p - mx);
-                    sum += *p;
-                }
-                let inv = 1.0 / sum;
-                let out = &mut ag[(t - gs) * hd + h * hs..][..hs];
-                let mut j = 0;
-                for &(s, len) in &keys {
-                    for kt in s..s + len {
-                        pr[j] *= inv;
-                        let vr = &v[kt * hd + h * hs..][..hs];
-                        for (o, &x) in out.iter_mut().zip(vr) {
-                            *o += pr[j] * x;
-                        }
-                        j += 1;
-                    }
-                }
+                let (s0, l0, s1) = (keys[0].0, keys[0].1, keys[1].0);
+                attend_row(
+                    &q[t * hd + h * hs..][..hs],
+                    (k, v),
+                    |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd + h * hs,
+                    pr,
+                    &mut ag[(t - gs) * hd + h * hs..][..hs],
+                    scale,
+                );
             }
         }
     });
@@ -651,7 +697,7 @@ fn attention_bwd(
 
 /// q, k, v (T, hidden) each from the fused projection (T, 3 hidden; per head [q | k | v]),
 /// q and k rotated at each token's position.
-fn split_heads(d: &Dims, plan: &Plan, qkv: &[f32]) -> [Vec<f32>; 3] {
+fn split_heads(d: &Dims, pos: &[usize], qkv: &[f32]) -> [Vec<f32>; 3] {
     let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
     let mut out = [
         vec![0f32; qkv.len() / 3],
@@ -662,7 +708,7 @@ fn split_heads(d: &Dims, plan: &Plan, qkv: &[f32]) -> [Vec<f32>; 3] {
         row_blocks(o, hd, |first, rows| {
             for (kk, row) in rows.chunks_mut(hd).enumerate() {
                 let t = first + kk;
-                let (c, s) = d.table(plan.pos[t]);
+                let (c, s) = d.table(pos[t]);
                 let (c, s) = if part < 2 { (c, s) } else { (&c[..0], &s[..0]) };
                 for h in 0..heads {
                     let src = &qkv[t * 3 * hd + (h * 3 + part) * hs..][..hs];
@@ -694,71 +740,107 @@ fn split_heads_bwd(d: &Dims, plan: &Plan, grads: [&[f32]; 3]) -> Vec<f32> {
     out
 }
 
-/// The forward pass: summed log-probs per response and, with `save`, what the backward needs.
-fn forward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, save: bool) -> (Vec<f32>, Option<Saved>) {
+/// The embeddings of `tokens`, (T, hidden).
+fn embed(d: &Dims, sp: &Spans, p: &[f32], tokens: &[u32]) -> Vec<f32> {
     let hd = d.hidden;
     let emb = sp.embed.of(p);
-    let mut x = vec![0f32; plan.len() * hd];
-    for (row, &t) in x.chunks_exact_mut(hd).zip(&plan.tokens) {
+    let mut x = vec![0f32; tokens.len() * hd];
+    for (row, &t) in x.chunks_exact_mut(hd).zip(tokens) {
         row.copy_from_slice(&emb[t as usize * hd..(t as usize + 1) * hd]);
     }
-    let mut saves = vec![];
-    for ls in &sp.layers {
-        let n1 = layer_norm(&x, hd, ls.ln1.w.of(p), ls.ln1.b.of(p), d.eps);
-        let qkv = linear(&n1.y, ls.qkv.w.of(p), ls.qkv.b.of(p), hd);
-        let [q, k, v] = split_heads(d, plan, &qkv);
-        drop(qkv);
-        let (a, probs) = attention(d, plan, &q, &k, &v);
-        let o = linear(&a, ls.dense.w.of(p), ls.dense.b.of(p), hd);
-        // Parallel residual: x + attn(ln1 x) + mlp(ln2 x); sequential: h = x + attn(ln1 x),
-        // h + mlp(ln2 h).
-        let mid: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
-        let n2 = layer_norm(
-            if d.parallel { &x } else { &mid },
-            hd,
-            ls.ln2.w.of(p),
-            ls.ln2.b.of(p),
-            d.eps,
-        );
-        let u = linear(&n2.y, ls.fc.w.of(p), ls.fc.b.of(p), hd);
-        let mut g = vec![0f32; u.len()];
-        row_blocks(&mut g, d.inter, |first, rows| {
-            let uu = &u[first * d.inter..][..rows.len()];
-            for (y, &x) in rows.iter_mut().zip(uu) {
-                *y = gelu(x);
-            }
-        });
-        let m = linear(&g, ls.out.w.of(p), ls.out.b.of(p), d.inter);
-        x = mid.iter().zip(&m).map(|(a, b)| a + b).collect();
-        if save {
-            saves.push(LayerSave {
-                n1,
-                q,
-                k,
-                v,
-                probs,
-                a,
-                n2,
-                u,
-                g,
-            });
+    x
+}
+
+/// One layer over tokens `x` (T, hidden) at positions `pos`; `attend(q, k, v)` returns the
+/// attention output (T, hidden) and the probabilities. Returns the layer's output and what
+/// its backward needs.
+fn layer_fwd(
+    d: &Dims,
+    ls: &LayerSpans,
+    p: &[f32],
+    x: &[f32],
+    pos: &[usize],
+    attend: &mut dyn FnMut(&[f32], &[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
+) -> (Vec<f32>, LayerSave) {
+    let hd = d.hidden;
+    let n1 = layer_norm(x, hd, ls.ln1.w.of(p), ls.ln1.b.of(p), d.eps);
+    let qkv = linear(&n1.y, ls.qkv.w.of(p), ls.qkv.b.of(p), hd);
+    let [q, k, v] = split_heads(d, pos, &qkv);
+    drop(qkv);
+    let (a, probs) = attend(&q, &k, &v);
+    let o = linear(&a, ls.dense.w.of(p), ls.dense.b.of(p), hd);
+    // Parallel residual: x + attn(ln1 x) + mlp(ln2 x); sequential: h = x + attn(ln1 x),
+    // h + mlp(ln2 h).
+    let mid: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+    let n2 = layer_norm(
+        if d.parallel { &x } else { &mid },
+        hd,
+        ls.ln2.w.of(p),
+        ls.ln2.b.of(p),
+        d.eps,
+    );
+    let u = linear(&n2.y, ls.fc.w.of(p), ls.fc.b.of(p), hd);
+    let mut g = vec![0f32; u.len()];
+    row_blocks(&mut g, d.inter, |first, rows| {
+        let uu = &u[first * d.inter..][..rows.len()];
+        for (y, &x) in rows.iter_mut().zip(uu) {
+            *y = gelu(x);
         }
-    }
-    // Head rows only: final layer norm, output projection, log-softmax.
-    let s_rows = plan.head_rows.len();
+    });
+    let m = linear(&g, ls.out.w.of(p), ls.out.b.of(p), d.inter);
+    let out = mid.iter().zip(&m).map(|(a, b)| a + b).collect();
+    (
+        out,
+        LayerSave {
+            n1,
+            q,
+            k,
+            v,
+            probs,
+            a,
+            n2,
+            u,
+            g,
+        },
+    )
+}
+
+/// Final layer norm and output projection of the rows `rows` of `x`: the norm and the logits
+/// (rows, vocab).
+fn head(d: &Dims, sp: &Spans, p: &[f32], x: &[f32], rows: &[usize]) -> (Norm, Vec<f32>) {
+    let hd = d.hidden;
+    let s_rows = rows.len();
     let mut xs = vec![0f32; s_rows * hd];
-    for (row, &t) in xs.chunks_exact_mut(hd).zip(&plan.head_rows) {
+    for (row, &t) in xs.chunks_exact_mut(hd).zip(rows) {
         row.copy_from_slice(&x[t * hd..(t + 1) * hd]);
     }
     let nf = layer_norm(&xs, hd, sp.lnf.w.of(p), sp.lnf.b.of(p), d.eps);
-    let vocab = d.vocab;
-    let mut logits = vec![0f32; s_rows * vocab];
+    let mut logits = vec![0f32; s_rows * d.vocab];
     gemm::sgemm(
         MatRef::row_major(&nf.y, s_rows, hd),
-        MatRef::row_major(sp.head.of(p), vocab, hd).t(),
+        MatRef::row_major(sp.head.of(p), d.vocab, hd).t(),
         &mut logits,
         false,
     );
+    (nf, logits)
+}
+
+/// The forward pass: summed log-probs per response and, with `save`, what the backward needs.
+fn forward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, save: bool) -> (Vec<f32>, Option<Saved>) {
+    let mut x = embed(d, sp, p, &plan.tokens);
+    let mut saves = vec![];
+    for ls in &sp.layers {
+        let (out, ls_save) = layer_fwd(d, ls, p, &x, &plan.pos, &mut |q, k, v| {
+            attention(d, plan, q, k, v)
+        });
+        x = out;
+        if save {
+            saves.push(ls_save);
+        }
+    }
+    // Head rows only: final layer norm, output projection, log-softmax.
+    let (nf, mut logits) = head(d, sp, p, &x, &plan.head_rows);
+    let vocab = d.vocab;
     // Log-softmax in place (as the candle path: max, exp, log of the sum).
     for row in logits.chunks_exact_mut(vocab) {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -954,5 +1036,124 @@ impl CustomOp1 for HandOp {
         };
         let flat = backward(&self.dims, &self.spans, p, &self.plan, &saved, g);
         Ok(Some(Tensor::from_vec(flat, arg.shape(), arg.device())?))
+    }
+}
+
+/// Sampling on the hand-written path: a KV cache per layer, (rows, capacity, hidden) for keys
+/// and values, filled in place; rows that stop are simply no longer stepped (nothing is
+/// copied). [`super::generate`] uses it whenever [`usable`] says so.
+pub struct Decoder {
+    dims: Dims,
+    spans: Spans,
+    params: Vec<f32>,
+    capacity: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Positions cached per row.
+    len: Vec<usize>,
+}
+
+impl Decoder {
+    /// Run `prompts` (each non-empty) through the model, caching room for `capacity`
+    /// positions per row (at least the longest prompt). Returns the decoder and the logits at
+    /// each prompt's last token, (rows, vocab) row-major.
+    pub fn new(model: &GptNeoX, prompts: &[&[u32]], capacity: usize) -> Result<(Self, Vec<f32>)> {
+        let dims = Dims::of(model)?;
+        let named = model.named_parameters();
+        let spans = Spans::of(&dims, &named)?;
+        let flat = named
+            .iter()
+            .map(|(_, t)| t.detach().flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        let params = Tensor::cat(&flat, 0)?.to_vec1::<f32>()?;
+        let plan = Plan::new(prompts, &[], &dims)?;
+        let capacity = capacity.max(prompts.iter().map(|p| p.len()).max().unwrap_or(0));
+        let hd = dims.hidden;
+        let rows = prompts.len();
+        let mut dec = Self {
+            k: vec![vec![0f32; rows * capacity * hd]; dims.layers],
+            v: vec![vec![0f32; rows * capacity * hd]; dims.layers],
+            len: prompts.iter().map(|p| p.len()).collect(),
+            dims,
+            spans,
+            params,
+            capacity,
+        };
+        let (d, sp, p) = (&dec.dims, &dec.spans, &dec.params);
+        let mut x = embed(d, sp, p, &plan.tokens);
+        for (l, ls) in sp.layers.iter().enumerate() {
+            let (kc, vc) = (&mut dec.k[l], &mut dec.v[l]);
+            (x, _) = layer_fwd(d, ls, p, &x, &plan.pos, &mut |q, k, v| {
+                for (i, &(s, e)) in plan.groups.iter().enumerate() {
+                    let dst = i * capacity * hd..(i * capacity + e - s) * hd;
+                    kc[dst.clone()].copy_from_slice(&k[s * hd..e * hd]);
+                    vc[dst].copy_from_slice(&v[s * hd..e * hd]);
+                }
+                attention(d, &plan, q, k, v)
+            });
+        }
+        let (_, logits) = head(d, sp, p, &x, &plan.head_rows);
+        Ok((dec, logits))
+    }
+
+    /// One decoding step: row `rows[i]` (an index into the prompts of [`Decoder::new`])
+    /// continues with `tokens[i]`. Returns the next-token logits, (rows.len(), vocab).
+    pub fn step(&mut self, rows: &[usize], tokens: &[u32]) -> Result<Vec<f32>> {
+        let (d, sp, p) = (&self.dims, &self.spans, &self.params);
+        let (hd, heads, hs, cap) = (d.hidden, d.heads, d.head_size, self.capacity);
+        if rows.len() != tokens.len() {
+            bail!("decoder: {} rows but {} tokens", rows.len(), tokens.len());
+        }
+        for (&r, &t) in rows.iter().zip(tokens) {
+            match self.len.get(r) {
+                None => bail!("decoder: row {r} of {}", self.len.len()),
+                Some(&n) if n >= cap || n >= d.max_pos => bail!(
+                    "decoder: position {n} is beyond the cache ({cap}) or max_position_embeddings {}",
+                    d.max_pos
+                ),
+                _ => {}
+            }
+            if t as usize >= d.vocab {
+                bail!("token id {t} is outside the vocabulary of {}", d.vocab);
+            }
+        }
+        let pos: Vec<usize> = rows.iter().map(|&r| self.len[r]).collect();
+        let scale = 1.0 / (hs as f32).sqrt();
+        let mut x = embed(d, sp, p, tokens);
+        for (l, ls) in sp.layers.iter().enumerate() {
+            let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
+            (x, _) = layer_fwd(d, ls, p, &x, &pos, &mut |q, k, v| {
+                for (i, (&r, &n)) in rows.iter().zip(&pos).enumerate() {
+                    let dst = (r * cap + n) * hd..(r * cap + n + 1) * hd;
+                    kc[dst.clone()].copy_from_slice(&k[i * hd..(i + 1) * hd]);
+                    vc[dst].copy_from_slice(&v[i * hd..(i + 1) * hd]);
+                }
+                let (kc, vc) = (&*kc, &*vc);
+                let mut a = vec![0f32; rows.len() * hd];
+                row_blocks(&mut a, hd, |first, out| {
+                    let mut pr = vec![0f32; cap];
+                    for (ii, o) in out.chunks_mut(hd).enumerate() {
+                        let i = first + ii;
+                        let (r, n) = (rows[i], pos[i] + 1);
+                        for h in 0..heads {
+                            attend_row(
+                                &q[i * hd + h * hs..][..hs],
+                                (kc, vc),
+                                |j| (r * cap + j) * hd + h * hs,
+                                &mut pr[..n],
+                                &mut o[h * hs..(h + 1) * hs],
+                                scale,
+                            );
+                        }
+                    }
+                });
+                (a, vec![])
+            });
+        }
+        for (&r, &n) in rows.iter().zip(&pos) {
+            self.len[r] = n + 1;
+        }
+        let all: Vec<usize> = (0..rows.len()).collect();
+        Ok(head(d, sp, p, &x, &all).1)
     }
 }
