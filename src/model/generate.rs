@@ -49,10 +49,11 @@ pub struct Sample {
     pub finished: bool,
 }
 
-fn log_softmax_row(row: &[f32]) -> Vec<f32> {
+/// log softmax(row)[tok], without building the whole row.
+fn log_softmax_at(row: &[f32], tok: usize) -> f32 {
     let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
-    row.iter().map(|x| x - lse).collect()
+    row[tok] - lse
 }
 
 /// Draw one token from `logits` with temperature and top-k; greedy when temperature is 0.
@@ -264,7 +265,7 @@ fn generate_batch(
         for (r, &i) in active.iter().enumerate() {
             let row = &logits[r * vocab..(r + 1) * vocab];
             let tok = pick_token(row, cfg.temperature, cfg.top_k, &mut rngs[i]);
-            let lp = log_softmax_row(row)[tok as usize];
+            let lp = log_softmax_at(row, tok as usize);
             samples[i].tokens.push(tok);
             samples[i].logps.push(lp);
             if tok == eos_id {

@@ -312,27 +312,76 @@ impl Plan {
     }
 }
 
-/// Run `f` compiled for AVX2 + FMA when the CPU has them (checked once): the per-row loops
-/// below are plain Rust that the compiler vectorizes, and the crate's baseline target only
-/// has SSE2. `f` is inlined into the feature-enabled frame (one call site), so its loops get
-/// the wider instructions; the results are the same (no reassociation is allowed).
-#[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if *AVX2.get_or_init(|| {
+/// True when the CPU has AVX2 and FMA (checked once).
+fn has_avx2() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
             std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        }) {
-            // SAFETY: the CPU supports the features enabled for `with_avx2`.
-            return unsafe { with_avx2(f) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `simd_fn! { fn name(args) -> R { body } }` defines `name` twice over: compiled for AVX2 +
+/// FMA, used when the CPU has them, and for the crate's baseline target (SSE2 on x86-64).
+/// The per-row loops of this module are plain Rust that the compiler vectorizes; the wider
+/// instructions change no result (no reassociation is allowed).
+macro_rules! simd_fn {
+    ($(#[$m:meta])* fn $name:ident($($a:ident : $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            fn body($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($a: $t),*) $(-> $r)? {
+                    body($($a),*)
+                }
+                if has_avx2() {
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+
+simd_fn! {
+    /// `out = gelu(u)` elementwise.
+    fn gelu_slice(u: &[f32], out: &mut [f32]) {
+        for (y, &x) in out.iter_mut().zip(u) {
+            *y = gelu(x);
         }
     }
-    f()
+}
+
+simd_fn! {
+    /// `g *= gelu'(u)` elementwise.
+    fn gelu_grad_mul(u: &[f32], g: &mut [f32]) {
+        for (y, &x) in g.iter_mut().zip(u) {
+            *y *= gelu_grad(x);
+        }
+    }
+}
+
+simd_fn! {
+    /// Layer norm of a row `x` into its normalized values `xn` and the output `y`; returns
+    /// 1/std.
+    fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f64, xn: &mut [f32], y: &mut [f32]) -> f32 {
+        let (mean, rs) = row_stats(x, eps);
+        for j in 0..x.len() {
+            xn[j] = (x[j] - mean) * rs;
+            y[j] = xn[j] * w[j] + b[j];
+        }
+        rs
+    }
 }
 
 /// Rows per task when per-row loops are split over threads (a fixed size: sums over rows are
@@ -349,11 +398,11 @@ where
     if gemm::threads() > 1 && out.len() > chunk {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(i, c)| simd(|| f(i * ROWS, c)));
+            .for_each(|(i, c)| f(i * ROWS, c));
     } else {
         out.chunks_mut(chunk)
             .enumerate()
-            .for_each(|(i, c)| simd(|| f(i * ROWS, c)));
+            .for_each(|(i, c)| f(i * ROWS, c));
     }
 }
 
@@ -370,26 +419,18 @@ fn layer_norm(x: &[f32], d: usize, w: &[f32], b: &[f32], eps: f64) -> Norm {
     let mut rstd = vec![0f32; rows];
     let mut y = vec![0f32; x.len()];
     let per_row = |r: usize, xn: &mut [f32], y: &mut [f32]| -> f32 {
-        let xr = &x[r * d..(r + 1) * d];
-        let (mean, rs) = row_stats(xr, eps);
-        for j in 0..d {
-            xn[j] = (xr[j] - mean) * rs;
-            y[j] = xn[j] * w[j] + b[j];
-        }
-        rs
+        layer_norm_row(&x[r * d..(r + 1) * d], w, b, eps, xn, y)
     };
     let chunk = ROWS * d;
     let body = |(i, ((xc, yc), rc)): (usize, ((&mut [f32], &mut [f32]), &mut [f32]))| {
-        simd(|| {
-            for (k, ((xr, yr), rr)) in xc
-                .chunks_mut(d)
-                .zip(yc.chunks_mut(d))
-                .zip(rc.iter_mut())
-                .enumerate()
-            {
-                *rr = per_row(i * ROWS + k, xr, yr);
-            }
-        })
+        for (k, ((xr, yr), rr)) in xc
+            .chunks_mut(d)
+            .zip(yc.chunks_mut(d))
+            .zip(rc.iter_mut())
+            .enumerate()
+        {
+            *rr = per_row(i * ROWS + k, xr, yr);
+        }
     };
     if gemm::threads() > 1 && x.len() > chunk {
         xn.par_chunks_mut(chunk)
@@ -429,8 +470,7 @@ fn layer_norm_bwd(n: &Norm, g: &[f32], w: &[f32], dx: &mut [f32], dw: &mut [f32]
         }
         (sw, sb)
     };
-    let block =
-        |first: usize, dxc: &mut [f32]| -> (Vec<f64>, Vec<f64>) { simd(|| block_body(first, dxc)) };
+    let block = |first: usize, dxc: &mut [f32]| -> (Vec<f64>, Vec<f64>) { block_body(first, dxc) };
     let chunk = ROWS * d;
     let parts: Vec<(Vec<f64>, Vec<f64>)> = if gemm::threads() > 1 && dx.len() > chunk {
         dx.par_chunks_mut(chunk)
@@ -543,22 +583,16 @@ where
     F: Fn(usize, T) + Sync + Send,
 {
     if gemm::threads() > 1 && items.len() > 1 {
-        items
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(i, t)| simd(|| f(i, t)));
+        items.into_par_iter().enumerate().for_each(|(i, t)| f(i, t));
     } else {
-        items
-            .into_iter()
-            .enumerate()
-            .for_each(|(i, t)| simd(|| f(i, t)));
+        items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
     }
 }
 
+simd_fn! {
 /// Attention of one query `qv` (one head) over `pr.len()` keys and values, the j-th of which
 /// starts at `at(j)` in `kv.0` / `kv.1`: writes the probabilities to `pr` and ADDS the output
 /// to `out`.
-#[inline(always)]
 fn attend_row(
     qv: &[f32],
     kv: (&[f32], &[f32]),
@@ -585,6 +619,7 @@ fn attend_row(
             *o += *p * x;
         }
     }
+}
 }
 
 /// Causal attention over the packed tokens: returns the output (T, hidden) and the
@@ -782,10 +817,7 @@ fn layer_fwd(
     let u = linear(&n2.y, ls.fc.w.of(p), ls.fc.b.of(p), hd);
     let mut g = vec![0f32; u.len()];
     row_blocks(&mut g, d.inter, |first, rows| {
-        let uu = &u[first * d.inter..][..rows.len()];
-        for (y, &x) in rows.iter_mut().zip(uu) {
-            *y = gelu(x);
-        }
+        gelu_slice(&u[first * d.inter..][..rows.len()], rows);
     });
     let m = linear(&g, ls.out.w.of(p), ls.out.b.of(p), d.inter);
     let out = mid.iter().zip(&m).map(|(a, b)| a + b).collect();
@@ -919,10 +951,7 @@ fn backward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, sv: &Saved, dlp: &[f32
             dg
         };
         row_blocks(&mut dg, d.inter, |first, rows| {
-            let uu = &s.u[first * d.inter..][..rows.len()];
-            for (g, &u) in rows.iter_mut().zip(uu) {
-                *g *= gelu_grad(u);
-            }
+            gelu_grad_mul(&s.u[first * d.inter..][..rows.len()], rows);
         });
         let dh2 = {
             let mut dw = vec![0f32; ls.fc.w.1];
