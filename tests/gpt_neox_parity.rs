@@ -712,3 +712,35 @@ fn hand_written_path_is_independent_of_the_thread_count() {
     };
     assert_eq!(run(1), run(3));
 }
+
+/// The hand-written decoder splits a step's rows into blocks, one per thread: the samples
+/// (tokens and log-probs, bit for bit) are those of one block on one thread, also when rows
+/// stop early and leave gaps in the running batch.
+#[test]
+fn sampling_in_row_blocks_equals_one_block() {
+    let lm = parallel_fixture(DType::F32);
+    let prompts: Vec<Vec<u32>> = (0..48)
+        .map(|i| {
+            (0..1 + i % 6)
+                .map(|j| 2 + ((i * 13 + j * 7) % 200) as u32)
+                .collect()
+        })
+        .collect();
+    let sc = SampleConfig {
+        temperature: 1.0,
+        top_k: Some(50),
+        max_length: 14,
+        seed: 9,
+        batch_size: 48,
+    };
+    // EOS = a token that comes up now and then, so that rows stop at different steps.
+    let eos = 7;
+    let split = generate(&lm.model, &prompts, &sc, eos, 1).unwrap();
+    let one = overopt::model::gemm::serial(|| generate(&lm.model, &prompts, &sc, eos, 1)).unwrap();
+    assert_eq!(split, one);
+    let lens: std::collections::BTreeSet<usize> = split.iter().map(|s| s.tokens.len()).collect();
+    assert!(
+        lens.len() > 2,
+        "rows should stop at different steps: {lens:?}"
+    );
+}

@@ -912,7 +912,7 @@ pub fn attention_inference(
         }
     };
     let chunk = h * t * hs;
-    if gemm::threads() > 1 && b * h * t * l * hs >= 1 << 16 {
+    if gemm::parallel_ok() && b * h * t * l * hs >= 1 << 16 {
         use rayon::prelude::*;
         out.par_chunks_mut(chunk).enumerate().for_each(row);
     } else {

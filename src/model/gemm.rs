@@ -156,6 +156,27 @@ pub fn threads() -> usize {
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with this module's products (and the per-row kernels that ask [`parallel_ok`])
+/// on the calling thread only: for callers that already split their work over threads at a
+/// coarser grain (e.g. sampling, one task per block of rows), where waking the pool for each
+/// small product would cost more than it saves.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.with(|c| c.replace(true));
+    let out = f();
+    SERIAL.with(|c| c.set(before));
+    out
+}
+
+/// True when the CPU kernels may split work over threads here: several threads are allowed
+/// and the caller is not inside [`serial`].
+pub fn parallel_ok() -> bool {
+    threads() > 1 && !SERIAL.with(|c| c.get())
+}
+
 /// A short description of the kernel [`sgemm`] uses on this CPU.
 pub fn kernel_name() -> &'static str {
     default_isa().kernel().name
@@ -188,7 +209,7 @@ pub fn sgemm_isa(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool
     let kern = isa.kernel();
     let panels = n.div_ceil(kern.nr);
     let mut bpack = vec![0f32; panels * kern.nr * KC.min(k)];
-    let parallel = threads() > 1 && m * n * k >= PAR_MIN_FLOP;
+    let parallel = parallel_ok() && m * n * k >= PAR_MIN_FLOP;
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         pack_b(b, p0, kc, kern.nr, &mut bpack[..panels * kern.nr * kc]);

@@ -395,7 +395,7 @@ where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
     let chunk = ROWS * width.max(1);
-    if gemm::threads() > 1 && out.len() > chunk {
+    if gemm::parallel_ok() && out.len() > chunk {
         out.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, c)| f(i * ROWS, c));
@@ -432,7 +432,7 @@ fn layer_norm(x: &[f32], d: usize, w: &[f32], b: &[f32], eps: f64) -> Norm {
             *rr = per_row(i * ROWS + k, xr, yr);
         }
     };
-    if gemm::threads() > 1 && x.len() > chunk {
+    if gemm::parallel_ok() && x.len() > chunk {
         xn.par_chunks_mut(chunk)
             .zip(y.par_chunks_mut(chunk))
             .zip(rstd.par_chunks_mut(ROWS))
@@ -472,7 +472,7 @@ fn layer_norm_bwd(n: &Norm, g: &[f32], w: &[f32], dx: &mut [f32], dw: &mut [f32]
     };
     let block = |first: usize, dxc: &mut [f32]| -> (Vec<f64>, Vec<f64>) { block_body(first, dxc) };
     let chunk = ROWS * d;
-    let parts: Vec<(Vec<f64>, Vec<f64>)> = if gemm::threads() > 1 && dx.len() > chunk {
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = if gemm::parallel_ok() && dx.len() > chunk {
         dx.par_chunks_mut(chunk)
             .enumerate()
             .map(|(i, c)| block(i * ROWS, c))
@@ -582,7 +582,7 @@ fn for_groups<T: Send, F>(items: Vec<T>, f: F)
 where
     F: Fn(usize, T) + Sync + Send,
 {
-    if gemm::threads() > 1 && items.len() > 1 {
+    if gemm::parallel_ok() && items.len() > 1 {
         items.into_par_iter().enumerate().for_each(|(i, t)| f(i, t));
     } else {
         items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
@@ -660,6 +660,40 @@ fn attention(d: &Dims, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32
         }
     });
     (a, probs)
+}
+
+/// [`attention`] for the query tokens `rows` only: their outputs, (rows.len(), hidden).
+fn attention_rows(
+    d: &Dims,
+    plan: &Plan,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    rows: &[usize],
+) -> Vec<f32> {
+    let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let mut a = vec![0f32; rows.len() * hd];
+    row_blocks(&mut a, hd, |first, out| {
+        let mut pr = vec![0f32; d.max_pos + 1];
+        for (ii, o) in out.chunks_mut(hd).enumerate() {
+            let t = rows[first + ii];
+            let keys = plan.keys[t];
+            let nk = keys[0].1 + keys[1].1;
+            let (s0, l0, s1) = (keys[0].0, keys[0].1, keys[1].0);
+            for h in 0..heads {
+                attend_row(
+                    &q[t * hd + h * hs..][..hs],
+                    (k, v),
+                    |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd + h * hs,
+                    &mut pr[..nk],
+                    &mut o[h * hs..(h + 1) * hs],
+                    scale,
+                );
+            }
+        }
+    });
+    a
 }
 
 /// Backward of [`attention`] given the output gradient `da`: (dq, dk, dv), (T, hidden) each,
@@ -787,14 +821,17 @@ fn embed(d: &Dims, sp: &Spans, p: &[f32], tokens: &[u32]) -> Vec<f32> {
 }
 
 /// One layer over tokens `x` (T, hidden) at positions `pos`; `attend(q, k, v)` returns the
-/// attention output (T, hidden) and the probabilities. Returns the layer's output and what
-/// its backward needs.
+/// attention output and the probabilities. Returns the layer's output and what its backward
+/// needs. With `keep`, only those rows' outputs are wanted (all rows still give their keys
+/// and values): `attend` returns the attention output of those rows only, and the output is
+/// (keep.len(), hidden).
 fn layer_fwd(
     d: &Dims,
     ls: &LayerSpans,
     p: &[f32],
     x: &[f32],
     pos: &[usize],
+    keep: Option<&[usize]>,
     attend: &mut dyn FnMut(&[f32], &[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
 ) -> (Vec<f32>, LayerSave) {
     let hd = d.hidden;
@@ -803,6 +840,15 @@ fn layer_fwd(
     let [q, k, v] = split_heads(d, pos, &qkv);
     drop(qkv);
     let (a, probs) = attend(&q, &k, &v);
+    // Past the keys and values, only the rows in `keep` (when given) go on.
+    let kept;
+    let x = match keep {
+        Some(rows) => {
+            kept = gather_rows(x, rows, hd);
+            &kept[..]
+        }
+        None => x,
+    };
     let o = linear(&a, ls.dense.w.of(p), ls.dense.b.of(p), hd);
     // Parallel residual: x + attn(ln1 x) + mlp(ln2 x); sequential: h = x + attn(ln1 x),
     // h + mlp(ln2 h).
@@ -842,10 +888,7 @@ fn layer_fwd(
 fn head(d: &Dims, sp: &Spans, p: &[f32], x: &[f32], rows: &[usize]) -> (Norm, Vec<f32>) {
     let hd = d.hidden;
     let s_rows = rows.len();
-    let mut xs = vec![0f32; s_rows * hd];
-    for (row, &t) in xs.chunks_exact_mut(hd).zip(rows) {
-        row.copy_from_slice(&x[t * hd..(t + 1) * hd]);
-    }
+    let xs = gather_rows(x, rows, hd);
     let nf = layer_norm(&xs, hd, sp.lnf.w.of(p), sp.lnf.b.of(p), d.eps);
     let mut logits = vec![0f32; s_rows * d.vocab];
     gemm::sgemm(
@@ -857,21 +900,38 @@ fn head(d: &Dims, sp: &Spans, p: &[f32], x: &[f32], rows: &[usize]) -> (Norm, Ve
     (nf, logits)
 }
 
+/// Rows `rows` of `x` (rows of `width`), in that order.
+fn gather_rows(x: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &t in rows {
+        out.extend_from_slice(&x[t * width..(t + 1) * width]);
+    }
+    out
+}
+
 /// The forward pass: summed log-probs per response and, with `save`, what the backward needs.
+/// Without `save` the last layer goes past its keys and values for the head rows only.
 fn forward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, save: bool) -> (Vec<f32>, Option<Saved>) {
     let mut x = embed(d, sp, p, &plan.tokens);
     let mut saves = vec![];
-    for ls in &sp.layers {
-        let (out, ls_save) = layer_fwd(d, ls, p, &x, &plan.pos, &mut |q, k, v| {
-            attention(d, plan, q, k, v)
+    let last = sp.layers.len().saturating_sub(1);
+    let mut rows = plan.head_rows.clone();
+    for (l, ls) in sp.layers.iter().enumerate() {
+        let keep = (!save && l == last).then_some(&plan.head_rows[..]);
+        let (out, ls_save) = layer_fwd(d, ls, p, &x, &plan.pos, keep, &mut |q, k, v| match keep {
+            None => attention(d, plan, q, k, v),
+            Some(rows) => (attention_rows(d, plan, q, k, v, rows), vec![]),
         });
         x = out;
+        if keep.is_some() {
+            rows = (0..rows.len()).collect();
+        }
         if save {
             saves.push(ls_save);
         }
     }
     // Head rows only: final layer norm, output projection, log-softmax.
-    let (nf, mut logits) = head(d, sp, p, &x, &plan.head_rows);
+    let (nf, mut logits) = head(d, sp, p, &x, &rows);
     let vocab = d.vocab;
     // Log-softmax in place (as the candle path: max, exp, log of the sum).
     for row in logits.chunks_exact_mut(vocab) {
@@ -1110,18 +1170,29 @@ impl Decoder {
         };
         let (d, sp, p) = (&dec.dims, &dec.spans, &dec.params);
         let mut x = embed(d, sp, p, &plan.tokens);
+        let last = sp.layers.len().saturating_sub(1);
         for (l, ls) in sp.layers.iter().enumerate() {
             let (kc, vc) = (&mut dec.k[l], &mut dec.v[l]);
-            (x, _) = layer_fwd(d, ls, p, &x, &plan.pos, &mut |q, k, v| {
+            // The last layer goes on for each prompt's last token only.
+            let keep = (l == last).then_some(&plan.head_rows[..]);
+            (x, _) = layer_fwd(d, ls, p, &x, &plan.pos, keep, &mut |q, k, v| {
                 for (i, &(s, e)) in plan.groups.iter().enumerate() {
                     let dst = i * capacity * hd..(i * capacity + e - s) * hd;
                     kc[dst.clone()].copy_from_slice(&k[s * hd..e * hd]);
                     vc[dst].copy_from_slice(&v[s * hd..e * hd]);
                 }
-                attention(d, &plan, q, k, v)
+                match keep {
+                    None => attention(d, &plan, q, k, v),
+                    Some(rows) => (attention_rows(d, &plan, q, k, v, rows), vec![]),
+                }
             });
         }
-        let (_, logits) = head(d, sp, p, &x, &plan.head_rows);
+        let rows = if sp.layers.is_empty() {
+            plan.head_rows.clone()
+        } else {
+            (0..plan.head_rows.len()).collect()
+        };
+        let (_, logits) = head(d, sp, p, &x, &rows);
         Ok((dec, logits))
     }
 
@@ -1129,7 +1200,7 @@ impl Decoder {
     /// continues with `tokens[i]`. Returns the next-token logits, (rows.len(), vocab).
     pub fn step(&mut self, rows: &[usize], tokens: &[u32]) -> Result<Vec<f32>> {
         let (d, sp, p) = (&self.dims, &self.spans, &self.params);
-        let (hd, heads, hs, cap) = (d.hidden, d.heads, d.head_size, self.capacity);
+        let (hd, cap) = (d.hidden, self.capacity);
         if rows.len() != tokens.len() {
             bail!("decoder: {} rows but {} tokens", rows.len(), tokens.len());
         }
@@ -1147,42 +1218,125 @@ impl Decoder {
             }
         }
         let pos: Vec<usize> = rows.iter().map(|&r| self.len[r]).collect();
-        let scale = 1.0 / (hs as f32).sqrt();
-        let mut x = embed(d, sp, p, tokens);
-        for (l, ls) in sp.layers.iter().enumerate() {
-            let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
-            (x, _) = layer_fwd(d, ls, p, &x, &pos, &mut |q, k, v| {
-                for (i, (&r, &n)) in rows.iter().zip(&pos).enumerate() {
-                    let dst = (r * cap + n) * hd..(r * cap + n + 1) * hd;
-                    kc[dst.clone()].copy_from_slice(&k[i * hd..(i + 1) * hd]);
-                    vc[dst].copy_from_slice(&v[i * hd..(i + 1) * hd]);
-                }
-                let (kc, vc) = (&*kc, &*vc);
-                let mut a = vec![0f32; rows.len() * hd];
-                row_blocks(&mut a, hd, |first, out| {
-                    let mut pr = vec![0f32; cap];
-                    for (ii, o) in out.chunks_mut(hd).enumerate() {
-                        let i = first + ii;
-                        let (r, n) = (rows[i], pos[i] + 1);
-                        for h in 0..heads {
-                            attend_row(
-                                &q[i * hd + h * hs..][..hs],
-                                (kc, vc),
-                                |j| (r * cap + j) * hd + h * hs,
-                                &mut pr[..n],
-                                &mut o[h * hs..(h + 1) * hs],
-                                scale,
-                            );
-                        }
-                    }
+        // Rows are independent in a decoding step: with several threads, each takes a block
+        // of rows through the whole model on its own (one task per step instead of one per
+        // product; the same values, row by row). The blocks' cache rows must not overlap.
+        let n = rows.len();
+        let tasks = if gemm::parallel_ok() && rows.windows(2).all(|w| w[0] < w[1]) {
+            gemm::threads().min(n / DECODE_ROWS).max(1)
+        } else {
+            1
+        };
+        let per = n.div_ceil(tasks);
+        let mut blocks: Vec<DecodeBlock> = vec![];
+        {
+            let mut ks: Vec<&mut [f32]> = self.k.iter_mut().map(|v| &mut v[..]).collect();
+            let mut vs: Vec<&mut [f32]> = self.v.iter_mut().map(|v| &mut v[..]).collect();
+            let mut base = 0;
+            for (c, r) in rows.chunks(per).enumerate() {
+                // This block's cache: rows r[0] ..= r[last] (the rest of the rows before
+                // it are dropped from the split).
+                let (first, end) = (r[0], r[r.len() - 1] + 1);
+                let (skip, take) = ((first - base) * cap * hd, (end - first) * cap * hd);
+                let (kb, vb) = (cut(&mut ks, skip, take), cut(&mut vs, skip, take));
+                base = end;
+                let span = c * per..c * per + r.len();
+                blocks.push(DecodeBlock {
+                    k: kb,
+                    v: vb,
+                    first,
+                    rows: r,
+                    pos: &pos[span.clone()],
+                    tokens: &tokens[span],
                 });
-                (a, vec![])
-            });
+            }
         }
+        let run = |b: DecodeBlock| -> Vec<f32> { decode_rows(d, sp, p, cap, b) };
+        let logits: Vec<Vec<f32>> = if blocks.len() > 1 {
+            blocks
+                .into_par_iter()
+                .map(|b| gemm::serial(|| run(b)))
+                .collect()
+        } else {
+            blocks.into_iter().map(run).collect()
+        };
         for (&r, &n) in rows.iter().zip(&pos) {
             self.len[r] = n + 1;
         }
-        let all: Vec<usize> = (0..rows.len()).collect();
-        Ok(head(d, sp, p, &x, &all).1)
+        Ok(logits.concat())
     }
+}
+
+/// Split `take` values off each buffer after skipping `skip`; the buffers keep the rest.
+fn cut<'a>(bufs: &mut [&'a mut [f32]], skip: usize, take: usize) -> Vec<&'a mut [f32]> {
+    bufs.iter_mut()
+        .map(|b| {
+            let (_, rest) = std::mem::take(b).split_at_mut(skip);
+            let (mine, rest) = rest.split_at_mut(take);
+            *b = rest;
+            mine
+        })
+        .collect()
+}
+
+/// Rows per task (at least) when a decoding step is split over threads.
+const DECODE_ROWS: usize = 16;
+
+/// A block of rows of a decoding step and their part of the KV cache (per layer, the cache
+/// rows `first ..= rows.last()`).
+struct DecodeBlock<'a> {
+    k: Vec<&'a mut [f32]>,
+    v: Vec<&'a mut [f32]>,
+    first: usize,
+    rows: &'a [usize],
+    pos: &'a [usize],
+    tokens: &'a [u32],
+}
+
+/// One decoding step for a block of rows: their keys and values go into the cache at their
+/// positions; returns their next-token logits (rows, vocab).
+fn decode_rows(d: &Dims, sp: &Spans, p: &[f32], cap: usize, b: DecodeBlock) -> Vec<f32> {
+    let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let DecodeBlock {
+        mut k,
+        mut v,
+        first,
+        rows,
+        pos,
+        tokens,
+    } = b;
+    let mut x = embed(d, sp, p, tokens);
+    for (l, ls) in sp.layers.iter().enumerate() {
+        let (kc, vc) = (&mut *k[l], &mut *v[l]);
+        (x, _) = layer_fwd(d, ls, p, &x, pos, None, &mut |q, kn, vn| {
+            for (i, (&r, &n)) in rows.iter().zip(pos).enumerate() {
+                let dst = ((r - first) * cap + n) * hd..((r - first) * cap + n + 1) * hd;
+                kc[dst.clone()].copy_from_slice(&kn[i * hd..(i + 1) * hd]);
+                vc[dst].copy_from_slice(&vn[i * hd..(i + 1) * hd]);
+            }
+            let (kc, vc) = (&*kc, &*vc);
+            let mut a = vec![0f32; rows.len() * hd];
+            row_blocks(&mut a, hd, |f0, out| {
+                let mut pr = vec![0f32; cap];
+                for (ii, o) in out.chunks_mut(hd).enumerate() {
+                    let i = f0 + ii;
+                    let (r, n) = (rows[i] - first, pos[i] + 1);
+                    for h in 0..heads {
+                        attend_row(
+                            &q[i * hd + h * hs..][..hs],
+                            (kc, vc),
+                            |j| (r * cap + j) * hd + h * hs,
+                            &mut pr[..n],
+                            &mut o[h * hs..(h + 1) * hs],
+                            scale,
+                        );
+                    }
+                }
+            });
+            (a, vec![])
+        });
+    }
+    let all: Vec<usize> = (0..rows.len()).collect();
+    head(d, sp, p, &x, &all).1
 }
