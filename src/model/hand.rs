@@ -384,6 +384,19 @@ simd_fn! {
     }
 }
 
+/// Values (at least) a per-row loop must cover before it is split over threads: waking the
+/// pool costs tens of microseconds on a small virtual machine, more than a small loop.
+/// `OVEROPT_PAR_MIN` overrides it (for measurements).
+fn par_min() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("OVEROPT_PAR_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 18)
+    })
+}
+
 /// Rows per task when per-row loops are split over threads (a fixed size: sums over rows are
 /// then made in the same order whatever the thread count).
 const ROWS: usize = 32;
@@ -395,7 +408,7 @@ where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
     let chunk = ROWS * width.max(1);
-    if gemm::parallel_ok() && out.len() > chunk {
+    if gemm::parallel_ok() && out.len() >= par_min() {
         out.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, c)| f(i * ROWS, c));
@@ -432,7 +445,7 @@ fn layer_norm(x: &[f32], d: usize, w: &[f32], b: &[f32], eps: f64) -> Norm {
             *rr = per_row(i * ROWS + k, xr, yr);
         }
     };
-    if gemm::parallel_ok() && x.len() > chunk {
+    if gemm::parallel_ok() && x.len() >= par_min() {
         xn.par_chunks_mut(chunk)
             .zip(y.par_chunks_mut(chunk))
             .zip(rstd.par_chunks_mut(ROWS))
@@ -472,7 +485,7 @@ fn layer_norm_bwd(n: &Norm, g: &[f32], w: &[f32], dx: &mut [f32], dw: &mut [f32]
     };
     let block = |first: usize, dxc: &mut [f32]| -> (Vec<f64>, Vec<f64>) { block_body(first, dxc) };
     let chunk = ROWS * d;
-    let parts: Vec<(Vec<f64>, Vec<f64>)> = if gemm::parallel_ok() && dx.len() > chunk {
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = if gemm::parallel_ok() && dx.len() >= par_min() {
         dx.par_chunks_mut(chunk)
             .enumerate()
             .map(|(i, c)| block(i * ROWS, c))
@@ -577,12 +590,13 @@ fn group_slices<'a>(
     out
 }
 
-/// Run `f(group index, slices)` for every group, in parallel when allowed.
-fn for_groups<T: Send, F>(items: Vec<T>, f: F)
+/// Run `f(group index, slices)` for every group, in parallel when allowed and `work` (about
+/// the values touched) is large enough.
+fn for_groups<T: Send, F>(items: Vec<T>, work: usize, f: F)
 where
     F: Fn(usize, T) + Sync + Send,
 {
-    if gemm::parallel_ok() && items.len() > 1 {
+    if gemm::parallel_ok() && items.len() > 1 && work >= par_min() {
         items.into_par_iter().enumerate().for_each(|(i, t)| f(i, t));
     } else {
         items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
@@ -639,7 +653,7 @@ fn attention(d: &Dims, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32
         .into_iter()
         .zip(group_slices(&mut probs, 1, &pg))
         .collect();
-    for_groups(items, |gi, (ag, pgs)| {
+    for_groups(items, plan.key_off[t_all] * hd, |gi, (ag, pgs)| {
         let (gs, ge) = groups[gi];
         let p0 = plan.key_off[gs] * heads;
         for t in gs..ge {
@@ -719,7 +733,7 @@ fn attention_bwd(
         .zip(group_slices(&mut dv, hd, groups))
         .collect();
     let (q, k, v) = (&s.q, &s.k, &s.v);
-    for_groups(items, |gi, ((dqg, dkg), dvg)| {
+    for_groups(items, plan.key_off[t_all] * hd, |gi, ((dqg, dkg), dvg)| {
         let (gs, ge) = groups[gi];
         let mut dp = vec![0f32; d.max_pos + 1];
         for t in gs..ge {
