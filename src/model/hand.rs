@@ -393,7 +393,7 @@ fn par_min() -> usize {
         std::env::var("OVEROPT_PAR_MIN")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(1 << 18)
+            .unwrap_or(1 << 15)
     })
 }
 
@@ -537,21 +537,33 @@ fn linear_bwd(
 ) -> Vec<f32> {
     let n = db.len();
     let rows = x.len() / k;
-    gemm::sgemm(
-        MatRef::row_major(g, rows, n).t(),
-        MatRef::row_major(x, rows, k),
-        dw,
-        false,
-    );
-    col_sums(g, db);
-    let mut dx = vec![0f32; rows * k];
-    gemm::sgemm(
-        MatRef::row_major(g, rows, n),
-        MatRef::row_major(w, n, k),
-        &mut dx,
-        false,
-    );
-    dx
+    let mut weight = || {
+        gemm::sgemm(
+            MatRef::row_major(g, rows, n).t(),
+            MatRef::row_major(x, rows, k),
+            dw,
+            false,
+        );
+        col_sums(g, db);
+    };
+    let input = || {
+        let mut dx = vec![0f32; rows * k];
+        gemm::sgemm(
+            MatRef::row_major(g, rows, n),
+            MatRef::row_major(w, n, k),
+            &mut dx,
+            false,
+        );
+        dx
+    };
+    // The two products are independent and the same size: with two threads or more, one
+    // thread each (the same values: a product's sums do not depend on its thread count).
+    if gemm::parallel_ok() && rows * n * k >= par_min() * 16 {
+        rayon::join(|| gemm::serial(weight), || gemm::serial(input)).1
+    } else {
+        weight();
+        input()
+    }
 }
 
 /// What the backward pass needs of one layer.
