@@ -90,10 +90,17 @@ pub fn margin(pol_w: f64, pol_l: f64, ref_w: f64, ref_l: f64) -> f64 {
 }
 
 /// Softplus(-z) = -log sigmoid(z) on tensors, stable: max(-z, 0) + log1p(exp(-|z|)).
+///
+/// Both kinks sit at z = 0, where the derivative is -1/2. `relu` and `abs` have a zero
+/// (sub)gradient there, which would zero the gradient of every pair whose margin is exactly
+/// 0, as it is at a DPO run's first step when the policy and the reference compute their
+/// log-probs with the same kernels. candle's `maximum` splits the gradient of a tie in
+/// half, which gives -1/2 + 0 at z = 0.
 pub fn neg_log_sigmoid_t(z: &Tensor) -> Result<Tensor> {
     let neg = z.neg()?;
-    let relu = neg.relu()?;
-    let tail = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    let relu = neg.maximum(&z.zeros_like()?)?;
+    let abs = z.maximum(&neg)?;
+    let tail = (abs.neg()?.exp()? + 1.0)?.log()?;
     relu + tail
 }
 
@@ -167,6 +174,29 @@ pub fn daa_loss(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// d/dz softplus(-z) = -sigmoid(-z) everywhere, z = 0 included (-1/2 there, not the
+    /// zero subgradient of relu and abs).
+    #[test]
+    fn neg_log_sigmoid_gradient_is_right_at_zero() {
+        let zs = [-30.0f32, -2.0, -1e-7, 0.0, 1e-7, 2.0, 30.0];
+        let z = candle_core::Var::new(&zs[..], &Device::Cpu).unwrap();
+        let y = neg_log_sigmoid_t(z.as_tensor()).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = g.get(z.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let v = y.to_vec1::<f32>().unwrap();
+        for ((&z, &g), &v) in zs.iter().zip(&g).zip(&v) {
+            let want = -1.0 / (1.0 + (z as f64).exp());
+            assert!(
+                (g as f64 - want).abs() < 1e-6,
+                "z {z}: gradient {g}, want {want}"
+            );
+            assert!(
+                (v as f64 - neg_log_sigmoid(z as f64)).abs() < 1e-5,
+                "z {z}: value {v}"
+            );
+        }
+    }
 
     #[test]
     fn stable_for_large_margins() {
