@@ -1,14 +1,24 @@
 //! Wall time of the toy-MDP section with the default config (not a timed test: it only prints).
 //!
 //! `cargo bench --bench toy_mdp` (release profile), or `cargo bench --profile dev --bench
-//! toy_mdp` to reuse the debug build. An optional argument is a TOML config file.
+//! toy_mdp` to reuse the debug build. An optional argument is a TOML config file;
+//! `--out DIR` keeps the section's tables there (default: a temporary directory).
 
 use overopt::toy_mdp::{ToyMdpConfig, run_section};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; a TOML path is the first argument not starting with '-'
-    let cfg = match std::env::args().skip(1).find(|a| !a.starts_with('-')) {
+    // (other than the value of `--out`)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let out_arg = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1).cloned());
+    let cfg = match args
+        .iter()
+        .find(|a| !a.starts_with('-') && Some(*a) != out_arg.as_ref())
+    {
         Some(path) => {
             let text =
                 std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
@@ -16,9 +26,13 @@ fn main() -> anyhow::Result<()> {
         }
         None => ToyMdpConfig::default(),
     };
-    let out = tempfile::tempdir()?;
+    let tmp = tempfile::tempdir()?;
+    let out = match &out_arg {
+        Some(d) => std::path::PathBuf::from(d),
+        None => tmp.path().to_path_buf(),
+    };
     let t0 = Instant::now();
-    let rep = run_section(&cfg, out.path())?;
+    let rep = run_section(&cfg, &out)?;
     let wall = t0.elapsed().as_secs_f64();
     let runs = rep.runs.len();
     let steps = cfg.seeds.len() * cfg.sft.steps + runs * cfg.daa.steps;

@@ -250,18 +250,17 @@ reach higher KL, the opposite of the paper, and scaling the rate with 1/width re
 
 The full teach grid committed in artifact/expected/teach (three sizes; docs/teach_sweep.md)
 shows the hump for all three objectives on `medium` and `large`, so C1 holds (DPO, large:
-0.358 at SFT, 0.518 at sqrt(KL) 0.58, 0.375 at 1.76; IPO, large: peak 0.520 at 0.57, 0.391 at
-1.56), but not on `small`, where every objective peaks near 0.378 and the fall after the peak
-stays inside the rule's margin. On `large` IPO needs the two smallest betas (0.01, 0.003) to
-get past its peak: with the grid's earlier five betas from 0.03 its curve had not turned.
-IPO keeps the lowest KL at every beta, and over-optimizes least on `small` and `large` but not
-on `medium` (C3 holds on 2 of 3 sizes). C2 fails in all 9 cells: at the widest budgets the
-best checkpoint is the last, not the 25% one (DPO, small, beta 0.003: 0.312 at 25% with KL
-0.20, 0.354 at the end with KL 1.18). C4 fails: the larger models win more (best DAA 0.378 /
-0.459 / 0.520 for small / medium / large), but with one learning rate for every width the
-small model does not reach higher KL. At the smallest betas the KL a run reaches depends on
-its SFT model: tables of this configuration made from different SFT draws differ there by up
-to a factor of two (docs/teach_sweep.md, "Run to run"). The verdicts above are computed from
+0.350 at SFT, 0.514 at sqrt(KL) 0.65, 0.439 at 1.20; IPO, large: peak 0.508 at 0.58, 0.443 at
+1.15), but not on `small`, where every objective rises to about 0.378 and then stays flat
+(the small model stops near sqrt(KL) 1.0 whatever the beta). IPO keeps the lowest KL at every
+beta, and over-optimizes a little less than DPO and SLiC on `medium` and `large` (C3 holds on
+2 of 3 sizes). C2 fails in all 9 cells: at the widest budgets the best checkpoint is the 50%
+one, not the 25% one (DPO, small, beta 0.003: 0.343 at 25% with KL 0.17, 0.391 at 50%, 0.376
+at the end with KL 1.01). C4 fails: the larger models win more (best DAA 0.378 / 0.440 /
+0.514 for small / medium / large), but with one learning rate for every width the small
+model does not reach higher KL. At the smallest betas the KL a run reaches depends on its
+SFT model: tables of this configuration made from different SFT draws differ there by up to
+a factor of two (docs/teach_sweep.md, "Run to run"). The verdicts above are computed from
 this run's numbers with the rules of docs/claims.md; nothing is tuned towards them.
 """),
         code('notebook::scale_note(&p, &verdicts, &["C1", "C2", "C3", "C4"])'),
@@ -553,8 +552,8 @@ The paper gives no optimizer, learning rate, step count or network size for the 
 settings fixed here before looking at the outcome (RMSProp, lr 1e-2, 100 SFT and 500 DAA
 steps, a GRU of 1331 parameters), the typical end state puts nearly all mass on the preferred
 trajectory: substantial OOD mass appears only in some seeds or transiently in the first steps
-(the optimizer's first update is large). The second half of C9 reproduces: the DPO seeds end
-in very different places, including mass on the third demonstration the preference never
+(the optimizer's first update is large). The second half of C9 reproduces: at beta 0.5 the DPO seeds
+end in very different places, including mass on the third demonstration the preference never
 mentions. docs/toy_mdp.md has a sensitivity table over these settings.
 """),
         code('notebook::scale_note(&p, &verdicts, &["C9"])'),
