@@ -328,18 +328,23 @@ fn pack_a(a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out:
         if h < mr {
             panel.fill(0.0);
         }
-        if a.cs == 1 {
-            // Row-major A: read the panel's rows side by side, write the panel in order.
-            let rows: Vec<&[f32]> = (0..h)
-                .map(|r| {
-                    let s = (i0 + r0 + r) * a.rs + p0;
-                    &a.data[s..s + kc]
-                })
-                .collect();
-            for (p, dst) in panel.chunks_exact_mut(mr).enumerate() {
-                for (d, row) in dst.iter_mut().zip(&rows) {
-                    *d = row[p];
-                }
+        if a.cs == 1 && h == mr {
+            // Row-major A, a full panel: the micro-kernels' row counts, unrolled.
+            let first = (i0 + r0) * a.rs + p0;
+            match mr {
+                12 => pack_rows::<12>(a.data, a.rs, first, kc, panel),
+                6 => pack_rows::<6>(a.data, a.rs, first, kc, panel),
+                4 => pack_rows::<4>(a.data, a.rs, first, kc, panel),
+                _ => pack_rows_any(a.data, a.rs, first, h, kc, mr, panel),
+            }
+        } else if a.cs == 1 {
+            pack_rows_any(a.data, a.rs, (i0 + r0) * a.rs + p0, h, kc, mr, panel);
+        } else if a.rs == 1 {
+            // A transposed view (e.g. a gradient's rows as the columns of A): each depth
+            // step's rows are contiguous.
+            for p in 0..kc {
+                let s = (p0 + p) * a.cs + i0 + r0;
+                panel[p * mr..p * mr + h].copy_from_slice(&a.data[s..s + h]);
             }
         } else {
             for p in 0..kc {
@@ -348,6 +353,38 @@ fn pack_a(a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out:
                     panel[p * mr + r] = a.data[base + r * a.rs];
                 }
             }
+        }
+    }
+}
+
+/// One full A micro-panel of `MR` row-major rows (row stride `rs`, the first value at
+/// `first`), `kc` deep, written k-major.
+fn pack_rows<const MR: usize>(data: &[f32], rs: usize, first: usize, kc: usize, panel: &mut [f32]) {
+    let rows: [&[f32]; MR] = std::array::from_fn(|r| &data[first + r * rs..first + r * rs + kc]);
+    for (p, dst) in panel[..MR * kc].chunks_exact_mut(MR).enumerate() {
+        for r in 0..MR {
+            // SAFETY: p < kc (the panel holds kc chunks of MR) and each row has kc values.
+            dst[r] = unsafe { *rows[r].get_unchecked(p) };
+        }
+    }
+}
+
+/// [`pack_rows`] for any row count `h` <= `mr` (the rows past `h` are left as they are).
+fn pack_rows_any(
+    data: &[f32],
+    rs: usize,
+    first: usize,
+    h: usize,
+    kc: usize,
+    mr: usize,
+    panel: &mut [f32],
+) {
+    let rows: Vec<&[f32]> = (0..h)
+        .map(|r| &data[first + r * rs..first + r * rs + kc])
+        .collect();
+    for (p, dst) in panel.chunks_exact_mut(mr).enumerate() {
+        for (d, row) in dst.iter_mut().zip(&rows) {
+            *d = row[p];
         }
     }
 }
