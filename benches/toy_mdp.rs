@@ -20,8 +20,7 @@ fn main() -> anyhow::Result<()> {
         .find(|a| !a.starts_with('-') && Some(*a) != out_arg.as_ref())
     {
         Some(path) => {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
             toml::from_str::<ToyMdpConfig>(&text).map_err(|e| anyhow::anyhow!("{path}: {e}"))?
         }
         None => ToyMdpConfig::default(),

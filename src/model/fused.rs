@@ -727,25 +727,59 @@ impl CustomOp2 for MatmulWtOp {
         cpu_values!(x, xv);
         cpu_values!(w, wv);
         cpu_values!(grad, gv);
-        // dx = grad w: (rows, n) (n, k); dw = grad^T x: (n, rows) (rows, k).
-        let mut dx = vec![0f32; rows * k];
-        gemm::sgemm(
-            MatRef::row_major(gv, rows, n),
-            MatRef::row_major(wv, n, k),
-            &mut dx,
-            false,
-        );
         let mut dw = vec![0f32; n * k];
-        gemm::sgemm(
-            MatRef::row_major(gv, rows, n).t(),
-            MatRef::row_major(xv, rows, k),
-            &mut dw,
-            false,
-        );
+        let dx = x_wt_bwd(xv, wv, gv, (rows, k, n), &mut dw, None);
         Ok((
             Some(Tensor::from_vec(dx, (rows, k), x.device())?),
             Some(Tensor::from_vec(dw, (n, k), w.device())?),
         ))
+    }
+}
+
+/// The backward of `x @ w^T` (+ a bias) for x (rows, k), w (n, k), given the output gradient
+/// g (rows, n): writes dw = g^T x (n, k), with `db` the bias gradient (g's column sums, rows
+/// in order), and returns dx = g w (rows, k). The two products are independent and of one
+/// size: with several threads and enough work they run side by side, one thread each (the
+/// same values: a product's sums do not depend on its thread count).
+pub(crate) fn x_wt_bwd(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    (rows, k, n): (usize, usize, usize),
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) -> Vec<f32> {
+    let weight = || {
+        gemm::sgemm(
+            MatRef::row_major(g, rows, n).t(),
+            MatRef::row_major(x, rows, k),
+            dw,
+            false,
+        );
+        if let Some(db) = db {
+            db.fill(0.0);
+            for row in g.chunks_exact(n) {
+                for (s, &v) in db.iter_mut().zip(row) {
+                    *s += v;
+                }
+            }
+        }
+    };
+    let input = || {
+        let mut dx = vec![0f32; rows * k];
+        gemm::sgemm(
+            MatRef::row_major(g, rows, n),
+            MatRef::row_major(w, n, k),
+            &mut dx,
+            false,
+        );
+        dx
+    };
+    if gemm::parallel_ok() && rows * n * k >= 1 << 19 {
+        rayon::join(|| gemm::serial(weight), || gemm::serial(input)).1
+    } else {
+        weight();
+        input()
     }
 }
 
@@ -782,19 +816,21 @@ impl CustomOp3 for LinearOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = MatmulWtOp.bwd(x, w, res, grad)?;
-        let n = b.elem_count();
-        cpu_values!(grad, g);
-        let mut db = vec![0f32; n];
-        for row in g.chunks_exact(n) {
-            for (s, &v) in db.iter_mut().zip(row) {
-                *s += v;
-            }
-        }
-        Ok((dx, dw, Some(Tensor::from_vec(db, b.shape(), b.device())?)))
+        let (rows, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        cpu_values!(x, xv);
+        cpu_values!(w, wv);
+        cpu_values!(grad, gv);
+        let (mut dw, mut db) = (vec![0f32; n * k], vec![0f32; n]);
+        let dx = x_wt_bwd(xv, wv, gv, (rows, k, n), &mut dw, Some(&mut db));
+        Ok((
+            Some(Tensor::from_vec(dx, (rows, k), x.device())?),
+            Some(Tensor::from_vec(dw, (n, k), w.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
     }
 }
 

@@ -127,7 +127,7 @@ enum Steps {
         full_mask: Tensor,
         next_pos: Vec<u32>,
     },
-    Hand(super::hand::Decoder),
+    Hand(Box<super::hand::Decoder>),
 }
 
 impl Steps {
@@ -245,7 +245,7 @@ fn generate_batch(
     let (mut state, mut logits) = if super::hand::usable(model) {
         let refs: Vec<&[u32]> = prompts.iter().map(|x| x.as_slice()).collect();
         let (dec, logits) = super::hand::Decoder::new(model, &refs, p + steps)?;
-        (Steps::Hand(dec), logits)
+        (Steps::Hand(Box::new(dec)), logits)
     } else {
         Steps::graph(model, prompts, p + steps, pad_id)?
     };

@@ -26,7 +26,7 @@
 
 use super::fused::{
     cpu_values, dot, fast_exp, gelu, gelu_grad, layer_norm_bwd_row, rotate_half, rotate_half_bwd,
-    row_stats, slice, x_wt,
+    row_stats, slice, x_wt, x_wt_bwd,
 };
 use super::gemm::{self, MatRef};
 use super::gpt_neox::GptNeoX;
@@ -419,6 +419,12 @@ where
     }
 }
 
+/// A block of rows for [`layer_norm`]: normalized values, outputs, 1/std per row.
+type RowBlock<'a> = ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]);
+
+/// A layer's attention for [`layer_fwd`]: (q, k, v) -> (output, probabilities).
+type Attend<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> (Vec<f32>, Vec<f32>) + 'a;
+
 /// Layer norm of every row of `x` (rows, d): the normalized rows, 1/std per row, the output.
 struct Norm {
     xn: Vec<f32>,
@@ -435,7 +441,7 @@ fn layer_norm(x: &[f32], d: usize, w: &[f32], b: &[f32], eps: f64) -> Norm {
         layer_norm_row(&x[r * d..(r + 1) * d], w, b, eps, xn, y)
     };
     let chunk = ROWS * d;
-    let body = |(i, ((xc, yc), rc)): (usize, ((&mut [f32], &mut [f32]), &mut [f32]))| {
+    let body = |(i, ((xc, yc), rc)): (usize, RowBlock)| {
         for (k, ((xr, yr), rr)) in xc
             .chunks_mut(d)
             .zip(yc.chunks_mut(d))
@@ -509,16 +515,6 @@ fn layer_norm_bwd(n: &Norm, g: &[f32], w: &[f32], dx: &mut [f32], dw: &mut [f32]
     }
 }
 
-/// Column sums of `g` (rows, n) into `out` (n), rows in order.
-fn col_sums(g: &[f32], out: &mut [f32]) {
-    out.fill(0.0);
-    for row in g.chunks_exact(out.len()) {
-        for (s, &v) in out.iter_mut().zip(row) {
-            *s += v;
-        }
-    }
-}
-
 /// `x @ w^T + b` for x (rows, k), w (n, k).
 fn linear(x: &[f32], w: &[f32], b: &[f32], k: usize) -> Vec<f32> {
     let n = b.len();
@@ -536,34 +532,7 @@ fn linear_bwd(
     db: &mut [f32],
 ) -> Vec<f32> {
     let n = db.len();
-    let rows = x.len() / k;
-    let mut weight = || {
-        gemm::sgemm(
-            MatRef::row_major(g, rows, n).t(),
-            MatRef::row_major(x, rows, k),
-            dw,
-            false,
-        );
-        col_sums(g, db);
-    };
-    let input = || {
-        let mut dx = vec![0f32; rows * k];
-        gemm::sgemm(
-            MatRef::row_major(g, rows, n),
-            MatRef::row_major(w, n, k),
-            &mut dx,
-            false,
-        );
-        dx
-    };
-    // The two products are independent and the same size: with two threads or more, one
-    // thread each (the same values: a product's sums do not depend on its thread count).
-    if gemm::parallel_ok() && rows * n * k >= par_min() * 16 {
-        rayon::join(|| gemm::serial(weight), || gemm::serial(input)).1
-    } else {
-        weight();
-        input()
-    }
+    x_wt_bwd(x, w, g, (x.len() / k, k, n), dw, Some(db))
 }
 
 /// What the backward pass needs of one layer.
@@ -858,7 +827,7 @@ fn layer_fwd(
     x: &[f32],
     pos: &[usize],
     keep: Option<&[usize]>,
-    attend: &mut dyn FnMut(&[f32], &[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
+    attend: &mut Attend,
 ) -> (Vec<f32>, LayerSave) {
     let hd = d.hidden;
     let n1 = layer_norm(x, hd, ls.ln1.w.of(p), ls.ln1.b.of(p), d.eps);
@@ -880,7 +849,7 @@ fn layer_fwd(
     // h + mlp(ln2 h).
     let mid: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
     let n2 = layer_norm(
-        if d.parallel { &x } else { &mid },
+        if d.parallel { x } else { &mid },
         hd,
         ls.ln2.w.of(p),
         ls.ln2.b.of(p),
@@ -981,6 +950,25 @@ fn forward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, save: bool) -> (Vec<f32
     (lp, saved)
 }
 
+/// [`linear_bwd`] of the linear layer `l` (its spans in the parameter vector `p`): its weight
+/// and bias gradients go to their places in `grad`; returns the input gradient.
+fn linear_grads(grad: &mut [f32], l: Pair, p: &[f32], x: &[f32], g: &[f32], k: usize) -> Vec<f32> {
+    let (mut dw, mut db) = (vec![0f32; l.w.1], vec![0f32; l.b.1]);
+    let dx = linear_bwd(x, l.w.of(p), g, k, &mut dw, &mut db);
+    l.w.of_mut(grad).copy_from_slice(&dw);
+    l.b.of_mut(grad).copy_from_slice(&db);
+    dx
+}
+
+/// [`layer_norm_bwd`] of the layer norm `l`: ADDS the input gradient to `dx`, puts the weight
+/// and bias gradients in `grad`.
+fn norm_grads(grad: &mut [f32], l: Pair, p: &[f32], n: &Norm, g: &[f32], dx: &mut [f32]) {
+    let (mut dw, mut db) = (vec![0f32; l.w.1], vec![0f32; l.b.1]);
+    layer_norm_bwd(n, g, l.w.of(p), dx, &mut dw, &mut db);
+    l.w.of_mut(grad).copy_from_slice(&dw);
+    l.b.of_mut(grad).copy_from_slice(&db);
+}
+
 /// The backward pass: the gradient of `sum(dlp * logps)` with respect to the concatenated
 /// parameters.
 fn backward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, sv: &Saved, dlp: &[f32]) -> Vec<f32> {
@@ -1017,73 +1005,33 @@ fn backward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, sv: &Saved, dlp: &[f32
         false,
     );
     let mut dxs = vec![0f32; s_rows * hd];
-    let (mut dw, mut db) = (vec![0f32; hd], vec![0f32; hd]);
-    layer_norm_bwd(&sv.nf, &dh, sp.lnf.w.of(p), &mut dxs, &mut dw, &mut db);
-    sp.lnf.w.of_mut(&mut grad).copy_from_slice(&dw);
-    sp.lnf.b.of_mut(&mut grad).copy_from_slice(&db);
+    norm_grads(&mut grad, sp.lnf, p, &sv.nf, &dh, &mut dxs);
     let mut dx = vec![0f32; plan.len() * hd];
     for (row, &t) in dxs.chunks_exact(hd).zip(&plan.head_rows) {
         dx[t * hd..(t + 1) * hd].copy_from_slice(row);
     }
     for (ls, s) in sp.layers.iter().zip(&sv.layers).rev() {
         // MLP branch: its output gradient is dx.
-        let mut dg = {
-            let (w, b) = (ls.out.w.of(p), ls.out.b);
-            let mut dw = vec![0f32; ls.out.w.1];
-            let mut db = vec![0f32; b.1];
-            let dg = linear_bwd(&s.g, w, &dx, d.inter, &mut dw, &mut db);
-            ls.out.w.of_mut(&mut grad).copy_from_slice(&dw);
-            b.of_mut(&mut grad).copy_from_slice(&db);
-            dg
-        };
+        let mut dg = linear_grads(&mut grad, ls.out, p, &s.g, &dx, d.inter);
         row_blocks(&mut dg, d.inter, |first, rows| {
             gelu_grad_mul(&s.u[first * d.inter..][..rows.len()], rows);
         });
-        let dh2 = {
-            let mut dw = vec![0f32; ls.fc.w.1];
-            let mut db = vec![0f32; ls.fc.b.1];
-            let dh2 = linear_bwd(&s.n2.y, ls.fc.w.of(p), &dg, hd, &mut dw, &mut db);
-            ls.fc.w.of_mut(&mut grad).copy_from_slice(&dw);
-            ls.fc.b.of_mut(&mut grad).copy_from_slice(&db);
-            dh2
-        };
+        let dh2 = linear_grads(&mut grad, ls.fc, p, &s.n2.y, &dg, hd);
         drop(dg);
         // The gradient reaching the attention output: dx (parallel) or dx plus the MLP
         // branch's layer norm (sequential, where that norm reads x + attn).
         let mut dmid = dx.clone();
-        {
-            let (mut dw, mut db) = (vec![0f32; hd], vec![0f32; hd]);
-            layer_norm_bwd(&s.n2, &dh2, ls.ln2.w.of(p), &mut dmid, &mut dw, &mut db);
-            ls.ln2.w.of_mut(&mut grad).copy_from_slice(&dw);
-            ls.ln2.b.of_mut(&mut grad).copy_from_slice(&db);
-        }
+        norm_grads(&mut grad, ls.ln2, p, &s.n2, &dh2, &mut dmid);
         let d_attn_out = if d.parallel { &dx } else { &dmid };
-        let da = {
-            let mut dw = vec![0f32; ls.dense.w.1];
-            let mut db = vec![0f32; hd];
-            let da = linear_bwd(&s.a, ls.dense.w.of(p), d_attn_out, hd, &mut dw, &mut db);
-            ls.dense.w.of_mut(&mut grad).copy_from_slice(&dw);
-            ls.dense.b.of_mut(&mut grad).copy_from_slice(&db);
-            da
-        };
+        let da = linear_grads(&mut grad, ls.dense, p, &s.a, d_attn_out, hd);
         let (dq, dk, dv) = attention_bwd(d, plan, s, &da);
         drop(da);
         let dqkv = split_heads_bwd(d, plan, [&dq, &dk, &dv]);
         drop((dq, dk, dv));
-        let dh1 = {
-            let mut dw = vec![0f32; ls.qkv.w.1];
-            let mut db = vec![0f32; ls.qkv.b.1];
-            let dh1 = linear_bwd(&s.n1.y, ls.qkv.w.of(p), &dqkv, hd, &mut dw, &mut db);
-            ls.qkv.w.of_mut(&mut grad).copy_from_slice(&dw);
-            ls.qkv.b.of_mut(&mut grad).copy_from_slice(&db);
-            dh1
-        };
+        let dh1 = linear_grads(&mut grad, ls.qkv, p, &s.n1.y, &dqkv, hd);
         // The input gradient: the residual (dmid already holds dx plus, in the parallel
         // layout, the MLP norm's part) plus the attention norm's part.
-        let (mut dw, mut db) = (vec![0f32; hd], vec![0f32; hd]);
-        layer_norm_bwd(&s.n1, &dh1, ls.ln1.w.of(p), &mut dmid, &mut dw, &mut db);
-        ls.ln1.w.of_mut(&mut grad).copy_from_slice(&dw);
-        ls.ln1.b.of_mut(&mut grad).copy_from_slice(&db);
+        norm_grads(&mut grad, ls.ln1, p, &s.n1, &dh1, &mut dmid);
         dx = dmid;
     }
     let ge = sp.embed.of_mut(&mut grad);
