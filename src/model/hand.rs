@@ -54,16 +54,9 @@ pub fn shared_prefix_logps(
     prompts: &[&[u32]],
     responses: &[(usize, &[u32])],
 ) -> Result<Tensor> {
-    let dims = Dims::of(model)?;
-    let params = model.named_parameters();
-    let spans = Spans::of(&dims, &params)?;
+    let (dims, spans, flat) = flat_parameters(model)?;
     let plan = Plan::new(prompts, responses, &dims)?;
-    let save = params.iter().any(|(_, t)| t.track_op());
-    let flat = params
-        .iter()
-        .map(|(_, t)| t.flatten_all())
-        .collect::<Result<Vec<_>>>()?;
-    let flat = Tensor::cat(&flat, 0)?;
+    let save = flat.track_op();
     flat.apply_op1(HandOp {
         dims,
         spans,
@@ -71,6 +64,19 @@ pub fn shared_prefix_logps(
         save,
         saved: Mutex::new(None),
     })
+}
+
+/// The model's shapes, where each parameter lives in the concatenation, and the
+/// concatenation itself (a node of candle's graph when the parameters are variables).
+fn flat_parameters(model: &GptNeoX) -> Result<(Dims, Spans, Tensor)> {
+    let dims = Dims::of(model)?;
+    let params = model.named_parameters();
+    let spans = Spans::of(&dims, &params)?;
+    let flat = params
+        .iter()
+        .map(|(_, t)| t.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    Ok((dims, spans, Tensor::cat(&flat, 0)?))
 }
 
 /// Shapes and constants of the model.
@@ -422,6 +428,9 @@ where
 /// A block of rows for [`layer_norm`]: normalized values, outputs, 1/std per row.
 type RowBlock<'a> = ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]);
 
+/// A look at each layer's keys and values for [`layers_fwd`]: (layer, k, v).
+type SeeKv<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
+
 /// A layer's attention for [`layer_fwd`]: (q, k, v) -> (output, probabilities).
 type Attend<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> (Vec<f32>, Vec<f32>) + 'a;
 
@@ -620,8 +629,7 @@ fn attend_row(
 /// Causal attention over the packed tokens: returns the output (T, hidden) and the
 /// probabilities (per token and head, over its keys).
 fn attention(d: &Dims, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
-    let scale = 1.0 / (hs as f32).sqrt();
+    let (hd, heads) = (d.hidden, d.heads);
     let t_all = plan.len();
     let mut a = vec![0f32; t_all * hd];
     let mut probs = vec![0f32; plan.key_off[t_all] * heads];
@@ -638,23 +646,42 @@ fn attention(d: &Dims, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32
         let (gs, ge) = groups[gi];
         let p0 = plan.key_off[gs] * heads;
         for t in gs..ge {
-            let keys = plan.keys[t];
-            let nk = keys[0].1 + keys[1].1;
-            for h in 0..heads {
-                let pr = &mut pgs[plan.key_off[t] * heads - p0 + h * nk..][..nk];
-                let (s0, l0, s1) = (keys[0].0, keys[0].1, keys[1].0);
-                attend_row(
-                    &q[t * hd + h * hs..][..hs],
-                    (k, v),
-                    |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd + h * hs,
-                    pr,
-                    &mut ag[(t - gs) * hd + h * hs..][..hs],
-                    scale,
-                );
-            }
+            let pr = &mut pgs[plan.key_off[t] * heads - p0..plan.key_off[t + 1] * heads - p0];
+            attend_token(d, plan, (q, k, v), t, pr, &mut ag[(t - gs) * hd..][..hd]);
         }
     });
     (a, probs)
+}
+
+/// The attention of token `t` over its keys, every head: the probabilities go to `pr`
+/// (heads x keys), the output is ADDED to `out` (hidden).
+fn attend_token(
+    d: &Dims,
+    plan: &Plan,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    t: usize,
+    pr: &mut [f32],
+    out: &mut [f32],
+) {
+    let (hd, hs) = (d.hidden, d.head_size);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let keys = plan.keys[t];
+    let (s0, l0, s1) = (keys[0].0, keys[0].1, keys[1].0);
+    let nk = l0 + keys[1].1;
+    for (h, (pr, o)) in pr
+        .chunks_exact_mut(nk)
+        .zip(out.chunks_exact_mut(hs))
+        .enumerate()
+    {
+        attend_row(
+            &q[t * hd + h * hs..][..hs],
+            (k, v),
+            |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd + h * hs,
+            pr,
+            o,
+            scale,
+        );
+    }
 }
 
 /// [`attention`] for the query tokens `rows` only: their outputs, (rows.len(), hidden).
@@ -666,26 +693,14 @@ fn attention_rows(
     v: &[f32],
     rows: &[usize],
 ) -> Vec<f32> {
-    let (hd, heads, hs) = (d.hidden, d.heads, d.head_size);
-    let scale = 1.0 / (hs as f32).sqrt();
+    let hd = d.hidden;
     let mut a = vec![0f32; rows.len() * hd];
     row_blocks(&mut a, hd, |first, out| {
-        let mut pr = vec![0f32; d.max_pos + 1];
+        let mut pr = vec![0f32; d.heads * (d.max_pos + 1)];
         for (ii, o) in out.chunks_mut(hd).enumerate() {
             let t = rows[first + ii];
-            let keys = plan.keys[t];
-            let nk = keys[0].1 + keys[1].1;
-            let (s0, l0, s1) = (keys[0].0, keys[0].1, keys[1].0);
-            for h in 0..heads {
-                attend_row(
-                    &q[t * hd + h * hs..][..hs],
-                    (k, v),
-                    |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd + h * hs,
-                    &mut pr[..nk],
-                    &mut o[h * hs..(h + 1) * hs],
-                    scale,
-                );
-            }
+            let n = (plan.key_off[t + 1] - plan.key_off[t]) * d.heads;
+            attend_token(d, plan, (q, k, v), t, &mut pr[..n], o);
         }
     });
     a
@@ -904,27 +919,49 @@ fn gather_rows(x: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
     out
 }
 
-/// The forward pass: summed log-probs per response and, with `save`, what the backward needs.
-/// Without `save` the last layer goes past its keys and values for the head rows only.
-fn forward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, save: bool) -> (Vec<f32>, Option<Saved>) {
+/// The layers over the packed tokens of `plan`. Returns the hidden states and, for each of
+/// `plan.head_rows`, the row of them that holds it. With `keep_last` the last layer goes past
+/// its keys and values for the head rows only. `kv(layer, k, v)` sees each layer's keys and
+/// values, `save` each layer's saved activations.
+fn layers_fwd(
+    d: &Dims,
+    sp: &Spans,
+    p: &[f32],
+    plan: &Plan,
+    keep_last: bool,
+    kv: &mut SeeKv,
+    save: &mut dyn FnMut(LayerSave),
+) -> (Vec<f32>, Vec<usize>) {
     let mut x = embed(d, sp, p, &plan.tokens);
-    let mut saves = vec![];
-    let last = sp.layers.len().saturating_sub(1);
     let mut rows = plan.head_rows.clone();
+    let last = sp.layers.len().saturating_sub(1);
     for (l, ls) in sp.layers.iter().enumerate() {
-        let keep = (!save && l == last).then_some(&plan.head_rows[..]);
-        let (out, ls_save) = layer_fwd(d, ls, p, &x, &plan.pos, keep, &mut |q, k, v| match keep {
-            None => attention(d, plan, q, k, v),
-            Some(rows) => (attention_rows(d, plan, q, k, v, rows), vec![]),
+        let keep = (keep_last && l == last).then_some(&plan.head_rows[..]);
+        let (out, saved) = layer_fwd(d, ls, p, &x, &plan.pos, keep, &mut |q, k, v| {
+            kv(l, k, v);
+            match keep {
+                None => attention(d, plan, q, k, v),
+                Some(rows) => (attention_rows(d, plan, q, k, v, rows), vec![]),
+            }
         });
         x = out;
         if keep.is_some() {
             rows = (0..rows.len()).collect();
         }
-        if save {
-            saves.push(ls_save);
-        }
+        save(saved);
     }
+    (x, rows)
+}
+
+/// The forward pass: summed log-probs per response and, with `save`, what the backward needs.
+/// Without `save` the last layer goes past its keys and values for the head rows only.
+fn forward(d: &Dims, sp: &Spans, p: &[f32], plan: &Plan, save: bool) -> (Vec<f32>, Option<Saved>) {
+    let mut saves = vec![];
+    let (x, rows) = layers_fwd(d, sp, p, plan, !save, &mut |_, _, _| {}, &mut |s| {
+        if save {
+            saves.push(s)
+        }
+    });
     // Head rows only: final layer norm, output projection, log-softmax.
     let (nf, mut logits) = head(d, sp, p, &x, &rows);
     let vocab = d.vocab;
@@ -1121,14 +1158,8 @@ impl Decoder {
     /// positions per row (at least the longest prompt). Returns the decoder and the logits at
     /// each prompt's last token, (rows, vocab) row-major.
     pub fn new(model: &GptNeoX, prompts: &[&[u32]], capacity: usize) -> Result<(Self, Vec<f32>)> {
-        let dims = Dims::of(model)?;
-        let named = model.named_parameters();
-        let spans = Spans::of(&dims, &named)?;
-        let flat = named
-            .iter()
-            .map(|(_, t)| t.detach().flatten_all())
-            .collect::<Result<Vec<_>>>()?;
-        let params = Tensor::cat(&flat, 0)?.to_vec1::<f32>()?;
+        let (dims, spans, flat) = flat_parameters(model)?;
+        let params = flat.detach().to_vec1::<f32>()?;
         let plan = Plan::new(prompts, &[], &dims)?;
         let capacity = capacity.max(prompts.iter().map(|p| p.len()).max().unwrap_or(0));
         let hd = dims.hidden;
@@ -1143,29 +1174,24 @@ impl Decoder {
             capacity,
         };
         let (d, sp, p) = (&dec.dims, &dec.spans, &dec.params);
-        let mut x = embed(d, sp, p, &plan.tokens);
-        let last = sp.layers.len().saturating_sub(1);
-        for (l, ls) in sp.layers.iter().enumerate() {
-            let (kc, vc) = (&mut dec.k[l], &mut dec.v[l]);
-            // The last layer goes on for each prompt's last token only.
-            let keep = (l == last).then_some(&plan.head_rows[..]);
-            (x, _) = layer_fwd(d, ls, p, &x, &plan.pos, keep, &mut |q, k, v| {
+        let (kcache, vcache) = (&mut dec.k, &mut dec.v);
+        // Each prompt's keys and values go to its cache row; the last layer goes on for each
+        // prompt's last token only.
+        let (x, rows) = layers_fwd(
+            d,
+            sp,
+            p,
+            &plan,
+            true,
+            &mut |l, k, v| {
                 for (i, &(s, e)) in plan.groups.iter().enumerate() {
                     let dst = i * capacity * hd..(i * capacity + e - s) * hd;
-                    kc[dst.clone()].copy_from_slice(&k[s * hd..e * hd]);
-                    vc[dst].copy_from_slice(&v[s * hd..e * hd]);
+                    kcache[l][dst.clone()].copy_from_slice(&k[s * hd..e * hd]);
+                    vcache[l][dst].copy_from_slice(&v[s * hd..e * hd]);
                 }
-                match keep {
-                    None => attention(d, &plan, q, k, v),
-                    Some(rows) => (attention_rows(d, &plan, q, k, v, rows), vec![]),
-                }
-            });
-        }
-        let rows = if sp.layers.is_empty() {
-            plan.head_rows.clone()
-        } else {
-            (0..plan.head_rows.len()).collect()
-        };
+            },
+            &mut |_| {},
+        );
         let (_, logits) = head(d, sp, p, &x, &rows);
         Ok((dec, logits))
     }
