@@ -744,3 +744,37 @@ fn sampling_in_row_blocks_equals_one_block() {
         "rows should stop at different steps: {lens:?}"
     );
 }
+
+/// The sampler's prefill over chunks of prompts gives the same logits, and the same cache
+/// (the next step's logits), as one pass over every prompt; a prompt longer than the chunk
+/// size goes alone.
+#[test]
+fn prefill_in_chunks_equals_one_pass() {
+    use overopt::model::hand::Decoder;
+    let lm = parallel_fixture(DType::F32);
+    let prompts: Vec<Vec<u32>> = (0..23)
+        .map(|i| {
+            (0..1 + (i * 5) % 11)
+                .map(|j| 2 + ((i * 17 + j * 3) % 200) as u32)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let cap = 16;
+    let (mut whole, lw) = Decoder::with_prefill_chunks(&lm.model, &refs, cap, 100_000).unwrap();
+    let rows: Vec<usize> = (0..refs.len()).collect();
+    let next: Vec<u32> = (0..refs.len() as u32).map(|i| 3 + i).collect();
+    let sw = whole.step(&rows, &next).unwrap();
+    for chunk in [1, 6, 25] {
+        let (mut dec, l) = Decoder::with_prefill_chunks(&lm.model, &refs, cap, chunk).unwrap();
+        assert_eq!(l, lw, "prefill logits, chunks of {chunk} tokens");
+        assert_eq!(
+            dec.step(&rows, &next).unwrap(),
+            sw,
+            "step after chunks of {chunk}"
+        );
+    }
+    // Bad input is still refused before anything runs.
+    let bad: Vec<&[u32]> = vec![&[2, 3], &[]];
+    assert!(Decoder::with_prefill_chunks(&lm.model, &bad, cap, 1).is_err());
+}

@@ -593,37 +593,211 @@ where
     }
 }
 
-simd_fn! {
-/// Attention of one query `qv` (one head) over `pr.len()` keys and values, the j-th of which
-/// starts at `at(j)` in `kv.0` / `kv.1`: writes the probabilities to `pr` and ADDS the output
-/// to `out`.
-fn attend_row(
-    qv: &[f32],
+/// Softmax of each head's scores in place (`pr`: heads x nk), summed in key order.
+#[inline(always)]
+fn softmax_heads(pr: &mut [f32], nk: usize) {
+    for ph in pr.chunks_exact_mut(nk) {
+        let mx = ph.iter().fold(f32::NEG_INFINITY, |m, &p| m.max(p));
+        let mut sum = 0f32;
+        for p in ph.iter_mut() {
+            *p = fast_exp(*p - mx);
+            sum += *p;
+        }
+        let inv = 1.0 / sum;
+        for p in ph.iter_mut() {
+            *p *= inv;
+        }
+    }
+}
+
+/// Attention of one token over `nk` keys, every head: key `j`'s keys and values are the
+/// hidden-wide rows starting at `at(j)` in `kv.0` / `kv.1`, head `h` at `h * hs` in them.
+/// Writes the probabilities to `pr` (heads x nk) and ADDS the output to `out` (hidden).
+/// Each score is `score(query, key)` of a head (the value of [`dot`]) times `scale`; then
+/// `add_values(pr, out)` adds each head's values to its output in key order.
+#[inline(always)]
+fn attend_heads_with(
+    hs: usize,
+    q: &[f32],
+    keys: &[f32],
+    at: &impl Fn(usize) -> usize,
+    pr: &mut [f32],
+    scale: f32,
+    score: impl Fn(&[f32], &[f32]) -> f32,
+    add_values: impl FnOnce(&[f32]),
+) {
+    let hd = q.len();
+    let heads = hd / hs;
+    let nk = pr.len() / heads;
+    for j in 0..nk {
+        let kr = &keys[at(j)..][..hd];
+        for h in 0..heads {
+            pr[h * nk + j] = score(&q[h * hs..][..hs], &kr[h * hs..][..hs]) * scale;
+        }
+    }
+    softmax_heads(pr, nk);
+    add_values(pr);
+}
+
+/// [`attend_heads_with`] in plain loops, for the CPUs and head sizes that
+/// [`attend_heads`] does not write with vector instructions.
+#[inline(always)]
+fn attend_heads_portable(
+    hs: usize,
+    q: &[f32],
+    kv: (&[f32], &[f32]),
+    at: &impl Fn(usize) -> usize,
+    pr: &mut [f32],
+    out: &mut [f32],
+    scale: f32,
+) {
+    attend_heads_with(
+        hs,
+        q,
+        kv.0,
+        at,
+        pr,
+        scale,
+        |a, b| dot(a, b),
+        |pr| {
+            let hd = q.len();
+            let nk = pr.len() / (hd / hs);
+            for j in 0..nk {
+                let vr = &kv.1[at(j)..][..hd];
+                for (h, (o, x)) in out
+                    .chunks_exact_mut(hs)
+                    .zip(vr.chunks_exact(hs))
+                    .enumerate()
+                {
+                    let p = pr[h * nk + j];
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o += p * x;
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// The attention of one token over its keys, every head ([`attend_heads_with`] says what it
+/// computes): with AVX2 and a head size that is a multiple of 8, written with vector
+/// instructions (the compiler left these short loops scalar); the same bits either way
+/// (tested).
+fn attend_heads(
+    hs: usize,
+    q: &[f32],
     kv: (&[f32], &[f32]),
     at: impl Fn(usize) -> usize,
     pr: &mut [f32],
     out: &mut [f32],
     scale: f32,
 ) {
-    let hs = qv.len();
-    let mut mx = f32::NEG_INFINITY;
-    for (j, p) in pr.iter_mut().enumerate() {
-        *p = dot(qv, &kv.0[at(j)..][..hs]) * scale;
-        mx = mx.max(*p);
+    #[cfg(target_arch = "x86_64")]
+    if hs % 8 == 0 && has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; every access is bounds-checked by slicing.
+        unsafe { avx::attend_heads(hs, q, kv, &at, pr, out, scale) };
+        return;
     }
-    let mut sum = 0f32;
-    for p in pr.iter_mut() {
-        *p = fast_exp(*p - mx);
-        sum += *p;
-    }
-    let inv = 1.0 / sum;
-    for (j, p) in pr.iter_mut().enumerate() {
-        *p *= inv;
-        for (o, &x) in out.iter_mut().zip(&kv.1[at(j)..][..hs]) {
-            *o += *p * x;
+    attend_heads_portable(hs, q, kv, &at, pr, out, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use super::attend_heads_with;
+    use std::arch::x86_64::*;
+
+    /// [`super::dot`] of two rows of a multiple of 8 values: the same eight partial sums,
+    /// added in the same order.
+    #[inline(always)]
+    fn dot8(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: only called where AVX is enabled (below); loads read eight values of
+        // chunks that hold eight.
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+                let (a, b) = (_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(b.as_ptr()));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(a, b));
+            }
+            let mut t = [0f32; 8];
+            _mm256_storeu_ps(t.as_mut_ptr(), acc);
+            t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7]
         }
     }
-}
+
+    /// [`attend_heads_with`] for a head size `hs` that is a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_heads(
+        hs: usize,
+        q: &[f32],
+        kv: (&[f32], &[f32]),
+        at: &impl Fn(usize) -> usize,
+        pr: &mut [f32],
+        out: &mut [f32],
+        scale: f32,
+    ) {
+        let hd = q.len();
+        assert!(hs % 8 == 0 && out.len() == hd);
+        // A closure, not the function item: the item's call went through a shim that was not
+        // inlined, which left the intrinsics as calls (twice the instructions).
+        attend_heads_with(
+            hs,
+            q,
+            kv.0,
+            at,
+            pr,
+            scale,
+            |a, b| dot8(a, b),
+            |pr| {
+                let nk = pr.len() / (hd / hs);
+                // The output eight vectors (64 values) at a time, held in registers over the
+                // keys.
+                let mut c0 = 0;
+                while c0 < hd {
+                    if hd - c0 >= 64 {
+                        accumulate::<8>(c0, hs, nk, pr, kv.1, at, out);
+                        c0 += 64;
+                    } else {
+                        accumulate::<1>(c0, hs, nk, pr, kv.1, at, out);
+                        c0 += 8;
+                    }
+                }
+            },
+        );
+    }
+
+    /// `out[c0 .. c0 + 8 NV] += sum_j p(head, j) v_j[c0 ..]`, added key by key.
+    #[inline(always)]
+    fn accumulate<const NV: usize>(
+        c0: usize,
+        hs: usize,
+        nk: usize,
+        pr: &[f32],
+        vals: &[f32],
+        at: &impl Fn(usize) -> usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: only called where AVX is enabled (above); loads and stores stay within
+        // slices of eight values.
+        unsafe {
+            let span = &mut out[c0..][..8 * NV];
+            let mut o = [_mm256_setzero_ps(); NV];
+            let mut rows = [&pr[..0]; NV];
+            for i in 0..NV {
+                o[i] = _mm256_loadu_ps(span[8 * i..][..8].as_ptr());
+                rows[i] = &pr[(c0 + 8 * i) / hs * nk..][..nk];
+            }
+            for j in 0..nk {
+                let vr = &vals[at(j) + c0..][..8 * NV];
+                for i in 0..NV {
+                    let x = _mm256_loadu_ps(vr[8 * i..][..8].as_ptr());
+                    o[i] = _mm256_add_ps(o[i], _mm256_mul_ps(_mm256_set1_ps(rows[i][j]), x));
+                }
+            }
+            for i in 0..NV {
+                _mm256_storeu_ps(span[8 * i..][..8].as_mut_ptr(), o[i]);
+            }
+        }
+    }
 }
 
 /// Causal attention over the packed tokens: returns the output (T, hidden) and the
@@ -667,21 +841,15 @@ fn attend_token(
     let scale = 1.0 / (hs as f32).sqrt();
     let keys = plan.keys[t];
     let (s0, l0, s1) = (keys[0].0, keys[0].1, keys[1].0);
-    let nk = l0 + keys[1].1;
-    for (h, (pr, o)) in pr
-        .chunks_exact_mut(nk)
-        .zip(out.chunks_exact_mut(hs))
-        .enumerate()
-    {
-        attend_row(
-            &q[t * hd + h * hs..][..hs],
-            (k, v),
-            |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd + h * hs,
-            pr,
-            o,
-            scale,
-        );
-    }
+    attend_heads(
+        hs,
+        &q[t * hd..][..hd],
+        (k, v),
+        |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd,
+        pr,
+        out,
+        scale,
+    );
 }
 
 /// [`attention`] for the query tokens `rows` only: their outputs, (rows.len(), hidden).
@@ -1158,9 +1326,23 @@ impl Decoder {
     /// positions per row (at least the longest prompt). Returns the decoder and the logits at
     /// each prompt's last token, (rows, vocab) row-major.
     pub fn new(model: &GptNeoX, prompts: &[&[u32]], capacity: usize) -> Result<(Self, Vec<f32>)> {
+        Self::with_prefill_chunks(model, prompts, capacity, PREFILL_TOKENS)
+    }
+
+    /// [`Decoder::new`] with the prefill run over consecutive prompts of at most
+    /// `chunk_tokens` tokens together (one prompt at least): buffers that stay in the cache
+    /// instead of one pass over every prompt token per operation; with several threads the
+    /// chunks run side by side. The same values for any `chunk_tokens` (rows are independent).
+    pub fn with_prefill_chunks(
+        model: &GptNeoX,
+        prompts: &[&[u32]],
+        capacity: usize,
+        chunk_tokens: usize,
+    ) -> Result<(Self, Vec<f32>)> {
         let (dims, spans, flat) = flat_parameters(model)?;
         let params = flat.detach().to_vec1::<f32>()?;
-        let plan = Plan::new(prompts, &[], &dims)?;
+        // Every prompt is checked (tokens, lengths) before anything runs.
+        Plan::new(prompts, &[], &dims)?;
         let capacity = capacity.max(prompts.iter().map(|p| p.len()).max().unwrap_or(0));
         let hd = dims.hidden;
         let rows = prompts.len();
@@ -1173,27 +1355,40 @@ impl Decoder {
             params,
             capacity,
         };
+        // Consecutive prompts up to `chunk_tokens` tokens.
+        let mut chunks: Vec<(usize, usize)> = vec![];
+        let (mut start, mut tokens) = (0, 0);
+        for (i, pr) in prompts.iter().enumerate() {
+            if i > start && tokens + pr.len() > chunk_tokens {
+                chunks.push((start, i));
+                (start, tokens) = (i, 0);
+            }
+            tokens += pr.len();
+        }
+        if start < rows {
+            chunks.push((start, rows));
+        }
         let (d, sp, p) = (&dec.dims, &dec.spans, &dec.params);
-        let (kcache, vcache) = (&mut dec.k, &mut dec.v);
-        // Each prompt's keys and values go to its cache row; the last layer goes on for each
-        // prompt's last token only.
-        let (x, rows) = layers_fwd(
-            d,
-            sp,
-            p,
-            &plan,
-            true,
-            &mut |l, k, v| {
-                for (i, &(s, e)) in plan.groups.iter().enumerate() {
-                    let dst = i * capacity * hd..(i * capacity + e - s) * hd;
-                    kcache[l][dst.clone()].copy_from_slice(&k[s * hd..e * hd]);
-                    vcache[l][dst].copy_from_slice(&v[s * hd..e * hd]);
-                }
-            },
-            &mut |_| {},
-        );
-        let (_, logits) = head(d, sp, p, &x, &rows);
-        Ok((dec, logits))
+        let mut ks: Vec<&mut [f32]> = dec.k.iter_mut().map(|v| &mut v[..]).collect();
+        let mut vs: Vec<&mut [f32]> = dec.v.iter_mut().map(|v| &mut v[..]).collect();
+        let work: Vec<_> = chunks
+            .iter()
+            .map(|&(s, e)| {
+                let take = (e - s) * capacity * hd;
+                (&prompts[s..e], cut(&mut ks, 0, take), cut(&mut vs, 0, take))
+            })
+            .collect();
+        let run = |(chunk, mut kc, mut vc): (&[&[u32]], Vec<&mut [f32]>, Vec<&mut [f32]>)| {
+            prefill(d, sp, p, chunk, capacity, &mut kc, &mut vc)
+        };
+        let logits: Vec<Vec<f32>> = if work.len() > 1 && gemm::parallel_ok() {
+            work.into_par_iter()
+                .map(|w| gemm::serial(|| run(w)))
+                .collect::<Result<_>>()?
+        } else {
+            work.into_iter().map(run).collect::<Result<_>>()?
+        };
+        Ok((dec, logits.concat()))
     }
 
     /// One decoding step: row `rows[i]` (an index into the prompts of [`Decoder::new`])
@@ -1279,6 +1474,42 @@ fn cut<'a>(bufs: &mut [&'a mut [f32]], skip: usize, take: usize) -> Vec<&'a mut 
         .collect()
 }
 
+/// Tokens (at most, unless one prompt is longer) that [`Decoder::new`] runs through the
+/// model together.
+pub const PREFILL_TOKENS: usize = 256;
+
+/// The prefill of consecutive prompts: their keys and values go to the cache rows `kc` /
+/// `vc` (per layer, one row of `capacity` positions per prompt); returns the logits at each
+/// prompt's last token. The last layer goes on for those tokens only.
+fn prefill(
+    d: &Dims,
+    sp: &Spans,
+    p: &[f32],
+    prompts: &[&[u32]],
+    capacity: usize,
+    kc: &mut [&mut [f32]],
+    vc: &mut [&mut [f32]],
+) -> Result<Vec<f32>> {
+    let hd = d.hidden;
+    let plan = Plan::new(prompts, &[], d)?;
+    let (x, rows) = layers_fwd(
+        d,
+        sp,
+        p,
+        &plan,
+        true,
+        &mut |l, k, v| {
+            for (i, &(s, e)) in plan.groups.iter().enumerate() {
+                let dst = i * capacity * hd..(i * capacity + e - s) * hd;
+                kc[l][dst.clone()].copy_from_slice(&k[s * hd..e * hd]);
+                vc[l][dst].copy_from_slice(&v[s * hd..e * hd]);
+            }
+        },
+        &mut |_| {},
+    );
+    Ok(head(d, sp, p, &x, &rows).1)
+}
+
 /// Rows per task (at least) when a decoding step is split over threads.
 const DECODE_ROWS: usize = 16;
 
@@ -1318,20 +1549,19 @@ fn decode_rows(d: &Dims, sp: &Spans, p: &[f32], cap: usize, b: DecodeBlock) -> V
             let (kc, vc) = (&*kc, &*vc);
             let mut a = vec![0f32; rows.len() * hd];
             row_blocks(&mut a, hd, |f0, out| {
-                let mut pr = vec![0f32; cap];
+                let mut pr = vec![0f32; cap * heads];
                 for (ii, o) in out.chunks_mut(hd).enumerate() {
                     let i = f0 + ii;
                     let (r, n) = (rows[i] - first, pos[i] + 1);
-                    for h in 0..heads {
-                        attend_row(
-                            &q[i * hd + h * hs..][..hs],
-                            (kc, vc),
-                            |j| (r * cap + j) * hd + h * hs,
-                            &mut pr[..n],
-                            &mut o[h * hs..(h + 1) * hs],
-                            scale,
-                        );
-                    }
+                    attend_heads(
+                        hs,
+                        &q[i * hd..][..hd],
+                        (kc, vc),
+                        |j| (r * cap + j) * hd,
+                        &mut pr[..n * heads],
+                        o,
+                        scale,
+                    );
                 }
             });
             (a, vec![])
@@ -1339,4 +1569,59 @@ fn decode_rows(d: &Dims, sp: &Spans, p: &[f32], cap: usize, b: DecodeBlock) -> V
     }
     let all: Vec<usize> = (0..rows.len()).collect();
     head(d, sp, p, &x, &all).1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in about [-1, 1].
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                let h = (i ^ seed).wrapping_mul(0x9E37_79B9).rotate_left(13);
+                (h % 20_011) as f32 / 10_005.5 - 1.0
+            })
+            .collect()
+    }
+
+    /// Both builds of the attention (vector instructions where the CPU has them, and the
+    /// portable loops) against each other, bit for bit, over head sizes that take each
+    /// path, keys in two spans as in the packed layout, and outputs added to what is there.
+    #[test]
+    fn attention_of_a_token_is_the_same_on_every_path() {
+        for (hs, heads) in [
+            (8, 4),
+            (16, 4),
+            (24, 3),
+            (32, 2),
+            (64, 2),
+            (128, 1),
+            (12, 3),
+            (1, 5),
+        ] {
+            let hd = hs * heads;
+            let rows = 40;
+            let (q, k, v) = (values(hd, 1), values(rows * hd, 2), values(rows * hd, 3));
+            for nk in [1, 7, 33] {
+                // The first half of the keys from row 3 on, the rest from row 21 on.
+                let l0 = nk / 2;
+                let at = |j: usize| (if j < l0 { 3 + j } else { 21 + j - l0 }) * hd;
+                let scale = 1.0 / (hs as f32).sqrt();
+                let start = values(hd, 4);
+                let (mut pa, mut oa) = (vec![0f32; heads * nk], start.clone());
+                let (mut pb, mut ob) = (vec![0f32; heads * nk], start.clone());
+                attend_heads(hs, &q, (&k, &v), at, &mut pa, &mut oa, scale);
+                attend_heads_portable(hs, &q, (&k, &v), &at, &mut pb, &mut ob, scale);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&pa), bits(&pb), "probabilities, hs {hs}, {nk} keys");
+                assert_eq!(bits(&oa), bits(&ob), "output, hs {hs}, {nk} keys");
+                // Probabilities sum to one per head; the output moved.
+                for ph in pa.chunks(nk) {
+                    assert!((ph.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+                }
+                assert_ne!(bits(&oa), bits(&start));
+            }
+        }
+    }
 }
