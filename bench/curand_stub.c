@@ -3,7 +3,7 @@
  * draws device random numbers: creating a generator and setting its seed or stream succeed,
  * every generate call fails with CURAND_STATUS_INITIALIZATION_FAILED (203).
  * Its symbols carry the version node of the real library (libcurand.so.10), as the binary asks.
- * Build: gcc -shared -fPIC -O2 -Wl,-soname,libcurand.so.10 -Wl,--version-script=curand_stub.map \
+ * Built by bench/build-gpu.sh; by hand: gcc -shared -fPIC -O2 -Wl,-soname,libcurand.so.10 -Wl,--version-script=curand_stub.map \
  *          -o bin/curand-stub/libcurand.so.10 curand_stub.c */
 #include <stddef.h>
 

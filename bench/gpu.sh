@@ -50,7 +50,7 @@ fi
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -2
 if [ ! -x "$BIN" ]; then
-  echo "ERROR: $BIN is missing or not executable (build: cargo build --release --features cuda --bin overopt-gpu-bench)"
+  echo "ERROR: $BIN is missing or not executable (build it on a machine with the Rust toolchain: bash bench/build-gpu.sh)"
 fi
 echo "-- ldd $BIN (CUDA libraries, and any not found):"
 ldd "$BIN" 2>&1 | grep -E 'not found|cuda|cublas|curand|nvrtc|cudart' | sed 's/^/   /'

@@ -417,7 +417,9 @@ fn main() {
             u8::from(oom),
             one_line
         );
-        let usage = msg.contains("no CUDA") || msg.contains("unknown --");
+        let usage = ["no CUDA", "no usable CUDA", "unknown --"]
+            .iter()
+            .any(|m| msg.contains(m));
         std::process::exit(if usage { 1 } else { 2 });
     }
 }
