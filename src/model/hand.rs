@@ -598,9 +598,12 @@ where
 fn softmax_heads(pr: &mut [f32], nk: usize) {
     for ph in pr.chunks_exact_mut(nk) {
         let mx = ph.iter().fold(f32::NEG_INFINITY, |m, &p| m.max(p));
-        let mut sum = 0f32;
+        // The exponentials in a loop of their own (it vectorizes), then their sum in order.
         for p in ph.iter_mut() {
             *p = fast_exp(*p - mx);
+        }
+        let mut sum = 0f32;
+        for p in ph.iter() {
             sum += *p;
         }
         let inv = 1.0 / sum;
@@ -610,37 +613,37 @@ fn softmax_heads(pr: &mut [f32], nk: usize) {
     }
 }
 
-/// Attention of one token over `nk` keys, every head: key `j`'s keys and values are the
-/// hidden-wide rows starting at `at(j)` in `kv.0` / `kv.1`, head `h` at `h * hs` in them.
-/// Writes the probabilities to `pr` (heads x nk) and ADDS the output to `out` (hidden).
-/// Each score is `score(query, key)` of a head (the value of [`dot`]) times `scale`; then
-/// `add_values(pr, out)` adds each head's values to its output in key order.
+/// The scores of keys `from..nk` for every head of one token: `pr[h * nk + j]` (heads x nk)
+/// = `score(query of head h, key j of head h) * scale`, with key `j`'s row (hidden wide)
+/// starting at `at(j)` in `keys`.
 #[inline(always)]
-fn attend_heads_with(
+fn scores_from(
     hs: usize,
     q: &[f32],
     keys: &[f32],
     at: &impl Fn(usize) -> usize,
     pr: &mut [f32],
     scale: f32,
+    from: usize,
     score: impl Fn(&[f32], &[f32]) -> f32,
-    add_values: impl FnOnce(&[f32]),
 ) {
     let hd = q.len();
-    let heads = hd / hs;
-    let nk = pr.len() / heads;
-    for j in 0..nk {
+    let nk = pr.len() / (hd / hs);
+    for j in from..nk {
         let kr = &keys[at(j)..][..hd];
-        for h in 0..heads {
-            pr[h * nk + j] = score(&q[h * hs..][..hs], &kr[h * hs..][..hs]) * scale;
+        for (h, (qh, kh)) in q.chunks_exact(hs).zip(kr.chunks_exact(hs)).enumerate() {
+            pr[h * nk + j] = score(qh, kh) * scale;
         }
     }
-    softmax_heads(pr, nk);
-    add_values(pr);
 }
 
-/// [`attend_heads_with`] in plain loops, for the CPUs and head sizes that
-/// [`attend_heads`] does not write with vector instructions.
+/// Attention of one token over `nk` keys, every head: key `j`'s keys and values are the
+/// hidden-wide rows starting at `at(j)` in `kv.0` / `kv.1`, head `h` at `h * hs` in them.
+/// Writes the probabilities to `pr` (heads x nk) and ADDS the output to `out` (hidden): the
+/// scores are [`dot`] of a head's query and key times `scale`, [`softmax_heads`] makes them
+/// probabilities, and each head's values are added to its output in key order. This is the
+/// version in plain loops, for the CPUs and head sizes that [`attend_heads`] does not write
+/// with vector instructions.
 #[inline(always)]
 fn attend_heads_portable(
     hs: usize,
@@ -651,36 +654,27 @@ fn attend_heads_portable(
     out: &mut [f32],
     scale: f32,
 ) {
-    attend_heads_with(
-        hs,
-        q,
-        kv.0,
-        at,
-        pr,
-        scale,
-        |a, b| dot(a, b),
-        |pr| {
-            let hd = q.len();
-            let nk = pr.len() / (hd / hs);
-            for j in 0..nk {
-                let vr = &kv.1[at(j)..][..hd];
-                for (h, (o, x)) in out
-                    .chunks_exact_mut(hs)
-                    .zip(vr.chunks_exact(hs))
-                    .enumerate()
-                {
-                    let p = pr[h * nk + j];
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o += p * x;
-                    }
-                }
+    let hd = q.len();
+    let nk = pr.len() / (hd / hs);
+    scores_from(hs, q, kv.0, at, pr, scale, 0, |a, b| dot(a, b));
+    softmax_heads(pr, nk);
+    for j in 0..nk {
+        let vr = &kv.1[at(j)..][..hd];
+        for (h, (o, x)) in out
+            .chunks_exact_mut(hs)
+            .zip(vr.chunks_exact(hs))
+            .enumerate()
+        {
+            let p = pr[h * nk + j];
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o += p * x;
             }
-        },
-    );
+        }
+    }
 }
 
-/// The attention of one token over its keys, every head ([`attend_heads_with`] says what it
-/// computes): with AVX2 and a head size that is a multiple of 8, written with vector
+/// The attention of one token over its keys, every head ([`attend_heads_portable`] says
+/// what it computes): with AVX2 and a head size that is a multiple of 8, written with vector
 /// instructions (the compiler left these short loops scalar); the same bits either way
 /// (tested).
 fn attend_heads(
@@ -703,28 +697,82 @@ fn attend_heads(
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::attend_heads_with;
+    use super::{scores_from, softmax_heads};
     use std::arch::x86_64::*;
 
-    /// [`super::dot`] of two rows of a multiple of 8 values: the same eight partial sums,
-    /// added in the same order.
+    // The helpers below are safe functions that use AVX intrinsics: they are only called
+    // from `attend_heads` (compiled for AVX2 + FMA, entered when the CPU has them) and are
+    // inlined there.
+
+    /// The eight partial sums of [`super::dot`] of two rows of a multiple of 8 values (the
+    /// first added to +0, as `dot` starts).
     #[inline(always)]
-    fn dot8(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: only called where AVX is enabled (below); loads read eight values of
-        // chunks that hold eight.
+    fn partial_sums(a: &[f32], b: &[f32]) -> __m256 {
+        // SAFETY: AVX is enabled where this is inlined; loads read chunks of eight values.
         unsafe {
             let mut acc = _mm256_setzero_ps();
             for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
                 let (a, b) = (_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(b.as_ptr()));
                 acc = _mm256_add_ps(acc, _mm256_mul_ps(a, b));
             }
-            let mut t = [0f32; 8];
-            _mm256_storeu_ps(t.as_mut_ptr(), acc);
-            t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7]
+            acc
         }
     }
 
-    /// [`attend_heads_with`] for a head size `hs` that is a multiple of 8.
+    /// [`super::dot`] of two rows of a multiple of 8 values: the partial sums added in order.
+    #[inline(always)]
+    fn dot8(a: &[f32], b: &[f32]) -> f32 {
+        let mut t = [0f32; 8];
+        // SAFETY: as above; `t` holds eight values.
+        unsafe { _mm256_storeu_ps(t.as_mut_ptr(), partial_sums(a, b)) };
+        t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7]
+    }
+
+    /// Lane `k` of the result = the lanes of `v[k]` added in order, as in [`dot8`]: an 8 x 8
+    /// transpose, then seven additions of whole vectors.
+    #[inline(always)]
+    fn lane_sums8(v: &[__m256; 8]) -> __m256 {
+        // SAFETY: AVX is enabled where this is inlined.
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+            let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+            let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+            let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+            let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+            let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+            let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+            let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+            // s0: element 0 of rows 0-3 | element 4 of rows 0-3; s1: elements 1 | 5, ...
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            // c[e]: element e of the eight rows.
+            let c = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            let mut sum = c[0];
+            for x in &c[1..] {
+                sum = _mm256_add_ps(sum, *x);
+            }
+            sum
+        }
+    }
+
+    /// [`super::attend_heads_portable`] for a head size `hs` that is a multiple of 8: the
+    /// scores of eight keys at a time (one vector of eight dot products), the output 64
+    /// values at a time held in registers over the keys.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend_heads(
         hs: usize,
@@ -737,32 +785,38 @@ mod avx {
     ) {
         let hd = q.len();
         assert!(hs % 8 == 0 && out.len() == hd);
-        // A closure, not the function item: the item's call went through a shim that was not
-        // inlined, which left the intrinsics as calls (twice the instructions).
-        attend_heads_with(
-            hs,
-            q,
-            kv.0,
-            at,
-            pr,
-            scale,
-            |a, b| dot8(a, b),
-            |pr| {
-                let nk = pr.len() / (hd / hs);
-                // The output eight vectors (64 values) at a time, held in registers over the
-                // keys.
-                let mut c0 = 0;
-                while c0 < hd {
-                    if hd - c0 >= 64 {
-                        accumulate::<8>(c0, hs, nk, pr, kv.1, at, out);
-                        c0 += 64;
-                    } else {
-                        accumulate::<1>(c0, hs, nk, pr, kv.1, at, out);
-                        c0 += 8;
-                    }
+        let nk = pr.len() / (hd / hs);
+        let full = nk / 8 * 8;
+        let mut rows = [&kv.0[..0]; 8];
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for j0 in (0..full).step_by(8) {
+            for (i, r) in rows.iter_mut().enumerate() {
+                *r = &kv.0[at(j0 + i)..][..hd];
+            }
+            for (h, qh) in q.chunks_exact(hs).enumerate() {
+                for (a, r) in acc.iter_mut().zip(&rows) {
+                    *a = partial_sums(qh, &r[h * hs..][..hs]);
                 }
-            },
-        );
+                let s = _mm256_mul_ps(lane_sums8(&acc), _mm256_set1_ps(scale));
+                let dst = &mut pr[h * nk + j0..][..8];
+                // SAFETY: `dst` holds eight values.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), s) };
+            }
+        }
+        // A closure, not the function item: the item's call went through a shim that was
+        // not inlined, which left the intrinsics as calls.
+        scores_from(hs, q, kv.0, at, pr, scale, full, |a, b| dot8(a, b));
+        softmax_heads(pr, nk);
+        let mut c0 = 0;
+        while c0 < hd {
+            if hd - c0 >= 64 {
+                accumulate::<8>(c0, hs, nk, pr, kv.1, at, out);
+                c0 += 64;
+            } else {
+                accumulate::<1>(c0, hs, nk, pr, kv.1, at, out);
+                c0 += 8;
+            }
+        }
     }
 
     /// `out[c0 .. c0 + 8 NV] += sum_j p(head, j) v_j[c0 ..]`, added key by key.
@@ -776,8 +830,8 @@ mod avx {
         at: &impl Fn(usize) -> usize,
         out: &mut [f32],
     ) {
-        // SAFETY: only called where AVX is enabled (above); loads and stores stay within
-        // slices of eight values.
+        // SAFETY: AVX is enabled where this is inlined; loads and stores stay within slices
+        // of eight values.
         unsafe {
             let span = &mut out[c0..][..8 * NV];
             let mut o = [_mm256_setzero_ps(); NV];
