@@ -613,53 +613,49 @@ fn softmax_heads(pr: &mut [f32], nk: usize) {
     }
 }
 
-/// The scores of keys `from..nk` for every head of one token: `pr[h * nk + j]` (heads x nk)
-/// = `score(query of head h, key j of head h) * scale`, with key `j`'s row (hidden wide)
-/// starting at `at(j)` in `keys`.
-#[inline(always)]
-fn scores_from(
+/// One token's attention inputs: its query `q` (hidden wide, head `h` at `h * hs`), the keys
+/// and values `kv`, whose key `j` is the hidden-wide row starting at `at(j)` in `kv.0` /
+/// `kv.1`, and the scale of the scores.
+struct Query<'a, F: Fn(usize) -> usize> {
     hs: usize,
-    q: &[f32],
-    keys: &[f32],
-    at: &impl Fn(usize) -> usize,
-    pr: &mut [f32],
+    q: &'a [f32],
+    kv: (&'a [f32], &'a [f32]),
+    at: F,
     scale: f32,
+}
+
+/// The scores of keys `from..nk` for every head of token `t`: `pr[h * nk + j]` (heads x nk)
+/// = `score(query of head h, key j of head h) * scale`.
+#[inline(always)]
+fn scores_from<F: Fn(usize) -> usize>(
+    t: &Query<F>,
+    pr: &mut [f32],
     from: usize,
     score: impl Fn(&[f32], &[f32]) -> f32,
 ) {
-    let hd = q.len();
+    let (hs, hd) = (t.hs, t.q.len());
     let nk = pr.len() / (hd / hs);
     for j in from..nk {
-        let kr = &keys[at(j)..][..hd];
-        for (h, (qh, kh)) in q.chunks_exact(hs).zip(kr.chunks_exact(hs)).enumerate() {
-            pr[h * nk + j] = score(qh, kh) * scale;
+        let kr = &t.kv.0[(t.at)(j)..][..hd];
+        for (h, (qh, kh)) in t.q.chunks_exact(hs).zip(kr.chunks_exact(hs)).enumerate() {
+            pr[h * nk + j] = score(qh, kh) * t.scale;
         }
     }
 }
 
-/// Attention of one token over `nk` keys, every head: key `j`'s keys and values are the
-/// hidden-wide rows starting at `at(j)` in `kv.0` / `kv.1`, head `h` at `h * hs` in them.
-/// Writes the probabilities to `pr` (heads x nk) and ADDS the output to `out` (hidden): the
+/// Attention of token `t` over `nk` keys, every head (see [`Query`]). Writes the probabilities to `pr` (heads x nk) and ADDS the output to `out` (hidden): the
 /// scores are [`dot`] of a head's query and key times `scale`, [`softmax_heads`] makes them
 /// probabilities, and each head's values are added to its output in key order. This is the
 /// version in plain loops, for the CPUs and head sizes that [`attend_heads`] does not write
 /// with vector instructions.
 #[inline(always)]
-fn attend_heads_portable(
-    hs: usize,
-    q: &[f32],
-    kv: (&[f32], &[f32]),
-    at: &impl Fn(usize) -> usize,
-    pr: &mut [f32],
-    out: &mut [f32],
-    scale: f32,
-) {
-    let hd = q.len();
+fn attend_heads_portable<F: Fn(usize) -> usize>(t: &Query<F>, pr: &mut [f32], out: &mut [f32]) {
+    let (hs, hd) = (t.hs, t.q.len());
     let nk = pr.len() / (hd / hs);
-    scores_from(hs, q, kv.0, at, pr, scale, 0, |a, b| dot(a, b));
+    scores_from(t, pr, 0, |a, b| dot(a, b));
     softmax_heads(pr, nk);
     for j in 0..nk {
-        let vr = &kv.1[at(j)..][..hd];
+        let vr = &t.kv.1[(t.at)(j)..][..hd];
         for (h, (o, x)) in out
             .chunks_exact_mut(hs)
             .zip(vr.chunks_exact(hs))
@@ -677,27 +673,19 @@ fn attend_heads_portable(
 /// what it computes): with AVX2 and a head size that is a multiple of 8, written with vector
 /// instructions (the compiler left these short loops scalar); the same bits either way
 /// (tested).
-fn attend_heads(
-    hs: usize,
-    q: &[f32],
-    kv: (&[f32], &[f32]),
-    at: impl Fn(usize) -> usize,
-    pr: &mut [f32],
-    out: &mut [f32],
-    scale: f32,
-) {
+fn attend_heads<F: Fn(usize) -> usize>(t: &Query<F>, pr: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if hs % 8 == 0 && has_avx2() {
+    if t.hs % 8 == 0 && has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA; every access is bounds-checked by slicing.
-        unsafe { avx::attend_heads(hs, q, kv, &at, pr, out, scale) };
+        unsafe { avx::attend_heads(t, pr, out) };
         return;
     }
-    attend_heads_portable(hs, q, kv, &at, pr, out, scale)
+    attend_heads_portable(t, pr, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{scores_from, softmax_heads};
+    use super::{Query, scores_from, softmax_heads};
     use std::arch::x86_64::*;
 
     // The helpers below are safe functions that use AVX intrinsics: they are only called
@@ -774,30 +762,26 @@ mod avx {
     /// scores of eight keys at a time (one vector of eight dot products), the output 64
     /// values at a time held in registers over the keys.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_heads(
-        hs: usize,
-        q: &[f32],
-        kv: (&[f32], &[f32]),
-        at: &impl Fn(usize) -> usize,
+    pub(super) unsafe fn attend_heads<F: Fn(usize) -> usize>(
+        t: &Query<F>,
         pr: &mut [f32],
         out: &mut [f32],
-        scale: f32,
     ) {
-        let hd = q.len();
+        let (hs, hd, keys) = (t.hs, t.q.len(), t.kv.0);
         assert!(hs % 8 == 0 && out.len() == hd);
         let nk = pr.len() / (hd / hs);
         let full = nk / 8 * 8;
-        let mut rows = [&kv.0[..0]; 8];
+        let mut rows = [&keys[..0]; 8];
         let mut acc = [_mm256_setzero_ps(); 8];
         for j0 in (0..full).step_by(8) {
             for (i, r) in rows.iter_mut().enumerate() {
-                *r = &kv.0[at(j0 + i)..][..hd];
+                *r = &keys[(t.at)(j0 + i)..][..hd];
             }
-            for (h, qh) in q.chunks_exact(hs).enumerate() {
+            for (h, qh) in t.q.chunks_exact(hs).enumerate() {
                 for (a, r) in acc.iter_mut().zip(&rows) {
                     *a = partial_sums(qh, &r[h * hs..][..hs]);
                 }
-                let s = _mm256_mul_ps(lane_sums8(&acc), _mm256_set1_ps(scale));
+                let s = _mm256_mul_ps(lane_sums8(&acc), _mm256_set1_ps(t.scale));
                 let dst = &mut pr[h * nk + j0..][..8];
                 // SAFETY: `dst` holds eight values.
                 unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), s) };
@@ -805,15 +789,15 @@ mod avx {
         }
         // A closure, not the function item: the item's call went through a shim that was
         // not inlined, which left the intrinsics as calls.
-        scores_from(hs, q, kv.0, at, pr, scale, full, |a, b| dot8(a, b));
+        scores_from(t, pr, full, |a, b| dot8(a, b));
         softmax_heads(pr, nk);
         let mut c0 = 0;
         while c0 < hd {
             if hd - c0 >= 64 {
-                accumulate::<8>(c0, hs, nk, pr, kv.1, at, out);
+                accumulate::<8>(c0, hs, nk, pr, t.kv.1, &t.at, out);
                 c0 += 64;
             } else {
-                accumulate::<1>(c0, hs, nk, pr, kv.1, at, out);
+                accumulate::<1>(c0, hs, nk, pr, t.kv.1, &t.at, out);
                 c0 += 8;
             }
         }
@@ -895,15 +879,14 @@ fn attend_token(
     let scale = 1.0 / (hs as f32).sqrt();
     let keys = plan.keys[t];
     let (s0, l0, s1) = (keys[0].0, keys[0].1, keys[1].0);
-    attend_heads(
+    let query = Query {
         hs,
-        &q[t * hd..][..hd],
-        (k, v),
-        |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd,
-        pr,
-        out,
+        q: &q[t * hd..][..hd],
+        kv: (k, v),
+        at: |j| (if j < l0 { s0 + j } else { s1 + j - l0 }) * hd,
         scale,
-    );
+    };
+    attend_heads(&query, pr, out);
 }
 
 /// [`attention`] for the query tokens `rows` only: their outputs, (rows.len(), hidden).
@@ -1607,15 +1590,14 @@ fn decode_rows(d: &Dims, sp: &Spans, p: &[f32], cap: usize, b: DecodeBlock) -> V
                 for (ii, o) in out.chunks_mut(hd).enumerate() {
                     let i = f0 + ii;
                     let (r, n) = (rows[i] - first, pos[i] + 1);
-                    attend_heads(
+                    let query = Query {
                         hs,
-                        &q[i * hd..][..hd],
-                        (kc, vc),
-                        |j| (r * cap + j) * hd,
-                        &mut pr[..n * heads],
-                        o,
+                        q: &q[i * hd..][..hd],
+                        kv: (kc, vc),
+                        at: |j| (r * cap + j) * hd,
                         scale,
-                    );
+                    };
+                    attend_heads(&query, &mut pr[..n * heads], o);
                 }
             });
             (a, vec![])
@@ -1660,13 +1642,18 @@ mod tests {
             for nk in [1, 7, 33] {
                 // The first half of the keys from row 3 on, the rest from row 21 on.
                 let l0 = nk / 2;
-                let at = |j: usize| (if j < l0 { 3 + j } else { 21 + j - l0 }) * hd;
-                let scale = 1.0 / (hs as f32).sqrt();
+                let query = Query {
+                    hs,
+                    q: &q,
+                    kv: (&k, &v),
+                    at: |j: usize| (if j < l0 { 3 + j } else { 21 + j - l0 }) * hd,
+                    scale: 1.0 / (hs as f32).sqrt(),
+                };
                 let start = values(hd, 4);
                 let (mut pa, mut oa) = (vec![0f32; heads * nk], start.clone());
                 let (mut pb, mut ob) = (vec![0f32; heads * nk], start.clone());
-                attend_heads(hs, &q, (&k, &v), at, &mut pa, &mut oa, scale);
-                attend_heads_portable(hs, &q, (&k, &v), &at, &mut pb, &mut ob, scale);
+                attend_heads(&query, &mut pa, &mut oa);
+                attend_heads_portable(&query, &mut pb, &mut ob);
                 let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&pa), bits(&pb), "probabilities, hs {hs}, {nk} keys");
                 assert_eq!(bits(&oa), bits(&ob), "output, hs {hs}, {nk} keys");
