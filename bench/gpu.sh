@@ -6,7 +6,8 @@
 # 1. LD_LIBRARY_PATH from the CUDA libraries of PyTorch's pip packages (site-packages/nvidia/*/lib);
 #    when they lack libcurand.so.10 the stub in bench/bin/curand-stub is used (the bench never
 #    draws device random numbers). The driver's libcuda.so.1 comes from the system.
-# 2. overopt-gpu-bench: DPO step of Pythia-1B shape, batch 16 pairs x 512 tokens, bf16 autocast.
+# 2. overopt-gpu-bench: DPO step of Pythia-1B shape, batch 16 pairs x 512 tokens, bf16 autocast;
+#    then the same with `--op-path composite` (basic ops only, every intermediate kept), an A/B.
 # 3. bench/gpu_torch.py: the same step in PyTorch eager (transformers GPTNeoXForCausalLM or its own
 #    module), then larger Pythia shapes one step each until one does not fit.
 # 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b), one step each, while time is left.
@@ -92,6 +93,10 @@ cap() { # min($1, time left)
 
 # Part 1: overopt, Pythia-1B shape.
 run_part overopt-1b "$(cap 130)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 2 --steps 4
+# Part 1b: the same with the graph of basic ops only (every intermediate kept), the path the
+# CUDA step took before the recomputing attention, layer norm and log-probs: an A/B in one run.
+run_part overopt-1b-composite "$(cap 60)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 1 \
+  --steps 2 --op-path composite
 # Part 2: PyTorch, same step, then the larger shapes.
 run_part torch "$(cap 140)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
   --warmup 2 --steps 4 --fit --fit-budget-s 75
@@ -118,11 +123,14 @@ for line in open(sys.argv[1]):
         rows.append(kv)
     else:
         smi[kv.get("part")] = kv.get("smi_peak_gib", "na")
-def get(impl, shape):
+def get(impl, shape, op_path=None):
     for r in rows:
-        if r.get("impl") == impl and r.get("shape") == shape:
+        if r.get("impl") == impl and r.get("shape") == shape and r.get("op_path") == op_path:
             return r
     return {}
+for r in rows:  # overopt's default path is the one compared; others are A/B rows
+    if r.get("impl") == "overopt" and r.get("op_path", "differentiable") == "differentiable":
+        r["op_path"] = None
 print(f"{'':24}{'overopt (candle)':>20}{'torch eager':>20}")
 o, t = get("overopt", "1b"), get("torch", "1b")
 for key, label in [("step_s", "s/step"), ("examples_per_s", "examples/s"), ("tflops", "TFLOP/s (6NT)"),
@@ -130,6 +138,10 @@ for key, label in [("step_s", "s/step"), ("examples_per_s", "examples/s"), ("tfl
                    ("peak_mem_gib", "peak mem GiB (self)"), ("loss", "loss (last step)")]:
     print(f"{label:24}{o.get(key, 'na'):>20}{t.get(key, 'na'):>20}")
 print(f"{'peak mem GiB (smi)':24}{smi.get('overopt-1b', 'na'):>20}{smi.get('torch', 'na'):>20}")
+c = get("overopt", "1b", "composite")
+print("A/B overopt 1b, op path differentiable (recomputing ops) vs composite (basic ops): "
+      + ", ".join(f"{k} {o.get(k, 'na')} vs {c.get(k, 'na')}"
+                  for k in ["step_s", "graph_gib", "peak_mem_gib", "ok"]))
 def largest(impl):
     best = "none"
     for s in ["1b", "1.4b", "2.8b", "6.9b"]:

@@ -1,5 +1,5 @@
-//! The fused CPU kernels of `overopt::model::fused` against candle's composite ops: values and
-//! gradients.
+//! The fused CPU kernels of `overopt::model::fused`, and the recomputing ops of
+//! `overopt::model::recompute`, against candle's composite ops: values and gradients.
 
 use candle_core::{D, Device, Tensor, Var};
 use overopt::model::fused::{
@@ -7,6 +7,7 @@ use overopt::model::fused::{
     matmul_wt, softmax_last, split_heads_rotary,
 };
 use overopt::model::gpt_neox::attention_bias;
+use overopt::model::recompute;
 
 fn close(a: &Tensor, b: &Tensor, tol: f32) {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -47,6 +48,7 @@ fn composite_ln(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
     xn.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
 }
 
+/// The fused kernel and the recomputing op of the CUDA path, each against the composite.
 #[test]
 fn layer_norm_matches_the_composite_with_gradients() {
     let dev = Device::Cpu;
@@ -56,10 +58,12 @@ fn layer_norm_matches_the_composite_with_gradients() {
     let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev).unwrap()).unwrap();
     // A non-uniform upstream gradient: weight the outputs before summing.
     let r = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
-    let fused = layer_norm(&x, &w, &b, 1e-5).unwrap();
-    let comp = composite_ln(&x, &w, &b, 1e-5);
-    close(&fused, &comp, 1e-5);
-    close_grads(fused, comp, &r, &[&x, &w, &b], 1e-4);
+    for ln in [layer_norm, recompute::layer_norm] {
+        let out = ln(&x, &w, &b, 1e-5).unwrap();
+        let comp = composite_ln(&x, &w, &b, 1e-5);
+        close(&out, &comp, 1e-5);
+        close_grads(out, comp, &r, &[&x, &w, &b], 1e-4);
+    }
 }
 
 #[test]
@@ -243,4 +247,111 @@ fn inference_attention_matches_the_composite_over_a_cache_view() {
 #[test]
 fn bias_gelu_matches_the_composite_with_gradients() {
     check_bias_op(2.0, bias_gelu, |x, b| x.broadcast_add(b)?.gelu_erf(), 1e-4);
+}
+
+// The recomputing ops of `overopt::model::recompute` (the CUDA training path), on the CPU.
+
+/// softmax((q k^T) in f32 * scale + bias) v, the composite of `gpt_neox`'s attention.
+fn composite_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Tensor {
+    let raw = q
+        .matmul(&k.t().unwrap().contiguous().unwrap())
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    let p = candle_nn::ops::softmax(
+        &(raw * scale).unwrap().broadcast_add(bias).unwrap(),
+        D::Minus1,
+    )
+    .unwrap();
+    p.to_dtype(v.dtype()).unwrap().matmul(v).unwrap()
+}
+
+#[test]
+fn recompute_attention_matches_the_composite_with_gradients() {
+    use candle_core::DType;
+    let dev = Device::Cpu;
+    // 2 rows, 3 heads, 4 queries (the last 4 positions) over 6 keys; row 1 left-padded.
+    let mask = Tensor::new(&[[1u8, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], &dev).unwrap();
+    let bias = attention_bias(&mask, 4).unwrap();
+    for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 2e-2)] {
+        let var = |t: usize| {
+            Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (2, 3, t, 8), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let (q, k, v) = (var(4), var(6), var(6));
+        let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let scale = 1.0 / 8f64.sqrt();
+        let rec = recompute::attention(&q, &k, &v, &bias, scale).unwrap();
+        let comp = composite_attention(&q, &k, &v, &bias, scale);
+        assert_eq!(rec.dtype(), dtype);
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        close(&f(&rec), &f(&comp), tol);
+        let gr = (rec * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for x in [&q, &k, &v] {
+            let (a, b) = (
+                gr.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+            );
+            assert_eq!(a.dtype(), dtype);
+            close(&f(a), &f(b), tol);
+        }
+        // Without tracked inputs no graph node is made and the values are the same.
+        let plain = recompute::attention(
+            &q.as_tensor().detach(),
+            &k.as_tensor().detach(),
+            &v.as_tensor().detach(),
+            &bias,
+            scale,
+        )
+        .unwrap();
+        assert!(!plain.track_op());
+        close(
+            &f(&plain),
+            &f(&composite_attention(&q, &k, &v, &bias, scale)),
+            tol,
+        );
+    }
+}
+
+#[test]
+fn recompute_label_logps_match_log_softmax_with_gradients() {
+    let dev = Device::Cpu;
+    let mut init = Tensor::randn(0f32, 3.0, (2, 5, 11), &dev).unwrap();
+    let mask = Tensor::new(
+        &[0f32, 0.0, -1e30, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        &dev,
+    )
+    .unwrap();
+    init = init.broadcast_add(&mask).unwrap();
+    let x = Var::from_tensor(&init).unwrap();
+    let targets = Tensor::new(&[[0u32, 3, 10, 7, 7], [1, 2, 9, 4, 0]], &dev).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (2, 5), &dev).unwrap();
+    let rec = recompute::label_logps(&x, &targets).unwrap();
+    let comp = candle_nn::ops::log_softmax(&x, D::Minus1)
+        .unwrap()
+        .gather(&targets.unsqueeze(D::Minus1).unwrap(), D::Minus1)
+        .unwrap()
+        .squeeze(D::Minus1)
+        .unwrap();
+    close(&rec, &comp, 1e-5);
+    close_grads(rec, comp, &r, &[&x], 1e-4);
+    // Bad targets are refused, naming the culprit.
+    let beyond = Tensor::new(&[[0u32, 3, 11, 7, 7], [1, 2, 9, 4, 0]], &dev).unwrap();
+    let e = recompute::label_logps(&x, &beyond).unwrap_err().to_string();
+    assert!(
+        e.contains("target 11") && e.contains("vocabulary of 11"),
+        "{e}"
+    );
+    let short = Tensor::new(&[0u32, 1], &dev).unwrap();
+    let e = recompute::label_logps(&x, &short).unwrap_err().to_string();
+    assert!(e.contains("do not match"), "{e}");
 }

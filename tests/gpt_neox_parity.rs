@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use overopt::data::tokenizer::Tok;
+use overopt::model::OpPath;
 use overopt::model::generate::{SampleConfig, generate};
 use overopt::model::gpt_neox::{KvCache, position_ids_from_mask};
 use overopt::model::load;
@@ -64,6 +65,10 @@ fn fixture_model(name: &str) -> load::LoadedModel {
 
 const NAMES: [&str; 2] = ["parallel", "sequential"];
 
+/// The op paths of training: on the CPU in f32 the fused kernels, the recomputing ops (those
+/// of the CUDA path) and the composite of basic ops.
+const PATHS: [OpPath; 3] = [OpPath::Differentiable, OpPath::Recompute, OpPath::Composite];
+
 /// The parallel-residual HF fixture, loaded on the CPU in `dtype`.
 fn parallel_fixture(dtype: DType) -> load::LoadedModel {
     load::load(
@@ -123,10 +128,12 @@ fn fixture_batch(name: &str, lm: &load::LoadedModel) -> overopt::model::score::S
 
 #[test]
 fn summed_logps_and_gradients_match_hf() {
-    for name in NAMES {
-        let lm = fixture_model(name);
-        let exp = expected(name);
-        let batch = fixture_batch(name, &lm);
+    for (fx, path) in NAMES.iter().flat_map(|n| PATHS.map(|p| (*n, p))) {
+        let mut lm = fixture_model(fx);
+        lm.model = lm.model.with_op_path(path);
+        let name = format!("{fx} {path:?}");
+        let exp = expected(fx);
+        let batch = fixture_batch(fx, &lm);
         // The collated batch is the one HF scored.
         assert_eq!(
             batch
@@ -175,9 +182,11 @@ fn summed_logps_and_gradients_match_hf() {
 
 #[test]
 fn every_parameter_receives_a_gradient() {
-    for name in NAMES {
-        let lm = fixture_model(name);
-        let batch = fixture_batch(name, &lm);
+    for (fx, path) in NAMES.iter().flat_map(|n| PATHS.map(|p| (*n, p))) {
+        let mut lm = fixture_model(fx);
+        lm.model = lm.model.with_op_path(path);
+        let name = format!("{fx} {path:?}");
+        let batch = fixture_batch(fx, &lm);
         let loss = sequence_logps(&lm.model, &batch)
             .unwrap()
             .sum_all()
@@ -777,4 +786,62 @@ fn prefill_in_chunks_equals_one_pass() {
     // Bad input is still refused before anything runs.
     let bad: Vec<&[u32]> = vec![&[2, 3], &[]];
     assert!(Decoder::with_prefill_chunks(&lm.model, &bad, cap, 1).is_err());
+}
+
+/// The graph of the CUDA training path (bf16 autocast, f32 master weights), run on the CPU:
+/// the recomputing ops give the log-probs and gradients of the composite of basic ops, in the
+/// shared-prefix scoring of DPO's pairs, for both residual layouts.
+#[test]
+fn recompute_path_equals_composite_under_bf16_autocast() {
+    use overopt::model::score::shared_prefix_logps_via;
+    for name in NAMES {
+        let lm = fixture_model(name);
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 14, 3], vec![7, 2], vec![11, 12, 13, 4, 6, 8]];
+        let conts: Vec<(usize, Vec<u32>)> = vec![
+            (0, vec![21, 22, 23]),
+            (1, vec![30]),
+            (2, vec![40, 41, 42, 43, 44]),
+            (0, vec![50, 51]),
+            (1, vec![60, 61, 62, 63]),
+            (2, vec![70]),
+        ];
+        let p_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let r_refs: Vec<(usize, &[u32])> = conts.iter().map(|(i, c)| (*i, c.as_slice())).collect();
+        let w: Vec<f32> = (0..conts.len()).map(|r| 1.0 - 0.15 * r as f32).collect();
+        let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
+        let run = |path: OpPath| {
+            let model = lm
+                .model
+                .clone()
+                .with_compute_dtype(DType::BF16)
+                .with_op_path(path);
+            let (lp, _) =
+                shared_prefix_logps_via(&model, &p_refs, &r_refs, Some(0), 1, false).unwrap();
+            let grads = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (lp, grads)
+        };
+        let (lp_r, g_r) = run(OpPath::Recompute);
+        let (lp_c, g_c) = run(OpPath::Composite);
+        let d = max_abs_diff(&lp_r, &lp_c);
+        assert!(
+            d < 1e-3 * (1.0 + max_abs(&lp_c)),
+            "{name}: log-probs differ by {d}"
+        );
+        let vars = lm.varmap.data().lock().unwrap();
+        for (pname, var) in vars.iter() {
+            let a = g_r
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: {pname} has no gradient (recompute)"));
+            assert_eq!(a.dtype(), DType::F32, "{pname}: master gradient dtype");
+            let b = g_c.get(var.as_tensor()).unwrap();
+            let scale = max_abs(b);
+            let rel = max_abs_diff(a, b) / scale.max(1e-12);
+            // bf16 matmuls: one rounding of 2^-8 can flip between the two summation orders.
+            assert!(
+                rel < 2e-2,
+                "{name}: gradient of {pname} off by {rel} (max {scale})"
+            );
+            assert!(scale > 0.0, "{name}: {pname} has a zero gradient");
+        }
+    }
 }

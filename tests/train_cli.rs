@@ -99,3 +99,57 @@ fn sft_then_dpo_from_toml_configs() {
         "{e}"
     );
 }
+
+/// The P3 benchmark binary's CPU mode: one DPO step of a tiny model on each training op path
+/// (on the CPU the recomputing ops only with `--op-path recompute`), with the memory the
+/// forward pass left for the backward counted by its allocator; an unknown op path is a
+/// usage error (status 1) naming it.
+#[test]
+fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
+    let bench = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_overopt-gpu-bench"))
+            .arg("--tiny")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut kept = Vec::new();
+    for path in ["differentiable", "recompute", "composite"] {
+        let o = bench(&["--op-path", path]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{path}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let result = out.lines().find(|l| l.starts_with("RESULT ")).unwrap();
+        assert!(
+            result.contains("ok=1") && result.ends_with(&format!("op_path={path}")),
+            "{result}"
+        );
+        let field = |k: &str| -> f64 {
+            let v = result
+                .split(' ')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")));
+            v.unwrap_or_else(|| panic!("{k} missing: {result}"))
+                .parse()
+                .unwrap()
+        };
+        assert!(
+            field("loss").is_finite() && field("step_s") > 0.0,
+            "{result}"
+        );
+        kept.push(field("graph_gib"));
+    }
+    // The composite graph keeps every intermediate; the recomputing ops keep less.
+    assert!(kept.iter().all(|&k| k > 0.0), "{kept:?}");
+    assert!(
+        kept[1] < kept[2],
+        "recompute {} vs composite {}",
+        kept[1],
+        kept[2]
+    );
+    let o = bench(&["--op-path", "flash"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown op path \"flash\""));
+}

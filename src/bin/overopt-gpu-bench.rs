@@ -20,12 +20,14 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, Optimizer, VarBuilder, VarMap};
 use clap::Parser;
 use overopt::data::PrefExample;
-use overopt::model::{GptNeoX, GptNeoXConfig};
+use overopt::model::{GptNeoX, GptNeoXConfig, OpPath};
 use overopt::train::SpecialTokens;
 use overopt::train::daa::{DaaConfig, ReferenceSource, daa_micro};
 use overopt::train::loss::Objective;
 use overopt::train::optim::{RmsProp, RmsPropConfig};
 use rand::{Rng, SeedableRng};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
@@ -55,6 +57,17 @@ struct Args {
     /// Shorthand for `--cpu --shape tiny --batch 2 --seq 32 --warmup 1 --steps 2`.
     #[arg(long)]
     tiny: bool,
+    /// Fewer (or more) layers than the shape has, e.g. to measure one layer's memory on the CPU.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Another vocabulary size than the shape's (e.g. to leave the head out of a CPU measurement).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Op path of the training graph: differentiable (the default: on CUDA the recomputing
+    /// attention, layer norm and log-probs), recompute, or composite (basic ops only, every
+    /// intermediate kept: the graph before the recomputing ops, for an A/B in one run).
+    #[arg(long, default_value = "differentiable")]
+    op_path: String,
     /// Peak dense bf16 throughput of the accelerator in TFLOP/s (H200 SXM: 989).
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -72,8 +85,9 @@ fn shape(name: &str) -> Result<(usize, usize, usize, usize, usize)> {
     })
 }
 
-fn config(name: &str) -> Result<GptNeoXConfig> {
-    let (h, l, nh, inter, vocab) = shape(name)?;
+fn config(name: &str, layers: Option<usize>, vocab: Option<usize>) -> Result<GptNeoXConfig> {
+    let (h, l, nh, inter, v) = shape(name)?;
+    let (l, vocab) = (layers.unwrap_or(l), vocab.unwrap_or(v));
     let text = format!(
         r#"{{"model_type":"gpt_neox","vocab_size":{vocab},"hidden_size":{h},
         "num_hidden_layers":{l},"num_attention_heads":{nh},"intermediate_size":{inter},
@@ -168,7 +182,62 @@ impl SimpleBackend for TiledInit {
     }
 }
 
-/// Device memory in use (total - free), in bytes; None on the CPU.
+/// The process's heap in use and its peak, counted by the global allocator: on the CPU the
+/// memory of tensors exactly (candle's CPU storage is heap vectors), whatever the machine.
+struct CountingAlloc {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+#[global_allocator]
+static HEAP: CountingAlloc = CountingAlloc {
+    now: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+};
+
+impl CountingAlloc {
+    fn add(&self, n: usize) {
+        let now = self.now.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the counters only
+// observe the sizes.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            self.add(l.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            self.add(l.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        self.now.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            self.now.fetch_sub(l.size(), Ordering::Relaxed);
+            self.add(new);
+        }
+        q
+    }
+}
+
+/// Memory in use, in bytes: on a CUDA device the device's (total - free), on the CPU the
+/// process's heap.
 #[allow(unused_variables)]
 fn mem_used(dev: &Device) -> Option<usize> {
     #[cfg(feature = "cuda")]
@@ -180,15 +249,20 @@ fn mem_used(dev: &Device) -> Option<usize> {
             .ok()
             .map(|(free, total)| total - free);
     }
-    None
+    dev.is_cpu().then(|| HEAP.now.load(Ordering::Relaxed))
 }
 
+/// The peak of [`mem_used`]: sampled between phases on a CUDA device, every allocation counted
+/// on the CPU.
 struct Peak(usize);
 
 impl Peak {
     fn sample(&mut self, dev: &Device) {
         if let Some(u) = mem_used(dev) {
             self.0 = self.0.max(u);
+        }
+        if dev.is_cpu() {
+            self.0 = self.0.max(HEAP.peak.load(Ordering::Relaxed));
         }
     }
 }
@@ -211,7 +285,8 @@ fn device(cpu: bool) -> Result<Device> {
 
 fn run(a: &Args) -> Result<()> {
     let dev = device(a.cpu)?;
-    let cfg = config(&a.shape)?;
+    let cfg = config(&a.shape, a.layers, a.vocab)?;
+    let op_path = OpPath::parse(&a.op_path)?;
     let compute = match a.autocast.as_str() {
         "bf16" => DType::BF16,
         "off" | "f32" => DType::F32,
@@ -226,7 +301,9 @@ fn run(a: &Args) -> Result<()> {
     let init = TiledInit::new(&dev, 1)?;
     let map = init.map.clone();
     let vb = VarBuilder::from_backend(Box::new(init), DType::F32, dev.clone());
-    let model = GptNeoX::new(&cfg, vb)?.with_compute_dtype(compute);
+    let model = GptNeoX::new(&cfg, vb)?
+        .with_compute_dtype(compute)
+        .with_op_path(op_path);
     let vars: Vec<Var> = overopt::sorted_vars(&map)
         .into_iter()
         .map(|(_, v)| v)
@@ -286,10 +363,12 @@ fn run(a: &Args) -> Result<()> {
         * a.seq as f64
         * tokens_per_step as f64;
     println!(
-        "overopt-gpu-bench: shape {} ({} params, {} excl. input embedding), device {}, autocast {:?}, batch {} pairs x seq {} = {} tokens/step",
+        "overopt-gpu-bench: shape {} ({} layers, {} params, {} excl. input embedding), op path {:?}, device {}, autocast {:?}, batch {} pairs x seq {} = {} tokens/step",
         a.shape,
+        cfg.num_hidden_layers,
         n_params,
         n_matmul,
+        op_path,
         if a.cpu { "cpu" } else { "cuda:0" },
         compute,
         a.batch,
@@ -301,8 +380,10 @@ fn run(a: &Args) -> Result<()> {
     let total = a.warmup + a.steps;
     let (mut t_fwd, mut t_bwd, mut t_opt, mut t_step) = (0.0, 0.0, 0.0, 0.0);
     let mut last_loss = f64::NAN;
+    let mut graph_bytes = 0usize;
     for s in 0..total {
         dev.synchronize()?;
+        let before = mem_used(&dev);
         let t0 = Instant::now();
         let out = daa_micro(
             &model,
@@ -315,6 +396,10 @@ fn run(a: &Args) -> Result<()> {
         dev.synchronize()?;
         peak.sample(&dev);
         let t1 = Instant::now();
+        // What the forward pass left allocated: the activations the graph keeps for backward.
+        if let (Some(b), Some(a)) = (before, mem_used(&dev)) {
+            graph_bytes = graph_bytes.max(a.saturating_sub(b));
+        }
         let grads = out.loss.backward()?;
         dev.synchronize()?;
         peak.sample(&dev);
@@ -377,14 +462,28 @@ fn run(a: &Args) -> Result<()> {
         "FLOPs/step = 6*N*T = 6 * {n_matmul} * {tokens_per_step} = {:.3e} (+ attention 12*L*d*s*T = {:.3e}); {:.1} TFLOP/s; MFU {:.4} of {} TFLOP/s ({:.4} incl. attention)",
         flops_6nt, flops_attn, tflops, mfu, a.peak_tflops, mfu_attn
     );
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     println!(
-        "device memory in use: peak {} GiB (before the model: {:.2} GiB)",
+        "{} memory in use: peak {} GiB (before the model: {:.2} GiB); kept by the graph after the forward pass: {:.3} GiB",
+        if a.cpu { "heap" } else { "device" },
         peak_gib,
-        base as f64 / (1u64 << 30) as f64
+        gib(base),
+        gib(graph_bytes)
     );
     println!(
-        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} loss={:.4}",
-        a.shape, a.batch, a.seq, step_s, ex_s, tflops, mfu, mfu_attn, peak_gib, last_loss
+        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} loss={:.4} op_path={}",
+        a.shape,
+        a.batch,
+        a.seq,
+        step_s,
+        ex_s,
+        tflops,
+        mfu,
+        mfu_attn,
+        peak_gib,
+        gib(graph_bytes),
+        last_loss,
+        a.op_path
     );
     Ok(())
 }
@@ -412,12 +511,13 @@ fn main() {
             .take(160)
             .collect();
         println!(
-            "RESULT impl=overopt shape={} ok=0 oom={} error={}",
+            "RESULT impl=overopt shape={} ok=0 oom={} error={} op_path={}",
             a.shape,
             u8::from(oom),
-            one_line
+            one_line,
+            a.op_path
         );
-        let usage = ["no CUDA", "no usable CUDA", "unknown --"]
+        let usage = ["no CUDA", "no usable CUDA", "unknown --", "unknown op path"]
             .iter()
             .any(|m| msg.contains(m));
         std::process::exit(if usage { 1 } else { 2 });

@@ -3,17 +3,24 @@
 //! Parameter names follow Hugging Face transformers (`gpt_neox.layers.N.attention.query_key_value`
 //! ...), so HF safetensors load directly and checkpoints written here load in transformers.
 //!
-//! Two op paths compute the same function:
-//! - [`OpPath::Differentiable`] (the default): layer norm, softmax and rotary embeddings are
-//!   written with basic candle ops, all of which have a backward pass;
+//! The op paths compute the same function:
+//! - [`OpPath::Differentiable`] (the default): every op has a backward pass. On the CPU in f32
+//!   layer norm and the masked attention softmax are the single-pass kernels of
+//!   [`super::fused`]; elsewhere (CUDA, other dtypes) layer norm and the attention are the
+//!   ops of [`super::recompute`], which keep only their inputs and output in candle's graph and
+//!   recompute the rest in the backward pass.
+//! - [`OpPath::Recompute`]: the [`super::recompute`] ops on every device (to test and measure
+//!   them on the CPU).
+//! - [`OpPath::Composite`]: layer norm, softmax and log-softmax written with basic candle ops,
+//!   all of which have a backward pass and all of whose intermediates candle's graph keeps (the
+//!   plain reference the other two are compared with).
 //! - [`OpPath::Fused`]: candle's fused `layer_norm` and `softmax_last_dim` kernels, faster for
 //!   sampling and scoring but WITHOUT a backward pass (gradients would silently stop). Only
 //!   inference copies of a model ([`GptNeoX::inference_copy`]) use it.
 //!
-//! On the CPU in f32 the differentiable path uses the layer norm and the masked attention
-//! softmax of [`super::fused`], single-pass kernels that do have a backward pass; both paths
-//! use its QKV split with the rotary embedding, its bias add and its bias + GELU there (same
-//! function as the composite ops, fewer graph nodes and temporaries).
+//! On the CPU in f32 every path uses [`super::fused`]'s QKV split with the rotary embedding,
+//! its bias add and its bias + GELU (same function as the composite ops, fewer graph nodes and
+//! temporaries).
 
 use super::config::GptNeoXConfig;
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
@@ -23,7 +30,33 @@ use candle_nn::{Embedding, Init, Linear, VarBuilder};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpPath {
     Differentiable,
+    Recompute,
+    Composite,
     Fused,
+}
+
+impl OpPath {
+    /// Parse `differentiable`, `recompute`, `composite` or `fused`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "differentiable" => Self::Differentiable,
+            "recompute" => Self::Recompute,
+            "composite" => Self::Composite,
+            "fused" => Self::Fused,
+            s => candle_core::bail!(
+                "unknown op path {s:?}: expected differentiable, recompute, composite or fused"
+            ),
+        })
+    }
+
+    /// Whether a training op uses [`super::recompute`] for tensors `ts` (see the module docs).
+    fn recomputes(self, ts: &[&Tensor]) -> bool {
+        match self {
+            Self::Recompute => true,
+            Self::Differentiable => !super::fused::usable(ts),
+            Self::Composite | Self::Fused => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -45,7 +78,10 @@ impl LayerNorm {
             OpPath::Differentiable if super::fused::usable(&[x, &self.weight, &self.bias]) => {
                 super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
             }
-            OpPath::Differentiable => {
+            OpPath::Differentiable | OpPath::Recompute => {
+                super::recompute::layer_norm(x, &self.weight, &self.bias, self.eps)
+            }
+            OpPath::Composite => {
                 // Statistics in f32 whatever the model dtype, as torch does for half types.
                 let dtype = x.dtype();
                 let x = x.to_dtype(DType::F32)?;
@@ -119,6 +155,19 @@ fn linear_autocast(l: &Linear, x: &Tensor, cd: DType) -> Result<Tensor> {
     let w = l.weight().to_dtype(cd)?;
     let b = l.bias().map(|b| b.to_dtype(cd)).transpose()?;
     Linear::new(w, b).forward(&x.to_dtype(cd)?)
+}
+
+/// `l` with its weight and bias cast to the autocast dtype `compute` (a differentiable cast), for
+/// a forward pass that applies `l` more than once: every call then shares one cast, where
+/// [`linear_autocast`] would cast (and candle's graph keep) a copy of the weights per call.
+fn cast_linear(l: &Linear, compute: Option<DType>) -> Result<Linear> {
+    match compute {
+        Some(cd) if cd != l.weight().dtype() => Ok(Linear::new(
+            l.weight().to_dtype(cd)?,
+            l.bias().map(|b| b.to_dtype(cd)).transpose()?,
+        )),
+        _ => Ok(l.clone()),
+    }
 }
 
 /// `x @ weight^T + bias` of a `Linear`. With an autocast dtype, [`linear_autocast`]. On the
@@ -389,6 +438,8 @@ impl Attention {
         let out = if path == OpPath::Fused && super::fused::usable(&[q, k, v, bias]) {
             // Inference on the CPU: one pass per (row, head), reading the cache in place.
             super::fused::attention_inference(q, k, v, bias, scale)?
+        } else if !strided_keys && path.recomputes(&[q, k, v, bias]) {
+            super::recompute::attention(q, k, v, bias, scale)?
         } else {
             self.attention_probs_v(q, k, v, bias, path, strided_keys, scale)?
         };
@@ -424,7 +475,7 @@ impl Attention {
             OpPath::Differentiable if super::fused::usable(&[&raw, bias]) => {
                 super::fused::masked_softmax(&raw, bias, scale)?
             }
-            OpPath::Differentiable => {
+            OpPath::Differentiable | OpPath::Recompute | OpPath::Composite => {
                 candle_nn::ops::softmax(&(raw * scale)?.broadcast_add(bias)?, D::Minus1)?
             }
             OpPath::Fused => {
@@ -559,6 +610,18 @@ impl Layer {
                 .to_dtype(dt)?;
             h + mlp
         }
+    }
+
+    /// The layer with its linear layers cast to the autocast dtype once ([`cast_linear`]), for
+    /// [`Layer::forward_shared`], which applies each of them to two streams.
+    fn cast_linears(&self, compute: Option<DType>) -> Result<Self> {
+        let mut l = self.clone();
+        let a = &mut l.attention;
+        a.query_key_value = cast_linear(&a.query_key_value, compute)?;
+        a.dense = cast_linear(&a.dense, compute)?;
+        l.mlp.dense_h_to_4h = cast_linear(&l.mlp.dense_h_to_4h, compute)?;
+        l.mlp.dense_4h_to_h = cast_linear(&l.mlp.dense_4h_to_h, compute)?;
+        Ok(l)
     }
 
     /// The layer over a prompt stream `xp` (n, Pm, hidden) and a response stream `xr`
@@ -893,8 +956,13 @@ impl GptNeoX {
 
     /// Final layer norm and output projection: logits of hidden states `x` (.., hidden).
     fn head(&self, x: &Tensor) -> Result<Tensor> {
+        self.head_with(&self.embed_out, x)
+    }
+
+    /// [`GptNeoX::head`] with the output projection `embed_out` (e.g. cast once).
+    fn head_with(&self, embed_out: &Linear, x: &Tensor) -> Result<Tensor> {
         let x = self.final_layer_norm.forward(x, self.path)?;
-        linear_fwd(&self.embed_out, &x, self.compute_dtype)
+        linear_fwd(embed_out, &x, self.compute_dtype)
     }
 
     /// Logits at the last position only, (b, vocab): cheaper output projection for sampling.
@@ -1020,7 +1088,7 @@ impl GptNeoX {
             .embed_in
             .forward(&Tensor::from_vec(ids, (m, rm), dev)?)?;
         for layer in &self.layers {
-            (xp, xr) = layer.forward_shared(
+            (xp, xr) = layer.cast_linears(self.compute_dtype)?.forward_shared(
                 &xp,
                 &xr,
                 &rows,
@@ -1034,6 +1102,10 @@ impl GptNeoX {
         let hidden = xp
             .reshape((n * pm, self.cfg.hidden_size))?
             .index_select(&last, 0)?;
-        Ok((self.head(&hidden)?, Some(self.head(&xr)?)))
+        let embed_out = cast_linear(&self.embed_out, self.compute_dtype)?;
+        Ok((
+            self.head_with(&embed_out, &hidden)?,
+            Some(self.head_with(&embed_out, &xr)?),
+        ))
     }
 }

@@ -43,6 +43,10 @@ pub fn usable(model: &GptNeoX) -> bool {
         && model.device().is_cpu()
         && model.dtype() == DType::F32
         && model.compute_dtype() == DType::F32
+        && matches!(
+            model.op_path(),
+            super::OpPath::Differentiable | super::OpPath::Fused
+        )
 }
 
 /// Summed log-probs (m,) of `responses` (prompt index, tokens to score: the response with its

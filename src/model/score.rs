@@ -4,7 +4,7 @@
 //! the log-prob of token t+1 is read at position t (shift by one); prompt tokens and padding
 //! are masked, so only response tokens (and the appended EOS) are scored.
 
-use super::gpt_neox::GptNeoX;
+use super::gpt_neox::{GptNeoX, OpPath};
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 
@@ -106,23 +106,32 @@ pub fn collate(
 pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
     let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None)?;
     let t = logits.dim(1)?;
-    let logp = log_softmax_f32(&logits.narrow(1, 0, t - 1)?)?;
-    let picked = logp
-        .gather(
-            &batch.targets.unsqueeze(D::Minus1)?.contiguous()?,
-            D::Minus1,
-        )?
-        .squeeze(D::Minus1)?;
+    let picked = label_logps(
+        &logits.narrow(1, 0, t - 1)?,
+        &batch.targets,
+        model.op_path(),
+    )?;
     Ok(picked.mul(&batch.label_mask)?)
 }
 
-/// Log-softmax over the last dimension, in f32 (logits are cast first).
-fn log_softmax_f32(logits: &Tensor) -> Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
-    Ok(if super::fused::usable(&[&logits]) {
-        super::fused::log_softmax_last(&logits)?
-    } else {
-        candle_nn::ops::log_softmax(&logits, D::Minus1)?
+/// Log-probs of `targets` (.., u32) under `logits` (.., vocab): log_softmax over the vocabulary
+/// in f32 (logits are cast first), read at the targets, (..) f32. On the CPU in f32 (except on
+/// [`OpPath::Composite`] and [`OpPath::Recompute`]) with [`super::fused`]'s log-softmax;
+/// composite ops on [`OpPath::Composite`]; elsewhere [`super::recompute::label_logps`], whose
+/// graph node keeps the logits only.
+fn label_logps(logits: &Tensor, targets: &Tensor, path: OpPath) -> Result<Tensor> {
+    let pick = |logp: Tensor| -> Result<Tensor> {
+        Ok(logp
+            .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
+            .squeeze(D::Minus1)?)
+    };
+    let f32_logits = || logits.to_dtype(DType::F32);
+    Ok(match path {
+        OpPath::Composite => pick(candle_nn::ops::log_softmax(&f32_logits()?, D::Minus1)?)?,
+        OpPath::Differentiable | OpPath::Fused if super::fused::usable(&[&f32_logits()?]) => {
+            pick(super::fused::log_softmax_last(&f32_logits()?)?)?
+        }
+        _ => super::recompute::label_logps(logits, targets)?,
     })
 }
 
@@ -197,11 +206,9 @@ pub fn shared_prefix_logps_via(
         m,
         dev,
     )?;
-    let first_tok = Tensor::from_vec(full.iter().map(|s| s[0]).collect::<Vec<_>>(), (m, 1), dev)?;
-    let mut total = log_softmax_f32(&first_logits)?
-        .index_select(&rows, 0)?
-        .gather(&first_tok, 1)?
-        .squeeze(1)?;
+    let first_tok = Tensor::from_vec(full.iter().map(|s| s[0]).collect::<Vec<_>>(), m, dev)?;
+    let path = model.op_path();
+    let mut total = label_logps(&first_logits.index_select(&rows, 0)?, &first_tok, path)?;
     if let Some(rest) = rest_logits {
         let rm = rest.dim(1)?;
         let mut targets = vec![pad_id; m * rm];
@@ -212,10 +219,8 @@ pub fn shared_prefix_logps_via(
                 mask[r * rm + j] = 1.0;
             }
         }
-        let targets = Tensor::from_vec(targets, (m, rm, 1), dev)?;
-        let picked = log_softmax_f32(&rest)?
-            .gather(&targets, D::Minus1)?
-            .squeeze(D::Minus1)?;
+        let targets = Tensor::from_vec(targets, (m, rm), dev)?;
+        let picked = label_logps(&rest, &targets, path)?;
         let mask = Tensor::from_vec(mask, (m, rm), dev)?;
         total = (total + picked.mul(&mask)?.sum(1)?)?;
     }

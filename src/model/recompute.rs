@@ -1,0 +1,330 @@
+//! Ops of the training graph whose backward pass recomputes what it needs, on any device.
+//!
+//! candle's autograd keeps every intermediate tensor of a composite op until the whole
+//! backward pass is over (its sorted node list holds them all). On the CUDA path, which has
+//! neither [`super::fused`]'s CPU kernels nor [`super::hand`], that is most of the memory of
+//! a training step: per layer and attention call, the scores in the compute dtype, their f32
+//! copy, the scaled and masked scores, the softmax's shifted scores, exponentials and
+//! probabilities, and their cast back; per layer norm, about eight copies of the residual
+//! stream; at the head, several f32 copies of the logits (batch x tokens x vocab).
+//!
+//! Each op here runs its forward pass on detached inputs (so candle's fast kernels without a
+//! backward, `softmax_last_dim` and `layer_norm`, may be used and every temporary is freed at
+//! once) and enters candle's graph as one custom op that keeps only its inputs and output.
+//! Its backward pass recomputes the few intermediates it needs (the attention probabilities,
+//! the normalized rows, the softmax over the vocabulary) from the inputs, with candle ops, so
+//! it runs on whatever device the tensors are on. This is what PyTorch's fused attention and
+//! `torch.autograd.Function` with recomputation do.
+//!
+//! The model uses them on [`super::OpPath::Differentiable`] wherever the fused CPU kernels do
+//! not apply (CUDA, or dtypes other than f32), and everywhere on [`super::OpPath::Recompute`];
+//! [`super::OpPath::Composite`] keeps the plain composition of basic ops, to compare with.
+//! tests/fused_ops.rs compares values and gradients with that composition, op by op, and
+//! tests/gpt_neox_parity.rs the whole model (with HF's gradients, and under bf16 autocast).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, D, DType, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor,
+};
+use std::sync::{Arc, Mutex};
+
+/// Gradients of the inputs from (detached inputs, detached output gradient).
+type Backward = dyn Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+
+/// The graph node of a recomputed op: the output computed outside the graph (handed over
+/// once, when candle runs the op's forward) and the backward function.
+struct Recomputed {
+    name: &'static str,
+    out: Mutex<Option<Tensor>>,
+    bwd: Box<Backward>,
+}
+
+impl Recomputed {
+    fn take(&self) -> Result<Tensor> {
+        let mut out = self.out.lock().map_err(|_| {
+            candle_core::Error::Msg(format!("{}: a forward pass panicked", self.name))
+        })?;
+        out.take().ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: forward pass run twice", self.name))
+        })
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let out = self.take()?;
+        let (s, l) = out.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("{}: output is not on the CPU", self.name),
+        }
+    }
+
+    fn cuda(&self) -> Result<(CudaStorage, Shape)> {
+        let out = self.take()?;
+        let (s, l) = out.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("{}: output is not on a CUDA device", self.name),
+        }
+    }
+
+    fn grads(&self, args: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let args: Vec<Tensor> = args.iter().map(|t| t.detach()).collect();
+        let g = (self.bwd)(&args, &grad.detach())?;
+        if g.len() != args.len() {
+            candle_core::bail!(
+                "{}: backward gave {} gradients for {} inputs",
+                self.name,
+                g.len(),
+                args.len()
+            );
+        }
+        for (i, (g, a)) in g.iter().zip(&args).enumerate() {
+            if let Some(g) = g {
+                if g.dims() != a.dims() || g.dtype() != a.dtype() {
+                    candle_core::bail!(
+                        "{}: gradient of input {i} is {:?} {:?}, the input {:?} {:?}",
+                        self.name,
+                        g.dims(),
+                        g.dtype(),
+                        a.dims(),
+                        a.dtype()
+                    );
+                }
+            }
+        }
+        Ok(g)
+    }
+}
+
+impl CustomOp1 for Recomputed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda()
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        candle_core::bail!("{}: no metal support", self.name)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.grads(&[arg], grad)?.pop().flatten())
+    }
+}
+
+impl CustomOp3 for Recomputed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut g = self.grads(&[a, b, c], grad)?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
+    }
+}
+
+/// `fwd` of one or three `inputs`, computed on detached copies, as one node of candle's graph
+/// whose backward is `bwd(detached inputs, output gradient)`. When no input is tracked the
+/// output is returned as it is (no node).
+fn with_backward(
+    name: &'static str,
+    inputs: &[&Tensor],
+    fwd: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+    bwd: impl Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+    let out = fwd(&detached)?;
+    if !inputs.iter().any(|t| t.track_op()) {
+        return Ok(out);
+    }
+    // The node's output is a copy of the whole storage: make it exactly the output's values.
+    let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
+        out
+    } else {
+        out.force_contiguous()?
+    };
+    let op = Recomputed {
+        name,
+        out: Mutex::new(Some(out)),
+        bwd: Box::new(bwd),
+    };
+    match inputs {
+        [a] => a.apply_op1_arc(Arc::new(Box::new(op))),
+        [a, b, c] => a.apply_op3_arc(b, c, Arc::new(Box::new(op))),
+        _ => candle_core::bail!("{name}: takes one or three inputs, got {}", inputs.len()),
+    }
+}
+
+/// The attention probabilities softmax(q k^T * scale + bias) in f32, (b, h, t, t_k).
+fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let raw = q
+        .contiguous()?
+        .matmul(&k.t()?.contiguous()?)?
+        .to_dtype(DType::F32)?;
+    candle_nn::ops::softmax_last_dim(&raw.affine(scale, 0.0)?.broadcast_add(bias)?)
+}
+
+/// softmax(q k^T * scale + bias) v for queries `q` (b, h, t, hs) over keys and values
+/// (b, h, t_k, hs), with the additive f32 `bias` (b, 1, t, t_k) (a constant: no gradient).
+/// The matmuls run in the dtype of `q`, `k`, `v`; the scores and softmax in f32, as in the
+/// composite. The graph keeps q, k, v and the output; the backward pass recomputes the
+/// probabilities.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let bias_b = bias.detach();
+    with_backward(
+        "recompute-attention",
+        &[q, k, v],
+        |a| {
+            probs(&a[0], &a[1], bias, scale)?
+                .to_dtype(a[2].dtype())?
+                .matmul(&a[2].contiguous()?)
+        },
+        move |a, g| {
+            let (q, k, v) = (&a[0], &a[1], &a[2]);
+            let g = g.contiguous()?;
+            let p = probs(q, k, &bias_b, scale)?;
+            let dv = p.to_dtype(v.dtype())?.t()?.contiguous()?.matmul(&g)?;
+            let dp = g.matmul(&v.t()?.contiguous()?)?.to_dtype(DType::F32)?;
+            // Softmax backward: p * (dp - sum_k p dp).
+            let dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+            let ds = (p * dp.broadcast_sub(&dot)?)?
+                .affine(scale, 0.0)?
+                .to_dtype(q.dtype())?;
+            let dq = ds.matmul(&k.contiguous()?)?;
+            let dk = ds.t()?.contiguous()?.matmul(&q.contiguous()?)?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
+        },
+    )
+}
+
+/// Layer norm over the last dimension of `x` with `weight` and `bias` (the dtype of `x`),
+/// statistics in f32. The graph keeps x, weight, bias and the output; the backward pass
+/// recomputes the normalized rows.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    with_backward(
+        "recompute-layer-norm",
+        &[x, weight, bias],
+        |a| {
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            candle_nn::ops::layer_norm(
+                &f(&a[0])?.contiguous()?,
+                &f(&a[1])?,
+                &f(&a[2])?,
+                eps as f32,
+            )?
+            .to_dtype(a[0].dtype())
+        },
+        move |a, g| {
+            let (x, w, b) = (&a[0], &a[1], &a[2]);
+            let n = x.dim(D::Minus1)?;
+            let rows = x.elem_count() / n.max(1);
+            let x32 = x.to_dtype(DType::F32)?;
+            let g32 = g.to_dtype(DType::F32)?;
+            let mean = (x32.sum_keepdim(D::Minus1)? / n as f64)?;
+            let xc = x32.broadcast_sub(&mean)?;
+            let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n as f64)?;
+            let rstd = (var + eps)?.sqrt()?.recip()?;
+            let xhat = xc.broadcast_mul(&rstd)?;
+            let gw = g32.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+            let mean_gw = (gw.sum_keepdim(D::Minus1)? / n as f64)?;
+            let mean_gwx = ((&gw * &xhat)?.sum_keepdim(D::Minus1)? / n as f64)?;
+            let dx = (gw.broadcast_sub(&mean_gw)? - xhat.broadcast_mul(&mean_gwx)?)?
+                .broadcast_mul(&rstd)?
+                .to_dtype(x.dtype())?;
+            let dw = (&g32 * &xhat)?.reshape((rows, n))?.sum(0)?;
+            let db = g32.reshape((rows, n))?.sum(0)?;
+            Ok(vec![
+                Some(dx),
+                Some(dw.to_dtype(w.dtype())?),
+                Some(db.to_dtype(b.dtype())?),
+            ])
+        },
+    )
+}
+
+/// Log-probabilities of `targets` (.., u32) under `logits` (.., vocab): log_softmax in f32,
+/// picked at the targets, (..) f32. The graph keeps the logits only; the backward pass
+/// recomputes the softmax over the vocabulary.
+pub fn label_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let vocab = logits.dim(D::Minus1)?;
+    if targets.dims() != &logits.dims()[..logits.rank() - 1] {
+        candle_core::bail!(
+            "label log-probs: targets {:?} do not match logits {:?}",
+            targets.dims(),
+            logits.dims()
+        );
+    }
+    if let Some(&bad) = targets
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .iter()
+        .find(|&&t| t as usize >= vocab)
+    {
+        candle_core::bail!("label log-probs: target {bad} is beyond the vocabulary of {vocab}");
+    }
+    let idx = targets.unsqueeze(D::Minus1)?.contiguous()?;
+    let idx_b = idx.clone();
+    with_backward(
+        "recompute-label-logps",
+        &[logits],
+        |a| {
+            let x = a[0].to_dtype(DType::F32)?.contiguous()?;
+            let max = x.max_keepdim(D::Minus1)?;
+            let lse = (x
+                .broadcast_sub(&max)?
+                .exp()?
+                .sum_keepdim(D::Minus1)?
+                .log()?
+                + max)?;
+            (x.gather(&idx, D::Minus1)? - lse)?.squeeze(D::Minus1)
+        },
+        move |a, g| {
+            let x = a[0].to_dtype(DType::F32)?.contiguous()?;
+            let p = candle_nn::ops::softmax_last_dim(&x)?;
+            let g1 = g.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.contiguous()?;
+            // d/dx of x[t] - logsumexp(x) is onehot(t) - softmax(x).
+            let d = p
+                .broadcast_mul(&g1.neg()?)?
+                .scatter_add(&idx_b, &g1, D::Minus1)?;
+            Ok(vec![Some(d.to_dtype(a[0].dtype())?)])
+        },
+    )
+}
