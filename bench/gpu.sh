@@ -10,7 +10,8 @@
 #    then the same with `--op-path composite` (basic ops only, every intermediate kept), an A/B.
 # 3. bench/gpu_torch.py: the same step in PyTorch eager (transformers GPTNeoXForCausalLM or its own
 #    module), then larger Pythia shapes one step each until one does not fit.
-# 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b), one step each, while time is left.
+# 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b) with activation checkpointing,
+#    one step each, while time is left.
 # 5. A side-by-side summary; the last two lines are `P3 ratio=...` and `P3 mfu=...`.
 #
 # Peak memory: nvidia-smi's memory.used sampled every 200 ms during each part (the whole device),
@@ -100,14 +101,16 @@ run_part overopt-1b-composite "$(cap 60)" "$BIN" --shape 1b --batch 16 --seq 512
 # Part 2: PyTorch, same step, then the larger shapes.
 run_part torch "$(cap 140)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
   --warmup 2 --steps 4 --fit --fit-budget-s 75
-# Part 3: overopt on larger shapes, one step each, until one fails or time runs out.
+# Part 3: overopt on larger shapes with activation checkpointing per layer (--checkpoint; the
+# graph keeps one residual stream per layer), one step each, until one fails or time runs out.
 if grep -q 'RESULT impl=overopt shape=1b ok=1' "$LOG/overopt-1b.log"; then
   for s in 1.4b 2.8b 6.9b; do
     if [ "$(left)" -lt 45 ]; then
       echo "RESULT impl=overopt shape=$s ok=0 oom=0 error=skipped_time_budget" | tee "$LOG/overopt-$s.log"
       break
     fi
-    run_part "overopt-$s" "$(cap 75)" "$BIN" --shape "$s" --batch 16 --seq 512 --warmup 0 --steps 1
+    run_part "overopt-$s" "$(cap 75)" "$BIN" --shape "$s" --batch 16 --seq 512 --warmup 0 --steps 1 \
+      --checkpoint
     grep -q "RESULT impl=overopt shape=$s ok=1" "$LOG/overopt-$s.log" || break
   done
 fi
@@ -151,7 +154,8 @@ def largest(impl):
 for impl in ["overopt", "torch"]:
     tried = [f"{s}:{'ok' if get(impl, s).get('ok') == '1' else get(impl, s).get('error', 'oom' if get(impl, s).get('oom') == '1' else 'failed')}"
              for s in ["1b", "1.4b", "2.8b", "6.9b"] if get(impl, s)]
-    print(f"fit {impl}: largest={largest(impl)} ({', '.join(tried)})")
+    note = " (1.4b and up with activation checkpointing)" if impl == "overopt" else ""
+    print(f"fit {impl}: largest={largest(impl)} ({', '.join(tried)}){note}")
 print(f"P3 fit overopt={largest('overopt')} torch={largest('torch')}")
 try:
     ratio = f"{float(o['examples_per_s']) / float(t['examples_per_s']):.4f}"

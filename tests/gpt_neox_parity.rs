@@ -66,8 +66,14 @@ fn fixture_model(name: &str) -> load::LoadedModel {
 const NAMES: [&str; 2] = ["parallel", "sequential"];
 
 /// The op paths of training: on the CPU in f32 the fused kernels, the recomputing ops (those
-/// of the CUDA path) and the composite of basic ops.
-const PATHS: [OpPath; 3] = [OpPath::Differentiable, OpPath::Recompute, OpPath::Composite];
+/// of the CUDA path) and the composite of basic ops; with activation checkpointing (candle's
+/// graph, each layer recomputed in the backward pass) or without.
+const PATHS: [(OpPath, bool); 4] = [
+    (OpPath::Differentiable, false),
+    (OpPath::Recompute, false),
+    (OpPath::Composite, false),
+    (OpPath::Differentiable, true),
+];
 
 /// The parallel-residual HF fixture, loaded on the CPU in `dtype`.
 fn parallel_fixture(dtype: DType) -> load::LoadedModel {
@@ -128,10 +134,10 @@ fn fixture_batch(name: &str, lm: &load::LoadedModel) -> overopt::model::score::S
 
 #[test]
 fn summed_logps_and_gradients_match_hf() {
-    for (fx, path) in NAMES.iter().flat_map(|n| PATHS.map(|p| (*n, p))) {
+    for (fx, (path, ckpt)) in NAMES.iter().flat_map(|n| PATHS.map(|p| (*n, p))) {
         let mut lm = fixture_model(fx);
-        lm.model = lm.model.with_op_path(path);
-        let name = format!("{fx} {path:?}");
+        lm.model = lm.model.with_op_path(path).with_checkpointing(ckpt);
+        let name = format!("{fx} {path:?} checkpointing={ckpt}");
         let exp = expected(fx);
         let batch = fixture_batch(fx, &lm);
         // The collated batch is the one HF scored.
@@ -149,7 +155,7 @@ fn summed_logps_and_gradients_match_hf() {
         assert!(d < 1e-4, "{name}: summed log-probs differ by {d}");
 
         let loss = (lp * &exp["loss_weights"]).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = lm.model.backward(&loss).unwrap();
         let vars = lm.varmap.data().lock().unwrap();
         let mut checked = 0;
         for (k, want) in &exp {
@@ -182,16 +188,16 @@ fn summed_logps_and_gradients_match_hf() {
 
 #[test]
 fn every_parameter_receives_a_gradient() {
-    for (fx, path) in NAMES.iter().flat_map(|n| PATHS.map(|p| (*n, p))) {
+    for (fx, (path, ckpt)) in NAMES.iter().flat_map(|n| PATHS.map(|p| (*n, p))) {
         let mut lm = fixture_model(fx);
-        lm.model = lm.model.with_op_path(path);
-        let name = format!("{fx} {path:?}");
+        lm.model = lm.model.with_op_path(path).with_checkpointing(ckpt);
+        let name = format!("{fx} {path:?} checkpointing={ckpt}");
         let batch = fixture_batch(fx, &lm);
         let loss = sequence_logps(&lm.model, &batch)
             .unwrap()
             .sum_all()
             .unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = lm.model.backward(&loss).unwrap();
         let vars = lm.varmap.data().lock().unwrap();
         assert_eq!(vars.len(), 4 + 12 * 2);
         for (pname, var) in vars.iter() {
@@ -788,27 +794,63 @@ fn prefill_in_chunks_equals_one_pass() {
     assert!(Decoder::with_prefill_chunks(&lm.model, &bad, cap, 1).is_err());
 }
 
+/// Three prompts and responses to them (prompt index, tokens) for shared-prefix scoring.
+fn prompts_and_responses() -> (Vec<Vec<u32>>, Vec<(usize, Vec<u32>)>) {
+    let prompts = vec![vec![5, 9, 14, 3], vec![7, 2], vec![11, 12, 13, 4, 6, 8]];
+    let conts = vec![
+        (0, vec![21, 22, 23]),
+        (1, vec![30]),
+        (2, vec![40, 41, 42, 43, 44]),
+        (0, vec![50, 51]),
+        (1, vec![60, 61, 62, 63]),
+        (2, vec![70]),
+    ];
+    (prompts, conts)
+}
+
+/// Every parameter of `lm` has a non-zero gradient in `a` and `b`, equal within `tol` relative
+/// to the largest of `b`, in f32 (the master weights' dtype).
+fn assert_close_grads(
+    tag: &str,
+    lm: &load::LoadedModel,
+    a: &candle_core::backprop::GradStore,
+    b: &candle_core::backprop::GradStore,
+    tol: f32,
+) {
+    let vars = lm.varmap.data().lock().unwrap();
+    for (pname, var) in vars.iter() {
+        let ga = a
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{tag}: {pname} has no gradient"));
+        assert_eq!(
+            ga.dtype(),
+            DType::F32,
+            "{tag}: {pname}: master gradient dtype"
+        );
+        let gb = b.get(var.as_tensor()).unwrap();
+        let scale = max_abs(gb);
+        let rel = max_abs_diff(ga, gb) / scale.max(1e-12);
+        assert!(
+            rel <= tol,
+            "{tag}: gradient of {pname} off by {rel} (max {scale})"
+        );
+        assert!(scale > 0.0, "{tag}: {pname} has a zero gradient");
+    }
+}
+
 /// The graph of the CUDA training path (bf16 autocast, f32 master weights), run on the CPU:
 /// the recomputing ops give the log-probs and gradients of the composite of basic ops, in the
 /// shared-prefix scoring of DPO's pairs, for both residual layouts.
 #[test]
 fn recompute_path_equals_composite_under_bf16_autocast() {
     use overopt::model::score::shared_prefix_logps_via;
+    let (prompts, conts) = prompts_and_responses();
+    let p_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let r_refs: Vec<(usize, &[u32])> = conts.iter().map(|(i, c)| (*i, c.as_slice())).collect();
+    let w: Vec<f32> = (0..conts.len()).map(|r| 1.0 - 0.15 * r as f32).collect();
+    let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
     for name in NAMES {
         let lm = fixture_model(name);
-        let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 14, 3], vec![7, 2], vec![11, 12, 13, 4, 6, 8]];
-        let conts: Vec<(usize, Vec<u32>)> = vec![
-            (0, vec![21, 22, 23]),
-            (1, vec![30]),
-            (2, vec![40, 41, 42, 43, 44]),
-            (0, vec![50, 51]),
-            (1, vec![60, 61, 62, 63]),
-            (2, vec![70]),
-        ];
-        let p_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
-        let r_refs: Vec<(usize, &[u32])> = conts.iter().map(|(i, c)| (*i, c.as_slice())).collect();
-        let w: Vec<f32> = (0..conts.len()).map(|r| 1.0 - 0.15 * r as f32).collect();
-        let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
         let run = |path: OpPath| {
             let model = lm
                 .model
@@ -827,21 +869,79 @@ fn recompute_path_equals_composite_under_bf16_autocast() {
             d < 1e-3 * (1.0 + max_abs(&lp_c)),
             "{name}: log-probs differ by {d}"
         );
-        let vars = lm.varmap.data().lock().unwrap();
-        for (pname, var) in vars.iter() {
-            let a = g_r
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: {pname} has no gradient (recompute)"));
-            assert_eq!(a.dtype(), DType::F32, "{pname}: master gradient dtype");
-            let b = g_c.get(var.as_tensor()).unwrap();
-            let scale = max_abs(b);
-            let rel = max_abs_diff(a, b) / scale.max(1e-12);
-            // bf16 matmuls: one rounding of 2^-8 can flip between the two summation orders.
-            assert!(
-                rel < 2e-2,
-                "{name}: gradient of {pname} off by {rel} (max {scale})"
-            );
-            assert!(scale > 0.0, "{name}: {pname} has a zero gradient");
+        // bf16 matmuls: one rounding of 2^-8 can flip between the two summation orders.
+        assert_close_grads(name, &lm, &g_r, &g_c, 2e-2);
+    }
+}
+
+/// Activation checkpointing gives the log-probs and gradients of the same graph without it
+/// (the backward pass recomputes each layer with the same kernels): full rows
+/// (`GptNeoX::forward`) and shared-prefix scoring, f32 and bf16 autocast, both residual
+/// layouts. The graph keeps far less: measured by `overopt-gpu-bench` (tests/train_cli.rs).
+#[test]
+fn checkpointing_gives_the_values_and_gradients_of_the_plain_graph() {
+    use overopt::model::score::shared_prefix_logps_via;
+    let (prompts, conts) = prompts_and_responses();
+    let p_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let r_refs: Vec<(usize, &[u32])> = conts.iter().map(|(i, c)| (*i, c.as_slice())).collect();
+    let full_p: Vec<&[u32]> = conts.iter().map(|(i, _)| prompts[*i].as_slice()).collect();
+    let full_r: Vec<&[u32]> = conts.iter().map(|(_, c)| c.as_slice()).collect();
+    let batch = collate(&full_p, &full_r, Some(0), 1, &Device::Cpu).unwrap();
+    let w: Vec<f32> = (0..conts.len()).map(|r| 1.0 - 0.2 * r as f32).collect();
+    let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
+    for name in NAMES {
+        let lm = fixture_model(name);
+        for (compute, tol) in [(DType::F32, 1e-6f32), (DType::BF16, 1e-6)] {
+            for shared in [true, false] {
+                let run = |ckpt: bool| {
+                    let model = lm
+                        .model
+                        .clone()
+                        .with_compute_dtype(compute)
+                        .with_op_path(OpPath::Recompute)
+                        .with_checkpointing(ckpt);
+                    let lp = if shared {
+                        shared_prefix_logps_via(&model, &p_refs, &r_refs, Some(0), 1, false)
+                            .unwrap()
+                            .0
+                    } else {
+                        sequence_logps(&model, &batch).unwrap()
+                    };
+                    let grads = model
+                        .backward(&(&lp * &w).unwrap().sum_all().unwrap())
+                        .unwrap();
+                    (lp, grads)
+                };
+                let tag = format!("{name} {compute:?} shared={shared}");
+                let (lp_c, g_c) = run(true);
+                let (lp_p, g_p) = run(false);
+                let d = max_abs_diff(&lp_c, &lp_p);
+                assert!(
+                    d <= tol * (1.0 + max_abs(&lp_p)),
+                    "{tag}: log-probs differ by {d}"
+                );
+                assert_close_grads(&tag, &lm, &g_c, &g_p, tol);
+            }
         }
     }
+}
+
+/// With checkpointing, `loss.backward()` alone leaves the layers' parameters without
+/// gradients (they travel aside to `GptNeoX::backward`); the next forward pass then refuses to
+/// run, saying what to call instead, and `GptNeoX::backward` recovers.
+#[test]
+fn checkpointing_refuses_to_lose_gradients() {
+    let lm = fixture_model("parallel");
+    let model = lm.model.clone().with_checkpointing(true);
+    let batch = fixture_batch("parallel", &lm);
+    let loss = sequence_logps(&model, &batch).unwrap().sum_all().unwrap();
+    let plain = loss.backward().unwrap();
+    let vars = lm.varmap.data().lock().unwrap();
+    let qkv = &vars["gpt_neox.layers.0.attention.query_key_value.weight"];
+    assert!(plain.get(qkv.as_tensor()).is_none());
+    let e = sequence_logps(&model, &batch).unwrap_err().to_string();
+    assert!(e.contains("GptNeoX::backward"), "{e}");
+    let grads = model.backward(&loss).unwrap();
+    assert!(grads.get(qkv.as_tensor()).is_some());
+    assert!(sequence_logps(&model, &batch).is_ok());
 }

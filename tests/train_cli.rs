@@ -85,6 +85,29 @@ fn sft_then_dpo_from_toml_configs() {
     assert!((first["loss"].as_f64().unwrap() - 2f64.ln()).abs() < 1e-4);
     // The reference log-probs were cached beside the run.
     assert_eq!(std::fs::read_dir(p.join("ref-cache")).unwrap().count(), 1);
+    // The same run with bf16 autocast and activation checkpointing (candle's graph, each layer
+    // recomputed in the backward pass): it trains, from the same start.
+    let ckpt_cfg = daa_cfg.replace("/dpo\"", "/dpo-ckpt\"").replace(
+        "[data]",
+        "autocast = \"bf16\"\ncheckpoint_layers = true\n[data]",
+    );
+    std::fs::write(p.join("dpo-ckpt.toml"), &ckpt_cfg).unwrap();
+    let o = run(&["daa", "--config", p.join("dpo-ckpt.toml").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = std::fs::read_to_string(p.join("dpo-ckpt/metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let loss0 = steps[0]["loss"].as_f64().unwrap();
+    assert!(
+        (loss0 - 2f64.ln()).abs() < 2e-2,
+        "bf16 policy vs f32 reference: {loss0}"
+    );
+    assert!(
+        steps.iter().all(|m| m["grad_norm"].as_f64().unwrap() > 0.0),
+        "{log}"
+    );
     // An unknown key is named.
     std::fs::write(
         p.join("bad.toml"),
@@ -101,9 +124,9 @@ fn sft_then_dpo_from_toml_configs() {
 }
 
 /// The P3 benchmark binary's CPU mode: one DPO step of a tiny model on each training op path
-/// (on the CPU the recomputing ops only with `--op-path recompute`), with the memory the
-/// forward pass left for the backward counted by its allocator; an unknown op path is a
-/// usage error (status 1) naming it.
+/// (on the CPU the recomputing ops only with `--op-path recompute`) and with activation
+/// checkpointing, with the memory the forward pass left for the backward counted by its
+/// allocator; an unknown op path is a usage error (status 1) naming it.
 #[test]
 fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
     let bench = |args: &[&str]| {
@@ -114,8 +137,14 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
             .unwrap()
     };
     let mut kept = Vec::new();
-    for path in ["differentiable", "recompute", "composite"] {
-        let o = bench(&["--op-path", path]);
+    for (path, ckpt) in [
+        ("differentiable", false),
+        ("recompute", false),
+        ("composite", false),
+        ("differentiable", true),
+    ] {
+        let args = ["--op-path", path, "--checkpoint"];
+        let o = bench(&args[..if ckpt { 3 } else { 2 }]);
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(
             o.status.success(),
@@ -124,7 +153,7 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
         );
         let result = out.lines().find(|l| l.starts_with("RESULT ")).unwrap();
         assert!(
-            result.contains("ok=1") && result.ends_with(&format!("op_path={path}")),
+            result.contains("ok=1") && result.contains(&format!(" op_path={path} ")),
             "{result}"
         );
         let field = |k: &str| -> f64 {
@@ -148,6 +177,12 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
         "recompute {} vs composite {}",
         kept[1],
         kept[2]
+    );
+    assert!(
+        kept[3] < kept[0],
+        "checkpointing {} vs not {}",
+        kept[3],
+        kept[0]
     );
     let o = bench(&["--op-path", "flash"]);
     assert_eq!(o.status.code(), Some(1));

@@ -68,6 +68,10 @@ struct Args {
     /// intermediate kept: the graph before the recomputing ops, for an A/B in one run).
     #[arg(long, default_value = "differentiable")]
     op_path: String,
+    /// Activation checkpointing per layer (each layer's forward pass runs again in the backward
+    /// pass; the graph keeps one residual stream per layer).
+    #[arg(long)]
+    checkpoint: bool,
     /// Peak dense bf16 throughput of the accelerator in TFLOP/s (H200 SXM: 989).
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -303,7 +307,8 @@ fn run(a: &Args) -> Result<()> {
     let vb = VarBuilder::from_backend(Box::new(init), DType::F32, dev.clone());
     let model = GptNeoX::new(&cfg, vb)?
         .with_compute_dtype(compute)
-        .with_op_path(op_path);
+        .with_op_path(op_path)
+        .with_checkpointing(a.checkpoint);
     let vars: Vec<Var> = overopt::sorted_vars(&map)
         .into_iter()
         .map(|(_, v)| v)
@@ -363,12 +368,17 @@ fn run(a: &Args) -> Result<()> {
         * a.seq as f64
         * tokens_per_step as f64;
     println!(
-        "overopt-gpu-bench: shape {} ({} layers, {} params, {} excl. input embedding), op path {:?}, device {}, autocast {:?}, batch {} pairs x seq {} = {} tokens/step",
+        "overopt-gpu-bench: shape {} ({} layers, {} params, {} excl. input embedding), op path {:?}{}, device {}, autocast {:?}, batch {} pairs x seq {} = {} tokens/step",
         a.shape,
         cfg.num_hidden_layers,
         n_params,
         n_matmul,
         op_path,
+        if a.checkpoint {
+            " with checkpointing"
+        } else {
+            ""
+        },
         if a.cpu { "cpu" } else { "cuda:0" },
         compute,
         a.batch,
@@ -400,7 +410,7 @@ fn run(a: &Args) -> Result<()> {
         if let (Some(b), Some(a)) = (before, mem_used(&dev)) {
             graph_bytes = graph_bytes.max(a.saturating_sub(b));
         }
-        let grads = out.loss.backward()?;
+        let grads = model.backward(&out.loss)?;
         dev.synchronize()?;
         peak.sample(&dev);
         let t2 = Instant::now();
@@ -471,7 +481,7 @@ fn run(a: &Args) -> Result<()> {
         gib(graph_bytes)
     );
     println!(
-        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} loss={:.4} op_path={}",
+        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} loss={:.4} op_path={} checkpoint={}",
         a.shape,
         a.batch,
         a.seq,
@@ -483,7 +493,8 @@ fn run(a: &Args) -> Result<()> {
         peak_gib,
         gib(graph_bytes),
         last_loss,
-        a.op_path
+        a.op_path,
+        u8::from(a.checkpoint)
     );
     Ok(())
 }
@@ -511,11 +522,12 @@ fn main() {
             .take(160)
             .collect();
         println!(
-            "RESULT impl=overopt shape={} ok=0 oom={} error={} op_path={}",
+            "RESULT impl=overopt shape={} ok=0 oom={} error={} op_path={} checkpoint={}",
             a.shape,
             u8::from(oom),
             one_line,
-            a.op_path
+            a.op_path,
+            u8::from(a.checkpoint)
         );
         let usage = ["no CUDA", "no usable CUDA", "unknown --", "unknown op path"]
             .iter()

@@ -29,6 +29,7 @@ fn load_model(spec: &ModelSpec) -> Result<(load::LoadedModel, Tok)> {
     if let Some(cd) = spec.autocast.dtype() {
         lm.model = lm.model.with_compute_dtype(cd);
     }
+    lm.model = lm.model.with_checkpointing(spec.checkpoint_layers);
     Ok((lm, tok))
 }
 

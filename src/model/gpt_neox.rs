@@ -537,6 +537,19 @@ impl Mlp {
     }
 }
 
+/// Tensors flattened and concatenated into one vector.
+fn pack(ts: &[Tensor]) -> Result<Tensor> {
+    let flat = ts
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&flat, 0)
+}
+
+/// Gradients of parameters of checkpointed layers, handed from the backward pass of each
+/// layer's node to [`GptNeoX::backward`] (see [`Layer::checkpointed`]).
+type Stash = std::sync::Arc<std::sync::Mutex<Vec<(Tensor, Tensor)>>>;
+
 #[derive(Debug, Clone)]
 struct Layer {
     input_layernorm: LayerNorm,
@@ -612,6 +625,106 @@ impl Layer {
         }
     }
 
+    /// Every parameter tensor of the layer.
+    fn params(&self) -> Vec<Tensor> {
+        let a = &self.attention;
+        let m = &self.mlp;
+        let mut out = vec![
+            self.input_layernorm.weight.clone(),
+            self.input_layernorm.bias.clone(),
+            self.post_attention_layernorm.weight.clone(),
+            self.post_attention_layernorm.bias.clone(),
+        ];
+        for l in [
+            &a.query_key_value,
+            &a.dense,
+            &m.dense_h_to_4h,
+            &m.dense_4h_to_h,
+        ] {
+            out.push(l.weight().clone());
+            out.extend(l.bias().cloned());
+        }
+        out
+    }
+
+    /// `f(self, x)` as one node of candle's graph that keeps only its input `x`: activation
+    /// checkpointing. The forward pass runs without a graph. The backward pass runs `f` again
+    /// with a graph of its own (over a copy of `x` and the layer's own parameters), and
+    /// backpropagates the output gradient through it: the gradient of `x` goes on through the
+    /// outer graph, the parameters' gradients into `stash`, which [`GptNeoX::backward`] adds
+    /// to the gradients of the outer backward pass (a custom op of candle's graph can only hand
+    /// gradients to its inputs, and a layer has twelve parameters).
+    fn checkpointed<F>(&self, x: &Tensor, stash: &Stash, f: F) -> Result<Tensor>
+    where
+        F: Fn(&Layer, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    {
+        let params = self.params();
+        if !x.track_op() && !params.iter().any(|t| t.track_op()) {
+            return f(self, x);
+        }
+        let f = std::sync::Arc::new(f);
+        let (f_bwd, layer, layer_bwd, stash) =
+            (f.clone(), self.clone(), self.clone(), stash.clone());
+        super::recompute::with_backward(
+            "checkpointed-layer",
+            &[x],
+            move |a| {
+                // Detached parameters: no graph in the forward pass.
+                let detached: Vec<Tensor> = layer.params().iter().map(|t| t.detach()).collect();
+                f(&layer.with_params(&detached)?, &a[0])
+            },
+            move |a, g| {
+                let x = candle_core::Var::from_tensor(&a[0])?;
+                let y = f_bwd(&layer_bwd, x.as_tensor())?;
+                let grads = (y * g)?.sum_all()?.backward()?;
+                let mut pending = stash.lock().map_err(|_| {
+                    candle_core::Error::Msg("checkpointed layer: gradient stash poisoned".into())
+                })?;
+                for p in params.iter().filter(|p| p.is_variable()) {
+                    if let Some(gp) = grads.get(p) {
+                        pending.push((p.clone(), gp.clone()));
+                    }
+                }
+                let dx = match grads.get(x.as_tensor()) {
+                    Some(d) => d.clone(),
+                    None => x.zeros_like()?,
+                };
+                Ok(vec![Some(dx)])
+            },
+        )
+    }
+
+    /// The layer with the parameter tensors `p`, in the order of [`Layer::params`].
+    fn with_params(&self, p: &[Tensor]) -> Result<Self> {
+        let mut out = self.clone();
+        let mut it = p.iter().cloned();
+        let mut next = || {
+            it.next()
+                .ok_or_else(|| candle_core::Error::Msg("layer parameters: too few".into()))
+        };
+        (out.input_layernorm.weight, out.input_layernorm.bias) = (next()?, next()?);
+        (
+            out.post_attention_layernorm.weight,
+            out.post_attention_layernorm.bias,
+        ) = (next()?, next()?);
+        let a = &mut out.attention;
+        let m = &mut out.mlp;
+        for l in [
+            &mut a.query_key_value,
+            &mut a.dense,
+            &mut m.dense_h_to_4h,
+            &mut m.dense_4h_to_h,
+        ] {
+            let w = next()?;
+            let b = match l.bias() {
+                Some(_) => Some(next()?),
+                None => None,
+            };
+            *l = Linear::new(w, b);
+        }
+        Ok(out)
+    }
+
     /// The layer with its linear layers cast to the autocast dtype once ([`cast_linear`]), for
     /// [`Layer::forward_shared`], which applies each of them to two streams.
     fn cast_linears(&self, compute: Option<DType>) -> Result<Self> {
@@ -670,6 +783,10 @@ pub struct GptNeoX {
     /// Autocast: the dtype of the matmuls when it differs from `dtype` (see
     /// [`GptNeoX::with_compute_dtype`]).
     compute_dtype: Option<DType>,
+    /// Activation checkpointing per layer (see [`GptNeoX::with_checkpointing`]).
+    checkpoint: bool,
+    /// Parameter gradients of checkpointed layers not yet collected by [`GptNeoX::backward`].
+    stash: Stash,
 }
 
 /// Additive attention bias (b, 1, q_len, k_len) in f32: 0 where a query may attend to a key,
@@ -754,6 +871,8 @@ impl GptNeoX {
             device: vb.device().clone(),
             dtype: vb.dtype(),
             compute_dtype: None,
+            checkpoint: false,
+            stash: Stash::default(),
         })
     }
 
@@ -784,6 +903,57 @@ impl GptNeoX {
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.compute_dtype = (dtype != self.dtype).then_some(dtype);
         self
+    }
+
+    /// Activation checkpointing: in a forward pass with a graph (no KV cache), each layer is
+    /// one node that keeps only its input and its parameters, and the backward pass runs the
+    /// layer's forward pass again, one layer at a time: the memory of a training step's
+    /// activations falls from every layer's intermediates to one residual stream per layer
+    /// plus one layer's intermediates, for about one more forward pass of compute. Values and
+    /// gradients are those without it.
+    pub fn with_checkpointing(mut self, on: bool) -> Self {
+        self.checkpoint = on;
+        self
+    }
+
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoint
+    }
+
+    /// The gradients of `loss`: `loss.backward()`, plus, with checkpointing, the gradients of
+    /// the checkpointed layers' parameters, which their nodes hand over aside (see
+    /// [`Layer::checkpointed`]). Use it instead of `loss.backward()` on a model that may be
+    /// checkpointed; the two are the same without checkpointing.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        self.stash_mut()?.clear();
+        let mut grads = loss.backward()?;
+        for (p, g) in self.stash_mut()?.drain(..) {
+            let sum = match grads.get(&p) {
+                Some(old) => (old + g)?,
+                None => g,
+            };
+            grads.insert(&p, sum);
+        }
+        Ok(grads)
+    }
+
+    fn stash_mut(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>>> {
+        self.stash.lock().map_err(|_| {
+            candle_core::Error::Msg("checkpointed layers: gradient stash poisoned".into())
+        })
+    }
+
+    /// With checkpointing, an error when the parameter gradients of an earlier backward pass
+    /// were never collected (`loss.backward()` called instead of [`GptNeoX::backward`]).
+    fn check_stash(&self) -> Result<()> {
+        if self.checkpoint && !self.stash_mut()?.is_empty() {
+            candle_core::bail!(
+                "checkpointed layers: the parameter gradients of an earlier backward pass were \
+                 never collected; with checkpointing use GptNeoX::backward(&loss), not \
+                 loss.backward()"
+            );
+        }
+        Ok(())
     }
 
     pub fn op_path(&self) -> OpPath {
@@ -927,8 +1097,23 @@ impl GptNeoX {
         }
         let compute = self.compute_dtype;
         let cos_sin = self.rotary_tables(position_ids)?;
+        if self.checkpoint && cache.is_none() {
+            self.check_stash()?;
+        }
         let mut x = self.embed_in.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
+            if self.checkpoint && cache.is_none() {
+                let (rot, cs, bias, path) = (
+                    self.rotary.clone(),
+                    cos_sin.clone(),
+                    bias.clone(),
+                    self.path,
+                );
+                x = layer.checkpointed(&x, &self.stash, move |l, x| {
+                    l.forward(x, &rot, &cs, &bias, None, path, compute)
+                })?;
+                continue;
+            }
             let lc = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.capacity));
             x = layer.forward(&x, &self.rotary, &cos_sin, bias, lc, self.path, compute)?;
         }
@@ -936,6 +1121,51 @@ impl GptNeoX {
         let logits = self.head(&x)?;
         debug_assert_eq!(logits.dim(0)?, b);
         Ok(logits)
+    }
+
+    /// The layers of [`GptNeoX::forward_shared_prefix`] over the prompt stream `xp` and the
+    /// response stream `xr`, each layer checkpointed ([`Layer::checkpointed`]): the two streams
+    /// travel packed in one vector, which is all the graph keeps per layer.
+    fn shared_layers_checkpointed(
+        &self,
+        xp: &Tensor,
+        xr: &Tensor,
+        rows: &Tensor,
+        cos_sin: (&(Tensor, Tensor), &(Tensor, Tensor)),
+        bias: (&Tensor, &Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (dp, dr) = (xp.dims().to_vec(), xr.dims().to_vec());
+        let np = xp.elem_count();
+        let split = move |x: &Tensor| -> Result<(Tensor, Tensor)> {
+            let n = x.elem_count();
+            Ok((
+                x.narrow(0, 0, np)?.reshape(dp.as_slice())?,
+                x.narrow(0, np, n - np)?.reshape(dr.as_slice())?,
+            ))
+        };
+        let mut x = pack(&[xp.clone(), xr.clone()])?;
+        for layer in &self.layers {
+            let (rows, rot) = (rows.clone(), self.rotary.clone());
+            let (cs_p, cs_r) = (cos_sin.0.clone(), cos_sin.1.clone());
+            let (bias_p, bias_r) = (bias.0.clone(), bias.1.clone());
+            let (path, compute) = (self.path, self.compute_dtype);
+            let split = split.clone();
+            x = layer.checkpointed(&x, &self.stash, move |l, x| {
+                let (xp, xr) = split(x)?;
+                let (yp, yr) = l.cast_linears(compute)?.forward_shared(
+                    &xp,
+                    &xr,
+                    &rows,
+                    &rot,
+                    (&cs_p, &cs_r),
+                    (&bias_p, &bias_r),
+                    path,
+                    compute,
+                )?;
+                pack(&[yp, yr])
+            })?;
+        }
+        split(&x)
     }
 
     /// The rotary tables at `position_ids`, in the matmuls' dtype.
@@ -1087,7 +1317,17 @@ impl GptNeoX {
         let mut xr = self
             .embed_in
             .forward(&Tensor::from_vec(ids, (m, rm), dev)?)?;
-        for layer in &self.layers {
+        if self.checkpoint {
+            self.check_stash()?;
+            (xp, xr) = self.shared_layers_checkpointed(
+                &xp,
+                &xr,
+                &rows,
+                (&cs_p, &cs_r),
+                (&bias_p, &bias_r),
+            )?;
+        }
+        for layer in self.layers.iter().filter(|_| !self.checkpoint) {
             (xp, xr) = layer.cast_linears(self.compute_dtype)?.forward_shared(
                 &xp,
                 &xr,

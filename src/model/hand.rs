@@ -35,7 +35,8 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// True when the hand-written path applies to `model`: f32 parameters on the CPU, no
-/// autocast, and neither `OVEROPT_NO_HAND` nor `OVEROPT_NO_FUSED` set.
+/// autocast, the default op path, no activation checkpointing (which is candle's graph's), and
+/// neither `OVEROPT_NO_HAND` nor `OVEROPT_NO_FUSED` set.
 pub fn usable(model: &GptNeoX) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     !*OFF.get_or_init(|| std::env::var_os("OVEROPT_NO_HAND").is_some())
@@ -47,6 +48,7 @@ pub fn usable(model: &GptNeoX) -> bool {
             model.op_path(),
             super::OpPath::Differentiable | super::OpPath::Fused
         )
+        && !model.checkpointing()
 }
 
 /// Summed log-probs (m,) of `responses` (prompt index, tokens to score: the response with its

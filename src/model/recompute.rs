@@ -164,7 +164,7 @@ impl CustomOp3 for Recomputed {
 /// `fwd` of one or three `inputs`, computed on detached copies, as one node of candle's graph
 /// whose backward is `bwd(detached inputs, output gradient)`. When no input is tracked the
 /// output is returned as it is (no node).
-fn with_backward(
+pub(crate) fn with_backward(
     name: &'static str,
     inputs: &[&Tensor],
     fwd: impl FnOnce(&[Tensor]) -> Result<Tensor>,

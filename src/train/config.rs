@@ -28,6 +28,12 @@ pub struct ModelSpec {
     /// [`crate::model::GptNeoX::with_compute_dtype`]); `"off"` (the default) does not.
     #[serde(default)]
     pub autocast: Autocast,
+    /// Activation checkpointing per layer (see [`crate::model::GptNeoX::with_checkpointing`]):
+    /// the training step keeps one residual stream per layer instead of every layer's
+    /// intermediates, for about one more forward pass of compute. For models whose activations
+    /// do not fit; off by default (and not written out when off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checkpoint_layers: bool,
 }
 
 /// The `autocast` setting of a model; unknown names are rejected by serde with the list of
@@ -141,8 +147,23 @@ beta = 0.1
         assert_eq!(c.daa.unwrap().beta, 0.1);
         assert_eq!(c.model.autocast.dtype(), Some(DType::BF16));
         assert_eq!(c.reference, None);
+        assert!(!c.model.checkpoint_layers);
         let off = RunConfig::from_toml(&CFG.replace("autocast = \"bf16\"\n", ""), "c.toml");
         assert_eq!(off.unwrap().model.autocast, Autocast::Off);
+        let ck = CFG.replace(
+            "autocast = \"bf16\"",
+            "autocast = \"bf16\"\ncheckpoint_layers = true",
+        );
+        let ck = RunConfig::from_toml(&ck, "c.toml").unwrap();
+        assert!(ck.model.checkpoint_layers);
+        // Off is the default and is not written out (run records of earlier runs stay the same).
+        let written = serde_json::to_string(&c.model).unwrap();
+        assert!(!written.contains("checkpoint"), "{written}");
+        assert!(
+            serde_json::to_string(&ck.model)
+                .unwrap()
+                .contains("\"checkpoint_layers\":true")
+        );
         let bad = CFG.replace("autocast = \"bf16\"", "autocast = \"fp8\"");
         let e = format!("{:#}", RunConfig::from_toml(&bad, "c.toml").unwrap_err());
         assert!(

@@ -249,7 +249,7 @@ pub fn run_epoch(
                 );
             }
             loss_sum += lv;
-            let grads = (out.loss / accn as f64)?.backward()?;
+            let grads = policy.model.backward(&(out.loss / accn as f64)?)?;
             accum.add(&grads)?;
             for (k, v) in out.metrics {
                 match msum.iter_mut().find(|(n, _)| *n == k) {
