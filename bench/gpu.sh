@@ -6,13 +6,14 @@
 # 1. LD_LIBRARY_PATH from the CUDA libraries of PyTorch's pip packages (site-packages/nvidia/*/lib);
 #    when they lack libcurand.so.10 the stub in bench/bin/curand-stub is used (the bench never
 #    draws device random numbers). The driver's libcuda.so.1 comes from the system.
-# 2. overopt-gpu-bench: DPO step of Pythia-1B shape, batch 16 pairs x 512 tokens, bf16 autocast;
-#    then the same with `--op-path composite` (basic ops only, every intermediate kept), an A/B.
+# 2. overopt-gpu-bench: DPO step of Pythia-1B shape, batch 16 pairs x 512 tokens, bf16 autocast.
 # 3. bench/gpu_torch.py: the same step in PyTorch eager (transformers GPTNeoXForCausalLM or its own
 #    module), then larger Pythia shapes one step each until one does not fit.
 # 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b) with activation checkpointing,
 #    one step each, while time is left.
-# 5. A side-by-side summary; the last two lines are `P3 ratio=...` and `P3 mfu=...`.
+# 5. When time is left, the 1B step with `--op-path composite` (basic ops only, every
+#    intermediate kept), an A/B of the recomputing ops.
+# 6. A side-by-side summary; the last two lines are `P3 ratio=...` and `P3 mfu=...`.
 #
 # Peak memory: nvidia-smi's memory.used sampled every 200 ms during each part (the whole device),
 # and what each side reports itself. Logs go to $OUT/p3 (or /tmp/p3). Whole run: under 6 minutes.
@@ -94,10 +95,6 @@ cap() { # min($1, time left)
 
 # Part 1: overopt, Pythia-1B shape.
 run_part overopt-1b "$(cap 130)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 2 --steps 4
-# Part 1b: the same with the graph of basic ops only (every intermediate kept), the path the
-# CUDA step took before the recomputing attention, layer norm and log-probs: an A/B in one run.
-run_part overopt-1b-composite "$(cap 60)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 1 \
-  --steps 2 --op-path composite
 # Part 2: PyTorch, same step, then the larger shapes.
 run_part torch "$(cap 140)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
   --warmup 2 --steps 4 --fit --fit-budget-s 75
@@ -113,6 +110,14 @@ if grep -q 'RESULT impl=overopt shape=1b ok=1' "$LOG/overopt-1b.log"; then
       --checkpoint
     grep -q "RESULT impl=overopt shape=$s ok=1" "$LOG/overopt-$s.log" || break
   done
+fi
+
+# Part 4: the 1B step with the graph of basic ops only (every intermediate kept), the path the
+# CUDA step took before the recomputing attention, layer norm and log-probs: an A/B in one run,
+# when time is left.
+if [ "$(left)" -ge 45 ]; then
+  run_part overopt-1b-composite "$(cap 60)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 1 \
+    --steps 2 --op-path composite
 fi
 
 echo "== summary (after $(elapsed)s)"
