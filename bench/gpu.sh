@@ -7,6 +7,8 @@
 #    when they lack libcurand.so.10 the stub in bench/bin/curand-stub is used (the bench never
 #    draws device random numbers). The driver's libcuda.so.1 comes from the system.
 # 2. overopt-gpu-bench: DPO step of Pythia-1B shape, batch 16 pairs x 512 tokens, bf16 autocast.
+#    Then the step's parts (matmul, linear layers, MLP, attention, layer norm, head with the
+#    log-probs, an add) timed one by one on both sides (`--components`).
 # 3. bench/gpu_torch.py: the same step in PyTorch eager (transformers GPTNeoXForCausalLM or its own
 #    module), then larger Pythia shapes one step each until one does not fit.
 # 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b) with activation checkpointing,
@@ -95,6 +97,10 @@ cap() { # min($1, time left)
 
 # Part 1: overopt, Pythia-1B shape.
 run_part overopt-1b "$(cap 130)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 2 --steps 4
+# Part 1c: the step's parts timed one by one on both sides (where the time goes).
+run_part components-overopt "$(cap 35)" "$BIN" --shape 1b --batch 16 --seq 512 --steps 4 --components
+run_part components-torch "$(cap 35)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
+  --steps 4 --components
 # Part 2: PyTorch, same step, then the larger shapes.
 run_part torch "$(cap 140)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
   --warmup 2 --steps 4 --fit --fit-budget-s 75
@@ -121,16 +127,32 @@ if [ "$(left)" -ge 45 ]; then
 fi
 
 echo "== summary (after $(elapsed)s)"
-cat "$LOG"/*.log | grep -E '^(RESULT|SMI) ' >"$LOG/results.txt"
+cat "$LOG"/*.log | grep -E '^(RESULT|SMI|COMPONENT) ' >"$LOG/results.txt"
 "$PY" - "$LOG/results.txt" <<'EOF'
 import sys
-rows, smi = [], {}
+rows, smi, comps = [], {}, {}
 for line in open(sys.argv[1]):
     kv = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
     if line.startswith("RESULT"):
         rows.append(kv)
+    elif line.startswith("COMPONENT"):
+        comps.setdefault(kv.get("name"), {})[kv.get("impl")] = kv
     else:
         smi[kv.get("part")] = kv.get("smi_peak_gib", "na")
+if comps:
+    print("components (ms; TFLOP/s or GB/s), overopt vs torch, and torch's time over overopt's:")
+    for name, by in comps.items():
+        o_, t_ = by.get("overopt", {}), by.get("torch", {})
+        def cell(c):
+            if not c:
+                return "na"
+            rate = c["tflops"] + " TF/s" if float(c.get("tflops", 0)) > 0 else c.get("gbps", "0") + " GB/s"
+            return f"{c['ms']} ms ({rate})"
+        try:
+            r = f"{float(t_['ms']) / float(o_['ms']):.2f}"
+        except (KeyError, ValueError, ZeroDivisionError):
+            r = "na"
+        print(f"  {name:22}{cell(o_):>26}{cell(t_):>26}   ratio {r}")
 def get(impl, shape, op_path=None):
     for r in rows:
         if r.get("impl") == impl and r.get("shape") == shape and r.get("op_path") == op_path:

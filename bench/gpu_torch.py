@@ -218,6 +218,90 @@ def run(shape, args, device, impl, steps, warmup):
     return True
 
 
+def components(args, device):
+    """The parts of the step timed one by one, at the shapes of `overopt-gpu-bench --components`
+    (the same token rows, attention and head shapes): lines `COMPONENT impl=torch name=... ms=...`."""
+    h, _, nh, inter, vocab = SHAPES[args.shape]
+    hs = h // nh
+    q_len, k_len = args.seq // 2, args.seq
+    rows = 2 * args.batch
+    t = args.batch * q_len + rows * q_len
+    t_resp = rows * q_len
+    use_cuda = device.startswith("cuda")
+    amp = torch.autocast(device_type="cuda" if use_cuda else "cpu", dtype=torch.bfloat16)
+    reps = max(args.steps, 1)
+    torch.manual_seed(0)
+
+    def var(*shape):
+        return (torch.randn(*shape, device=device) * 0.02).requires_grad_()
+
+    def timed(f):
+        f()
+        if use_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        if use_cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps
+
+    def report(name, sec, flops=0.0, nbytes=0.0):
+        print(f"COMPONENT impl=torch name={name} ms={sec * 1e3:.3f} tflops={flops / sec / 1e12:.2f} "
+              f"gbps={nbytes / sec / 1e9:.1f}", flush=True)
+
+    print(f"torch --components: shape {args.shape}, T = {t} token rows, attention {rows} x {nh} heads x "
+          f"{q_len} queries x {k_len} keys, autocast bf16, device {device}, {reps} reps each", flush=True)
+    x = var(t, h)
+    w4 = var(inter, h)
+    xb, wb = x.detach().bfloat16(), w4.detach().bfloat16().t()
+    report("matmul_T_h_4h", timed(lambda: xb @ wb), 2.0 * t * h * inter)
+    wqkv, bqkv = var(3 * h, h), var(3 * h)
+
+    def lin_qkv():
+        with amp:
+            y = F.linear(x, wqkv, bqkv)
+        y.float().sum().backward()
+
+    report("linear_qkv_fwd_bwd", timed(lin_qkv), 6.0 * t * h * 3 * h)
+    b4, wd, bd = var(inter), var(h, inter), var(h)
+
+    def mlp():
+        with amp:
+            y = F.linear(F.gelu(F.linear(x, w4, b4)), wd, bd)
+        y.float().sum().backward()
+
+    report("mlp_fwd_bwd", timed(mlp), 6.0 * 2 * t * h * inter)
+    q = var(rows, nh, q_len, hs).detach().bfloat16().requires_grad_()
+    k = var(rows, nh, k_len, hs).detach().bfloat16().requires_grad_()
+    v = var(rows, nh, k_len, hs).detach().bfloat16().requires_grad_()
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+    def attn():
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y.float().sum().backward()
+
+    report("attention_fwd_bwd", timed(attn), 3.0 * 4.0 * rows * nh * q_len * k_len * hs)
+    lw, lb = var(h), var(h)
+
+    def ln():
+        F.layer_norm(x, (h,), lw, lb, 1e-5).sum().backward()
+
+    report("layer_norm_fwd_bwd", timed(ln), 0.0, 5.0 * t * h * 4)
+    xr, w_out = var(t_resp, h), var(vocab, h)
+    targets = (torch.arange(t_resp, device=device) * 7919) % vocab
+
+    def head():
+        with amp:
+            logits = F.linear(xr, w_out)
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1))
+        lp.sum().backward()
+
+    report("head_logps_fwd_bwd", timed(head), 6.0 * t_resp * h * vocab)
+    y = x.detach() + 1.0
+    report("add_f32_T_h", timed(lambda: x.detach() + y), 0.0, 3.0 * t * h * 4)
+
+
 def free(device):
     gc.collect()
     if device.startswith("cuda"):
@@ -238,6 +322,8 @@ def main():
     ap.add_argument("--fit", action="store_true", help="then try larger shapes, one step each")
     ap.add_argument("--fit-budget-s", type=float, default=120.0, help="stop starting fit tries after this")
     ap.add_argument("--tiny", action="store_true", help="--device cpu --shape tiny --batch 2 --seq 32")
+    ap.add_argument("--components", action="store_true",
+                    help="time the step's parts one by one (as overopt-gpu-bench --components)")
     args = ap.parse_args()
     if args.tiny:
         args.device, args.shape, args.batch, args.seq, args.warmup, args.steps = "cpu", "tiny", 2, 32, 1, 2
@@ -256,6 +342,9 @@ def main():
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         print(f"device: {torch.cuda.get_device_name(0)}", flush=True)
+    if args.components:
+        components(args, args.device)
+        return
     start = time.perf_counter()
     shapes = [args.shape]
     if args.fit:

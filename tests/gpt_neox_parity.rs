@@ -794,8 +794,11 @@ fn prefill_in_chunks_equals_one_pass() {
     assert!(Decoder::with_prefill_chunks(&lm.model, &bad, cap, 1).is_err());
 }
 
-/// Three prompts and responses to them (prompt index, tokens) for shared-prefix scoring.
-fn prompts_and_responses() -> (Vec<Vec<u32>>, Vec<(usize, Vec<u32>)>) {
+/// Responses as (prompt index, tokens).
+type Responses = Vec<(usize, Vec<u32>)>;
+
+/// Three prompts and responses to them for shared-prefix scoring.
+fn prompts_and_responses() -> (Vec<Vec<u32>>, Responses) {
     let prompts = vec![vec![5, 9, 14, 3], vec![7, 2], vec![11, 12, 13, 4, 6, 8]];
     let conts = vec![
         (0, vec![21, 22, 23]),

@@ -126,7 +126,8 @@ fn sft_then_dpo_from_toml_configs() {
 /// The P3 benchmark binary's CPU mode: one DPO step of a tiny model on each training op path
 /// (on the CPU the recomputing ops only with `--op-path recompute`) and with activation
 /// checkpointing, with the memory the forward pass left for the backward counted by its
-/// allocator; an unknown op path is a usage error (status 1) naming it.
+/// allocator; its `--components` timings; an unknown op path is a usage error (status 1)
+/// naming it.
 #[test]
 fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
     let bench = |args: &[&str]| {
@@ -184,6 +185,28 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
         kept[3],
         kept[0]
     );
+    // The step's parts, one by one.
+    let o = bench(&["--components"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let parts: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("COMPONENT impl=overopt "))
+        .collect();
+    assert_eq!(parts.len(), 7, "{out}");
+    for l in parts {
+        let ms: f64 = l
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix("ms="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ms > 0.0, "{l}");
+    }
     let o = bench(&["--op-path", "flash"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown op path \"flash\""));

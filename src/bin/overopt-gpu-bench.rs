@@ -54,6 +54,12 @@ struct Args {
     /// Run on the CPU (for tests; the MFU then means nothing).
     #[arg(long)]
     cpu: bool,
+    /// Instead of the training step, time its components one by one at the step's shapes
+    /// (a bf16 matmul, the linear layers and the MLP with their backward passes, the attention,
+    /// layer norm, the head with the label log-probs, an elementwise add): where the step's
+    /// time goes. `--steps` repetitions each, after one untimed.
+    #[arg(long)]
+    components: bool,
     /// Shorthand for `--cpu --shape tiny --batch 2 --seq 32 --warmup 1 --steps 2`.
     #[arg(long)]
     tiny: bool,
@@ -299,6 +305,9 @@ fn run(a: &Args) -> Result<()> {
     if a.seq < 4 || a.seq > cfg.max_position_embeddings {
         bail!("--seq must be in 4..={}", cfg.max_position_embeddings);
     }
+    if a.components {
+        return components(a, &dev, &cfg, compute);
+    }
     let mut peak = Peak(0);
     let base = mem_used(&dev).unwrap_or(0);
     let t_init = Instant::now();
@@ -496,6 +505,150 @@ fn run(a: &Args) -> Result<()> {
         a.op_path,
         u8::from(a.checkpoint)
     );
+    Ok(())
+}
+
+/// Seconds per call of `f` (device synchronised), over `reps` calls after one untimed.
+fn time_per_call(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..reps.max(1) {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / reps.max(1) as f64)
+}
+
+/// `--components`: the parts of a training step timed one by one at the step's shapes. Token
+/// rows T as in the shared-prefix step (batch prompts of seq/2 tokens and 2 x batch responses
+/// of seq/2), the attention of the responses (2 x batch rows, seq/2 queries over seq keys), the
+/// head over the response tokens. Each line: `COMPONENT name=... ms=... tflops=... gbps=...`
+/// (model FLOPs of the forward and backward matmuls; bytes of the tensors read and written
+/// once, for the memory-bound parts).
+fn components(a: &Args, dev: &Device, cfg: &GptNeoXConfig, cd: DType) -> Result<()> {
+    use overopt::model::recompute;
+    let (h, inter, nh, vocab) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.vocab_size,
+    );
+    let hs = h / nh;
+    let (q_len, k_len) = (a.seq / 2, a.seq);
+    let rows = 2 * a.batch;
+    let t = a.batch * q_len + rows * q_len;
+    let t_resp = rows * q_len;
+    let f32v = |shape: &[usize]| -> Result<Var> {
+        Ok(Var::from_tensor(
+            &(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * 0.02)?.to_device(dev)?,
+        )?)
+    };
+    let reps = a.steps.max(1);
+    println!(
+        "overopt-gpu-bench --components: shape {} (hidden {h}, MLP {inter}, {nh} heads, vocab {vocab}), T = {t} token rows, attention {rows} x {nh} heads x {q_len} queries x {k_len} keys, compute {cd:?}, device {}, {reps} reps each",
+        a.shape,
+        if a.cpu { "cpu" } else { "cuda:0" }
+    );
+    let report = |name: &str, s: f64, flops: f64, bytes: f64| {
+        println!(
+            "COMPONENT impl=overopt name={name} ms={:.3} tflops={:.2} gbps={:.1}",
+            s * 1e3,
+            flops / s / 1e12,
+            bytes / s / 1e9
+        );
+    };
+    // The linear layer of the autocast path: input, weight and bias cast, matmul, bias add.
+    let linear = |x: &Tensor, w: &Var, b: &Var| -> Result<Tensor> {
+        Ok(x.to_dtype(cd)?
+            .matmul(&w.as_tensor().to_dtype(cd)?.t()?)?
+            .broadcast_add(&b.as_tensor().to_dtype(cd)?)?)
+    };
+    let backward_of = |y: &Tensor| -> Result<()> {
+        y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        Ok(())
+    };
+
+    let x = f32v(&[t, h])?;
+    let w4 = f32v(&[inter, h])?;
+    let (xb, wb) = (
+        x.as_tensor().to_dtype(cd)?,
+        w4.as_tensor().to_dtype(cd)?.t()?,
+    );
+    let s = time_per_call(dev, reps, || {
+        xb.matmul(&wb)?;
+        Ok(())
+    })?;
+    report("matmul_T_h_4h", s, 2.0 * (t * h * inter) as f64, 0.0);
+
+    let (wqkv, bqkv) = (f32v(&[3 * h, h])?, f32v(&[3 * h])?);
+    let s = time_per_call(dev, reps, || backward_of(&linear(&x, &wqkv, &bqkv)?))?;
+    report("linear_qkv_fwd_bwd", s, 6.0 * (t * h * 3 * h) as f64, 0.0);
+
+    let (b4, w_down, b_down) = (f32v(&[inter])?, f32v(&[h, inter])?, f32v(&[h])?);
+    let s = time_per_call(dev, reps, || {
+        let up = linear(&x, &w4, &b4)?.gelu_erf()?;
+        backward_of(&linear(&up, &w_down, &b_down)?)
+    })?;
+    report("mlp_fwd_bwd", s, 6.0 * (2 * t * h * inter) as f64, 0.0);
+
+    let qv = |tl: usize| -> Result<Var> {
+        Ok(Var::from_tensor(
+            &f32v(&[rows, nh, tl, hs])?.as_tensor().to_dtype(cd)?,
+        )?)
+    };
+    let (q, k, v) = (qv(q_len)?, qv(k_len)?, qv(k_len)?);
+    let mask: Vec<f32> = (0..q_len * k_len)
+        .map(|i| {
+            let (qi, ki) = (i / k_len, i % k_len);
+            if ki <= k_len - q_len + qi {
+                0.0
+            } else {
+                f32::MIN
+            }
+        })
+        .collect();
+    let bias = Tensor::from_vec(mask, (1, 1, q_len, k_len), dev)?
+        .broadcast_as((rows, 1, q_len, k_len))?
+        .contiguous()?;
+    let scale = 1.0 / (hs as f64).sqrt();
+    let s = time_per_call(dev, reps, || {
+        backward_of(&recompute::attention(&q, &k, &v, &bias, scale)?)
+    })?;
+    let attn_fwd = 4.0 * (rows * nh * q_len * k_len * hs) as f64;
+    report("attention_fwd_bwd", s, 3.0 * attn_fwd, 0.0);
+
+    let (lw, lb) = (f32v(&[h])?, f32v(&[h])?);
+    let s = time_per_call(dev, reps, || {
+        backward_of(&recompute::layer_norm(&x, &lw, &lb, 1e-5)?)
+    })?;
+    // Forward: read x, write y; backward: read x and dy, write dx (f32).
+    report("layer_norm_fwd_bwd", s, 0.0, (5 * t * h * 4) as f64);
+
+    let xr = f32v(&[t_resp, h])?;
+    let w_out = f32v(&[vocab, h])?;
+    let targets: Vec<u32> = (0..t_resp).map(|i| (i * 7919 % vocab) as u32).collect();
+    let targets = Tensor::from_vec(targets, t_resp, dev)?;
+    let s = time_per_call(dev, reps, || {
+        let logits = xr
+            .as_tensor()
+            .to_dtype(cd)?
+            .matmul(&w_out.as_tensor().to_dtype(cd)?.t()?)?;
+        backward_of(&recompute::label_logps(&logits, &targets)?)
+    })?;
+    report(
+        "head_logps_fwd_bwd",
+        s,
+        6.0 * (t_resp * h * vocab) as f64,
+        0.0,
+    );
+
+    let y = x.as_tensor().affine(1.0, 1.0)?;
+    let s = time_per_call(dev, reps, || {
+        (x.as_tensor() + &y)?;
+        Ok(())
+    })?;
+    report("add_f32_T_h", s, 0.0, (3 * t * h * 4) as f64);
     Ok(())
 }
 

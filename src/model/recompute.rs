@@ -80,17 +80,17 @@ impl Recomputed {
             );
         }
         for (i, (g, a)) in g.iter().zip(&args).enumerate() {
-            if let Some(g) = g {
-                if g.dims() != a.dims() || g.dtype() != a.dtype() {
-                    candle_core::bail!(
-                        "{}: gradient of input {i} is {:?} {:?}, the input {:?} {:?}",
-                        self.name,
-                        g.dims(),
-                        g.dtype(),
-                        a.dims(),
-                        a.dtype()
-                    );
-                }
+            if let Some(g) = g
+                && (g.dims() != a.dims() || g.dtype() != a.dtype())
+            {
+                candle_core::bail!(
+                    "{}: gradient of input {i} is {:?} {:?}, the input {:?} {:?}",
+                    self.name,
+                    g.dims(),
+                    g.dtype(),
+                    a.dims(),
+                    a.dtype()
+                );
             }
         }
         Ok(g)
