@@ -210,4 +210,8 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
     let o = bench(&["--op-path", "flash"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown op path \"flash\""));
+    // The inference path has no backward pass: refused for a training step.
+    let o = bench(&["--op-path", "fused"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no backward pass"));
 }

@@ -297,6 +297,12 @@ fn run(a: &Args) -> Result<()> {
     let dev = device(a.cpu)?;
     let cfg = config(&a.shape, a.layers, a.vocab)?;
     let op_path = OpPath::parse(&a.op_path)?;
+    if op_path == OpPath::Fused {
+        bail!(
+            "unknown op path for training \"fused\": its kernels have no backward pass; \
+             expected differentiable, recompute or composite"
+        );
+    }
     let compute = match a.autocast.as_str() {
         "bf16" => DType::BF16,
         "off" | "f32" => DType::F32,
@@ -416,8 +422,11 @@ fn run(a: &Args) -> Result<()> {
         peak.sample(&dev);
         let t1 = Instant::now();
         // What the forward pass left allocated: the activations the graph keeps for backward.
+        // The least over the steps after the first (when there are any): the first step also
+        // makes one-off allocations (thread pools' and matmul kernels' buffers).
         if let (Some(b), Some(a)) = (before, mem_used(&dev)) {
-            graph_bytes = graph_bytes.max(a.saturating_sub(b));
+            let kept = a.saturating_sub(b);
+            graph_bytes = if s <= 1 { kept } else { graph_bytes.min(kept) };
         }
         let grads = model.backward(&out.loss)?;
         dev.synchronize()?;
