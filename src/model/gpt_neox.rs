@@ -550,6 +550,12 @@ fn pack(ts: &[Tensor]) -> Result<Tensor> {
 /// layer's node to [`GptNeoX::backward`] (see [`Layer::checkpointed`]).
 type Stash = std::sync::Arc<std::sync::Mutex<Vec<(Tensor, Tensor)>>>;
 
+fn lock(stash: &Stash) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>>> {
+    stash
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("checkpointed layers: gradient stash poisoned".into()))
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     input_layernorm: LayerNorm,
@@ -662,24 +668,19 @@ impl Layer {
         if !x.track_op() && !params.iter().any(|t| t.track_op()) {
             return f(self, x);
         }
+        // Detached parameters: no graph in the forward pass.
+        let detached: Vec<Tensor> = params.iter().map(|t| t.detach()).collect();
         let f = std::sync::Arc::new(f);
-        let (f_bwd, layer, layer_bwd, stash) =
-            (f.clone(), self.clone(), self.clone(), stash.clone());
+        let (f_bwd, layer, stash) = (f.clone(), self.clone(), stash.clone());
         super::recompute::with_backward(
             "checkpointed-layer",
             &[x],
-            move |a| {
-                // Detached parameters: no graph in the forward pass.
-                let detached: Vec<Tensor> = layer.params().iter().map(|t| t.detach()).collect();
-                f(&layer.with_params(&detached)?, &a[0])
-            },
+            move |a| f(&self.with_params(&detached)?, &a[0]),
             move |a, g| {
                 let x = candle_core::Var::from_tensor(&a[0])?;
-                let y = f_bwd(&layer_bwd, x.as_tensor())?;
+                let y = f_bwd(&layer, x.as_tensor())?;
                 let grads = (y * g)?.sum_all()?.backward()?;
-                let mut pending = stash.lock().map_err(|_| {
-                    candle_core::Error::Msg("checkpointed layer: gradient stash poisoned".into())
-                })?;
+                let mut pending = lock(&stash)?;
                 for p in params.iter().filter(|p| p.is_variable()) {
                     if let Some(gp) = grads.get(p) {
                         pending.push((p.clone(), gp.clone()));
@@ -925,9 +926,9 @@ impl GptNeoX {
     /// [`Layer::checkpointed`]). Use it instead of `loss.backward()` on a model that may be
     /// checkpointed; the two are the same without checkpointing.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
-        self.stash_mut()?.clear();
+        lock(&self.stash)?.clear();
         let mut grads = loss.backward()?;
-        for (p, g) in self.stash_mut()?.drain(..) {
+        for (p, g) in lock(&self.stash)?.drain(..) {
             let sum = match grads.get(&p) {
                 Some(old) => (old + g)?,
                 None => g,
@@ -937,16 +938,10 @@ impl GptNeoX {
         Ok(grads)
     }
 
-    fn stash_mut(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>>> {
-        self.stash.lock().map_err(|_| {
-            candle_core::Error::Msg("checkpointed layers: gradient stash poisoned".into())
-        })
-    }
-
     /// With checkpointing, an error when the parameter gradients of an earlier backward pass
     /// were never collected (`loss.backward()` called instead of [`GptNeoX::backward`]).
     fn check_stash(&self) -> Result<()> {
-        if self.checkpoint && !self.stash_mut()?.is_empty() {
+        if self.checkpoint && !lock(&self.stash)?.is_empty() {
             candle_core::bail!(
                 "checkpointed layers: the parameter gradients of an earlier backward pass were \
                  never collected; with checkpointing use GptNeoX::backward(&loss), not \
@@ -1097,12 +1092,13 @@ impl GptNeoX {
         }
         let compute = self.compute_dtype;
         let cos_sin = self.rotary_tables(position_ids)?;
-        if self.checkpoint && cache.is_none() {
+        let checkpoint = self.checkpoint && cache.is_none();
+        if checkpoint {
             self.check_stash()?;
         }
         let mut x = self.embed_in.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            if self.checkpoint && cache.is_none() {
+            if checkpoint {
                 let (rot, cs, bias, path) = (
                     self.rotary.clone(),
                     cos_sin.clone(),
@@ -1326,18 +1322,19 @@ impl GptNeoX {
                 (&cs_p, &cs_r),
                 (&bias_p, &bias_r),
             )?;
-        }
-        for layer in self.layers.iter().filter(|_| !self.checkpoint) {
-            (xp, xr) = layer.cast_linears(self.compute_dtype)?.forward_shared(
-                &xp,
-                &xr,
-                &rows,
-                &self.rotary,
-                (&cs_p, &cs_r),
-                (&bias_p, &bias_r),
-                self.path,
-                self.compute_dtype,
-            )?;
+        } else {
+            for layer in &self.layers {
+                (xp, xr) = layer.cast_linears(self.compute_dtype)?.forward_shared(
+                    &xp,
+                    &xr,
+                    &rows,
+                    &self.rotary,
+                    (&cs_p, &cs_r),
+                    (&bias_p, &bias_r),
+                    self.path,
+                    self.compute_dtype,
+                )?;
+            }
         }
         let hidden = xp
             .reshape((n * pm, self.cfg.hidden_size))?

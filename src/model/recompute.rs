@@ -50,22 +50,32 @@ impl Recomputed {
         })
     }
 
-    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+    /// A copy of the output's storage, which `pick` takes from the device's variant.
+    fn out_storage<S: BackendStorage>(
+        &self,
+        device: &str,
+        pick: fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
         let out = self.take()?;
         let (s, l) = out.storage_and_layout();
-        match &*s {
-            Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => candle_core::bail!("{}: output is not on the CPU", self.name),
+        match pick(&s) {
+            Some(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            None => candle_core::bail!("{}: output is not on {device}", self.name),
         }
     }
 
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        self.out_storage("the CPU", |s| match s {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
     fn cuda(&self) -> Result<(CudaStorage, Shape)> {
-        let out = self.take()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => candle_core::bail!("{}: output is not on a CUDA device", self.name),
-        }
+        self.out_storage("a CUDA device", |s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
     }
 
     fn grads(&self, args: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {

@@ -125,12 +125,16 @@ fn label_logps(logits: &Tensor, targets: &Tensor, path: OpPath) -> Result<Tensor
             .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
             .squeeze(D::Minus1)?)
     };
-    let f32_logits = || logits.to_dtype(DType::F32);
+    // The fused kernels take the f32 cast of the logits: usable on the CPU.
+    let fused = logits.device().is_cpu() && super::fused::usable(&[]);
     Ok(match path {
-        OpPath::Composite => pick(candle_nn::ops::log_softmax(&f32_logits()?, D::Minus1)?)?,
-        OpPath::Differentiable | OpPath::Fused if super::fused::usable(&[&f32_logits()?]) => {
-            pick(super::fused::log_softmax_last(&f32_logits()?)?)?
-        }
+        OpPath::Composite => pick(candle_nn::ops::log_softmax(
+            &logits.to_dtype(DType::F32)?,
+            D::Minus1,
+        )?)?,
+        OpPath::Differentiable | OpPath::Fused if fused => pick(super::fused::log_softmax_last(
+            &logits.to_dtype(DType::F32)?,
+        )?)?,
         _ => super::recompute::label_logps(logits, targets)?,
     })
 }
