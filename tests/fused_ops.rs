@@ -323,6 +323,55 @@ fn recompute_attention_matches_the_composite_with_gradients() {
 }
 
 #[test]
+fn recompute_linear_matches_candle_linear_with_gradients() {
+    use candle_core::{DType, Module};
+    let dev = Device::Cpu;
+    for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 2e-2)] {
+        let var = |shape: &[usize], std: f32| {
+            let t = Tensor::randn(0f32, std, shape, &dev).unwrap();
+            Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+        };
+        let (w, b) = (var(&[13, 29], 0.3), var(&[13], 1.0));
+        // A contiguous (2, 5, 29) input, and a transposed view of a (29, 5) input: candle's
+        // `Linear` takes a batched matmul there, the op reshapes (copies) to rows.
+        let (x3, xt) = (var(&[2, 5, 29], 1.0), var(&[29, 5], 1.0));
+        for x in [x3.as_tensor().clone(), xt.t().unwrap()] {
+            let shape = x.dims().to_vec();
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().unwrap() = 13;
+            let r = Tensor::randn(0f32, 1.0, out_shape.as_slice(), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let rec = recompute::linear(&x, &w, &b).unwrap();
+            let comp = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()))
+                .forward(&x)
+                .unwrap();
+            assert_eq!((rec.dims(), rec.dtype()), (out_shape.as_slice(), dtype));
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            close(&f(&rec), &f(&comp), tol);
+            let gr = (rec * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let leaf = if shape.len() == 3 { &x3 } else { &xt };
+            for v in [leaf, &w, &b] {
+                let (a, c) = (
+                    gr.get(v.as_tensor()).unwrap(),
+                    gc.get(v.as_tensor()).unwrap(),
+                );
+                assert_eq!((a.dims(), a.dtype()), (v.dims(), dtype));
+                close(&f(a), &f(c), tol);
+            }
+        }
+    }
+    let x = Tensor::zeros((2, 28), DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((13, 29), DType::F32, &dev).unwrap();
+    let e = recompute::linear(&x, &w, &Tensor::zeros(13, DType::F32, &dev).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("linear: input [2, 28], weight [13, 29]"), "{e}");
+}
+
+#[test]
 fn recompute_label_logps_match_log_softmax_with_gradients() {
     let dev = Device::Cpu;
     let mut init = Tensor::randn(0f32, 3.0, (2, 5, 11), &dev).unwrap();

@@ -148,15 +148,6 @@ fn autocast_to(l: &Linear, x: &Tensor, compute: Option<DType>) -> Option<DType> 
     compute.filter(|&cd| cd != l.weight().dtype() || cd != x.dtype())
 }
 
-/// `l(x)` with the matmul in `compute` (autocast style): the input, weight and bias are cast
-/// to `compute` (a differentiable cast, so gradients reach the master weights in their own
-/// dtype) and the output stays in `compute`.
-fn linear_autocast(l: &Linear, x: &Tensor, cd: DType) -> Result<Tensor> {
-    let w = l.weight().to_dtype(cd)?;
-    let b = l.bias().map(|b| b.to_dtype(cd)).transpose()?;
-    Linear::new(w, b).forward(&x.to_dtype(cd)?)
-}
-
 /// `l` with its weight and bias cast to the autocast dtype `compute` (a differentiable cast), for
 /// a forward pass that applies `l` more than once: every call then shares one cast, where
 /// [`linear_autocast`] would cast (and candle's graph keep) a copy of the weights per call.
@@ -170,15 +161,26 @@ fn cast_linear(l: &Linear, compute: Option<DType>) -> Result<Linear> {
     }
 }
 
-/// `x @ weight^T + bias` of a `Linear`. With an autocast dtype, [`linear_autocast`]. On the
-/// CPU in f32 one node, [`super::fused::linear`] (the matmul with [`super::gemm`]'s kernels;
-/// the bias gradient sums rows in one contiguous pass, where candle's reduction of the
-/// broadcast walks the columns with a stride); elsewhere candle's `Linear::forward`.
-fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
-    if let Some(cd) = autocast_to(l, x, compute) {
-        return linear_autocast(l, x, cd);
-    }
+/// `x @ weight^T + bias` of a `Linear`. With an autocast dtype the input, weight and bias are
+/// first cast to it (a differentiable cast, so gradients reach the master weights in their own
+/// dtype; the output stays in the autocast dtype). On the CPU in f32 one node,
+/// [`super::fused::linear`] (the matmul with [`super::gemm`]'s kernels; the bias gradient sums
+/// rows in one contiguous pass, where candle's reduction of the broadcast walks the columns
+/// with a stride); where `path` recomputes, [`super::recompute::linear`]; elsewhere candle's
+/// `Linear::forward`.
+fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>, path: OpPath) -> Result<Tensor> {
+    let cast;
+    let (l, x) = match autocast_to(l, x, compute) {
+        Some(cd) => {
+            cast = (cast_linear(l, Some(cd))?, x.to_dtype(cd)?);
+            (&cast.0, &cast.1)
+        }
+        None => (l, x),
+    };
     match l.bias() {
+        Some(b) if path.recomputes(&[x, l.weight(), b]) => {
+            super::recompute::linear(x, l.weight(), b)
+        }
         Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
             super::fused::linear(&rows2d(x)?, l.weight(), b)?.reshape(linear_out_dims(l, x)?)
         }
@@ -191,16 +193,17 @@ fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> 
 
 /// `gelu(x @ weight^T + bias)` (exact GELU): on the CPU in f32 one fused op adds the bias and
 /// applies the GELU, with a single-pass backward (candle's GELU backward makes about ten
-/// full-size temporaries).
-fn linear_gelu(l: &Linear, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
-    if let Some(cd) = autocast_to(l, x, compute) {
-        return linear_autocast(l, x, cd)?.gelu_erf();
-    }
+/// full-size temporaries) unless `path` recomputes; elsewhere [`linear_fwd`], then the GELU.
+fn linear_gelu(l: &Linear, x: &Tensor, compute: Option<DType>, path: OpPath) -> Result<Tensor> {
     match l.bias() {
-        Some(b) if super::fused::usable(&[x, l.weight(), b]) => {
+        Some(b)
+            if autocast_to(l, x, compute).is_none()
+                && !path.recomputes(&[x, l.weight(), b])
+                && super::fused::usable(&[x, l.weight(), b]) =>
+        {
             super::fused::bias_gelu(&matmul_weight(l, x)?, b)?.reshape(linear_out_dims(l, x)?)
         }
-        _ => l.forward(x)?.gelu_erf(),
+        _ => linear_fwd(l, x, compute, path)?.gelu_erf(),
     }
 }
 
@@ -393,11 +396,12 @@ impl Attention {
         x: &Tensor,
         rotary: &Rotary,
         cos_sin: &(Tensor, Tensor),
+        path: OpPath,
         compute: Option<DType>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         // Per head, the fused projection is laid out [q | k | v], each head_size wide.
-        let qkv = linear_fwd(&self.query_key_value, x, compute)?;
+        let qkv = linear_fwd(&self.query_key_value, x, compute, path)?;
         let (cos, sin) = cos_sin;
         if super::fused::usable(&[&qkv, cos, sin]) {
             // One custom op per part (split, heads-first layout and rotary together); it has
@@ -446,7 +450,7 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_size))?;
-        linear_fwd(&self.dense, &out, compute)
+        linear_fwd(&self.dense, &out, compute, path)
     }
 
     /// softmax(q k^T * scale + bias) v with candle's matmuls, (b, h, t, hs).
@@ -496,7 +500,7 @@ impl Attention {
         path: OpPath,
         compute: Option<DType>,
     ) -> Result<Tensor> {
-        let (q, k, v) = self.project(x, rotary, cos_sin, compute)?;
+        let (q, k, v) = self.project(x, rotary, cos_sin, path, compute)?;
         let cached = cache.is_some();
         let (k, v) = match cache {
             None => (k, v),
@@ -531,9 +535,9 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, compute: Option<DType>) -> Result<Tensor> {
-        let h = linear_gelu(&self.dense_h_to_4h, x, compute)?;
-        linear_fwd(&self.dense_4h_to_h, &h, compute)
+    fn forward(&self, x: &Tensor, path: OpPath, compute: Option<DType>) -> Result<Tensor> {
+        let h = linear_gelu(&self.dense_h_to_4h, x, compute, path)?;
+        linear_fwd(&self.dense_4h_to_h, &h, compute, path)
     }
 }
 
@@ -618,14 +622,22 @@ impl Layer {
         if self.parallel {
             let mlp = self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(x, path)?, compute)?
+                .forward(
+                    &self.post_attention_layernorm.forward(x, path)?,
+                    path,
+                    compute,
+                )?
                 .to_dtype(dt)?;
             (x + attn)? + mlp
         } else {
             let h = (x + attn)?;
             let mlp = self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&h, path)?, compute)?
+                .forward(
+                    &self.post_attention_layernorm.forward(&h, path)?,
+                    path,
+                    compute,
+                )?
                 .to_dtype(dt)?;
             h + mlp
         }
@@ -756,8 +768,8 @@ impl Layer {
         let att = &self.attention;
         let hp = self.input_layernorm.forward(xp, path)?;
         let hr = self.input_layernorm.forward(xr, path)?;
-        let (qp, kp, vp) = att.project(&hp, rotary, cos_sin.0, compute)?;
-        let (qr, kr, vr) = att.project(&hr, rotary, cos_sin.1, compute)?;
+        let (qp, kp, vp) = att.project(&hp, rotary, cos_sin.0, path, compute)?;
+        let (qr, kr, vr) = att.project(&hr, rotary, cos_sin.1, path, compute)?;
         let k_all = Tensor::cat(&[&kp.contiguous()?.index_select(rows, 0)?, &kr], 2)?;
         let v_all = Tensor::cat(&[&vp.contiguous()?.index_select(rows, 0)?, &vr], 2)?;
         let ap = att.attend(&qp, &kp, &vp, bias.0, path, false, compute)?;
@@ -1188,7 +1200,7 @@ impl GptNeoX {
     /// [`GptNeoX::head`] with the output projection `embed_out` (e.g. cast once).
     fn head_with(&self, embed_out: &Linear, x: &Tensor) -> Result<Tensor> {
         let x = self.final_layer_norm.forward(x, self.path)?;
-        linear_fwd(embed_out, &x, self.compute_dtype)
+        linear_fwd(embed_out, &x, self.compute_dtype, self.path)
     }
 
     /// Logits at the last position only, (b, vocab): cheaper output projection for sampling.

@@ -10,7 +10,9 @@
 //!
 //! Each op here runs its forward pass on detached inputs (so candle's fast kernels without a
 //! backward, `softmax_last_dim` and `layer_norm`, may be used and every temporary is freed at
-//! once) and enters candle's graph as one custom op that keeps only its inputs and output.
+//! once) and enters candle's graph as one custom op that keeps only its inputs and output
+//! (a linear layer with its bias is one such op too: the composite kept the product before
+//! the bias add as well).
 //! Its backward pass recomputes the few intermediates it needs (the attention probabilities,
 //! the normalized rows, the softmax over the vocabulary) from the inputs, with candle ops, so
 //! it runs on whatever device the tensors are on. This is what PyTorch's fused attention and
@@ -241,6 +243,43 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
             let dq = ds.matmul(&k.contiguous()?)?;
             let dk = ds.t()?.contiguous()?.matmul(&q.contiguous()?)?;
             Ok(vec![Some(dq), Some(dk), Some(dv)])
+        },
+    )
+}
+
+/// `x @ weight^T + bias` for `x` (.., in), `weight` (out, in), `bias` (out): one matmul over
+/// all rows. The graph keeps x, weight, bias and the output (the composite also kept the
+/// product before the bias add, as large as the output).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (out_f, in_f) = weight.dims2()?;
+    if x.dim(D::Minus1)? != in_f || bias.dims() != [out_f] {
+        candle_core::bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit together",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let rows = x.elem_count() / in_f.max(1);
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("checked: x has a last dimension") = out_f;
+    let x_dims = x.dims().to_vec();
+    with_backward(
+        "recompute-linear",
+        &[x, weight, bias],
+        |a| {
+            a[0].reshape((rows, in_f))?
+                .matmul(&a[1].t()?)?
+                .broadcast_add(&a[2])?
+                .reshape(out_dims)
+        },
+        move |a, g| {
+            let (x, w) = (a[0].reshape((rows, in_f))?, &a[1]);
+            let g = g.reshape((rows, out_f))?.contiguous()?;
+            let dx = g.matmul(&w.contiguous()?)?.reshape(x_dims.as_slice())?;
+            let dw = g.t()?.matmul(&x)?;
+            let db = g.sum(0)?;
+            Ok(vec![Some(dx), Some(dw), Some(db)])
         },
     )
 }
