@@ -11,10 +11,15 @@
 #    log-probs, an add) timed one by one on both sides (`--components`).
 # 3. bench/gpu_torch.py: the same step in PyTorch eager (transformers GPTNeoXForCausalLM or its own
 #    module), then larger Pythia shapes one step each until one does not fit.
+# 3b. overopt-gpu-bench --parity: the CUDA step's loss and every gradient against the CPU's
+#    (f32, basic ops) on a tiny model with ragged batches, on every op path, with and without
+#    checkpointing, f32 and bf16 autocast.
 # 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b) with activation checkpointing,
 #    one step each, while time is left.
-# 5. When time is left, the 1B step with `--op-path composite` (basic ops only, every
-#    intermediate kept), an A/B of the recomputing ops.
+# 5. When time is left, two A/B runs of the 1B step: with `--cuda-alloc default` (the driver's
+#    memory pool returning freed memory at every synchronisation, as before the crate kept it),
+#    then with `--op-path composite` (basic ops only, every intermediate kept), an A/B of the
+#    recomputing ops.
 # 6. A side-by-side summary; the last two lines are `P3 ratio=...` and `P3 mfu=...`.
 #
 # Peak memory: nvidia-smi's memory.used sampled every 200 ms during each part (the whole device),
@@ -104,6 +109,8 @@ run_part components-torch "$(cap 35)" "$PY" bench/gpu_torch.py --shape 1b --batc
 # Part 2: PyTorch, same step, then the larger shapes.
 run_part torch "$(cap 140)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
   --warmup 2 --steps 4 --fit --fit-budget-s 75
+# Part 2b: the values of the CUDA step against the CPU's.
+run_part parity "$(cap 30)" "$BIN" --shape tiny --batch 4 --seq 64 --parity
 # Part 3: overopt on larger shapes with activation checkpointing per layer (--checkpoint; the
 # graph keeps one residual stream per layer), one step each, until one fails or time runs out.
 if grep -q 'RESULT impl=overopt shape=1b ok=1' "$LOG/overopt-1b.log"; then
@@ -118,7 +125,13 @@ if grep -q 'RESULT impl=overopt shape=1b ok=1' "$LOG/overopt-1b.log"; then
   done
 fi
 
-# Part 4: the 1B step with the graph of basic ops only (every intermediate kept), the path the
+# Part 4a: the 1B step with the driver's default memory pool (freed memory handed back at every
+# synchronisation, the setting of the 2026-11-29 run), an A/B of `overopt::cuda_device`'s pool.
+if [ "$(left)" -ge 45 ]; then
+  run_part overopt-1b-alloc-default "$(cap 60)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 1 \
+    --steps 2 --cuda-alloc default
+fi
+# Part 4b: the 1B step with the graph of basic ops only (every intermediate kept), the path the
 # CUDA step took before the recomputing attention, layer norm and log-probs: an A/B in one run,
 # when time is left.
 if [ "$(left)" -ge 45 ]; then
@@ -127,13 +140,15 @@ if [ "$(left)" -ge 45 ]; then
 fi
 
 echo "== summary (after $(elapsed)s)"
-cat "$LOG"/*.log | grep -E '^(RESULT|SMI|COMPONENT) ' >"$LOG/results.txt"
+cat "$LOG"/*.log | grep -E '^(RESULT|SMI|COMPONENT|PARITY) ' >"$LOG/results.txt"
 "$PY" - "$LOG/results.txt" <<'EOF'
 import sys
-rows, smi, comps = [], {}, {}
+rows, smi, comps, parity = [], {}, {}, []
 for line in open(sys.argv[1]):
     kv = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
-    if line.startswith("RESULT"):
+    if line.startswith("PARITY"):
+        parity.append(kv)
+    elif line.startswith("RESULT"):
         rows.append(kv)
     elif line.startswith("COMPONENT"):
         comps.setdefault(kv.get("name"), {})[kv.get("impl")] = kv
@@ -153,14 +168,26 @@ if comps:
         except (KeyError, ValueError, ZeroDivisionError):
             r = "na"
         print(f"  {name:22}{cell(o_):>26}{cell(t_):>26}   ratio {r}")
-def get(impl, shape, op_path=None):
+if parity:
+    bad = [p for p in parity if p.get("ok") != "1"]
+    print(f"parity on {parity[0].get('device')} against the CPU (f32, basic ops): "
+          f"{len(parity) - len(bad)} of {len(parity)} configurations within tolerance")
+    for p in parity:
+        print(f"  autocast {p.get('autocast')}, {p.get('op_path')}, checkpoint {p.get('checkpoint')}: "
+              f"loss_rel {p.get('loss_rel')}, grad_rel {p.get('grad_rel')} (tol {p.get('tol')})"
+              + ("" if p.get("ok") == "1" else f"  FAILED at {p.get('worst_param')}"))
+else:
+    print("parity: no result (see parity.log)")
+def get(impl, shape, variant=None):
     for r in rows:
-        if r.get("impl") == impl and r.get("shape") == shape and r.get("op_path") == op_path:
+        if r.get("impl") == impl and r.get("shape") == shape and r.get("variant") == variant:
             return r
     return {}
-for r in rows:  # overopt's default path is the one compared; others are A/B rows
-    if r.get("impl") == "overopt" and r.get("op_path", "differentiable") == "differentiable":
-        r["op_path"] = None
+for r in rows:  # overopt's default settings are the ones compared; others are A/B rows
+    if r.get("op_path", "differentiable") != "differentiable":
+        r["variant"] = r["op_path"]
+    elif r.get("cuda_alloc", "keep") != "keep":
+        r["variant"] = "alloc-" + r["cuda_alloc"]
 print(f"{'':24}{'overopt (candle)':>20}{'torch eager':>20}")
 o, t = get("overopt", "1b"), get("torch", "1b")
 for key, label in [("step_s", "s/step"), ("examples_per_s", "examples/s"), ("tflops", "TFLOP/s (6NT)"),
@@ -168,10 +195,12 @@ for key, label in [("step_s", "s/step"), ("examples_per_s", "examples/s"), ("tfl
                    ("peak_mem_gib", "peak mem GiB (self)"), ("loss", "loss (last step)")]:
     print(f"{label:24}{o.get(key, 'na'):>20}{t.get(key, 'na'):>20}")
 print(f"{'peak mem GiB (smi)':24}{smi.get('overopt-1b', 'na'):>20}{smi.get('torch', 'na'):>20}")
-c = get("overopt", "1b", "composite")
-print("A/B overopt 1b, op path differentiable (recomputing ops) vs composite (basic ops): "
-      + ", ".join(f"{k} {o.get(k, 'na')} vs {c.get(k, 'na')}"
-                  for k in ["step_s", "graph_gib", "peak_mem_gib", "ok"]))
+for variant, what in [("alloc-default", "freed memory kept in the pool vs handed back at every sync (driver default)"),
+                      ("composite", "op path differentiable (recomputing ops) vs composite (basic ops)")]:
+    c = get("overopt", "1b", variant)
+    print(f"A/B overopt 1b, {what}: "
+          + ", ".join(f"{k} {o.get(k, 'na')} vs {c.get(k, 'na')}"
+                      for k in ["step_s", "graph_gib", "peak_mem_gib", "ok"]))
 def largest(impl):
     best = "none"
     for s in ["1b", "1.4b", "2.8b", "6.9b"]:

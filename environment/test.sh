@@ -2,7 +2,8 @@
 # The whole test suite: Rust unit and integration tests (parity with HF fixtures included),
 # then one fresh teach-scale DAA run compared with artifact/expected/teach (check-teach.sh),
 # the environment scripts the Docker image runs (here with CPU features), the
-# Dockerfile checks (tests/test_dockerfile.py), and every notebook executed headless in the
+# Dockerfile checks (tests/test_dockerfile.py), the GPU benchmark script's summary against
+# stand-in programs (tests/test_gpu_script.py), and every notebook executed headless in the
 # evcxr Rust kernel with the notebook runner's self-test (environment/test-notebooks.sh).
 # Self-contained: needs only the machine's Rust toolchain, python3 and the package registries
 # (crates.io, PyPI).
@@ -30,6 +31,8 @@ VENV=environment/.venv-tests
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r environment/requirements-tests.txt
 "$VENV/bin/python" tests/test_dockerfile.py
+echo "== bench/gpu.sh against stand-ins (tests/test_gpu_script.py) =="
+"$VENV/bin/python" tests/test_gpu_script.py
 
 echo "== notebooks (environment/test-notebooks.sh) at ${SECONDS} s =="
 disk

@@ -33,10 +33,81 @@ pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {
                 .transpose()
                 .map_err(|_| anyhow::anyhow!("bad device {s:?}: expected cuda:N"))?
                 .unwrap_or(0);
-            Ok(candle_core::Device::new_cuda(n)?)
+            cuda_device(n, CudaAlloc::Keep)
         }
         s => anyhow::bail!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
     }
+}
+
+/// What a CUDA device does with the memory its tensors free (see [`cuda_device`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CudaAlloc {
+    /// Keep it in the device's stream-ordered memory pool for the next allocations (what
+    /// PyTorch's caching allocator does), and create no CUDA events per buffer. The default.
+    Keep,
+    /// The driver's defaults: the pool hands freed memory back to the device at every
+    /// synchronisation, and every buffer gets two events. For A/B comparisons.
+    DriverDefault,
+}
+
+impl CudaAlloc {
+    /// `keep` or `default`.
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "keep" => Ok(CudaAlloc::Keep),
+            "default" => Ok(CudaAlloc::DriverDefault),
+            s => anyhow::bail!("unknown CUDA allocation mode {s:?}: expected keep or default"),
+        }
+    }
+}
+
+/// CUDA device `ordinal`, set up for training.
+///
+/// candle allocates every tensor with `cuMemAllocAsync` from the device's memory pool, whose
+/// release threshold is 0 by default: at every synchronisation (each `to_scalar`, each
+/// `synchronize`) the pool returns all freed memory to the device, and the next pass maps it
+/// again. With [`CudaAlloc::Keep`] the threshold is raised so the pool keeps what it holds, and
+/// the per-buffer events that cudarc creates for synchronisation between streams are not made
+/// (candle runs each device on one stream, where cudarc never uses them). On a build without
+/// the `cuda` feature this is candle's error for a missing CUDA backend.
+pub fn cuda_device(ordinal: usize, alloc: CudaAlloc) -> anyhow::Result<candle_core::Device> {
+    let dev = candle_core::Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let (candle_core::Device::Cuda(d), CudaAlloc::Keep) = (&dev, alloc) {
+        keep_freed_memory(d)
+            .map_err(|e| anyhow::anyhow!("cuda:{ordinal}: setting up its memory pool: {e}"))?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = alloc;
+    Ok(dev)
+}
+
+/// Raise the release threshold of the device's current memory pool to the maximum and stop
+/// creating per-buffer events; see [`cuda_device`].
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(d: &candle_core::CudaDevice) -> anyhow::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = d.cuda_stream().context().clone();
+    ctx.bind_to_thread()?;
+    if ctx.has_async_alloc() {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: `pool` is written by the driver; the attribute takes a u64, passed by pointer.
+        unsafe {
+            sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()).result()?;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()?;
+        }
+    }
+    // SAFETY: candle issues all work of this device on its one stream, so the events that
+    // order buffers between streams are never waited on (cudarc only uses them once a second
+    // stream is created, which the crate never does).
+    unsafe { d.disable_event_tracking() };
+    Ok(())
 }
 
 /// Parse a dtype name: f32, bf16 or f16.

@@ -672,20 +672,8 @@ TESTS = [
 
 
 def main():
-    passed = failed = 0
-    for t in TESTS:
-        try:
-            t()
-        except AssertionError as e:
-            failed += 1
-            print(f"FAIL {t.__name__}: {e}")
-        else:
-            passed += 1
-            print(f"PASS {t.__name__}")
-    for note in skipped:
-        print(f"note: {note}")
-    print(f"test_dockerfile: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    from pyharness import run
+    return run("test_dockerfile", TESTS, skipped)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,8 @@ fn sft_then_dpo_from_toml_configs() {
 /// The P3 benchmark binary's CPU mode: one DPO step of a tiny model on each training op path
 /// (on the CPU the recomputing ops only with `--op-path recompute`) and with activation
 /// checkpointing, with the memory the forward pass left for the backward counted by its
-/// allocator; its `--components` timings; an unknown op path is a usage error (status 1)
-/// naming it.
+/// allocator; its `--components` timings; its `--parity` check; an unknown op path or CUDA
+/// allocation mode is a usage error (status 1) naming it.
 #[test]
 fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
     let bench = |args: &[&str]| {
@@ -210,6 +210,30 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
     let o = bench(&["--op-path", "flash"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown op path \"flash\""));
+    // The step's values on every op path, with checkpointing and bf16 autocast, against the
+    // CPU f32 composite step (on a GPU machine: the CUDA step against the CPU's).
+    let o = bench(&["--parity"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let checks: Vec<&str> = out.lines().filter(|l| l.starts_with("PARITY ")).collect();
+    assert_eq!(checks.len(), 8, "{out}");
+    assert!(checks.iter().all(|l| l.ends_with(" ok=1")), "{out}");
+    assert!(
+        checks
+            .iter()
+            .any(|l| l.contains("autocast=bf16 op_path=recompute checkpoint=0")),
+        "{out}"
+    );
+    let o = bench(&["--cuda-alloc", "cached"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("unknown CUDA allocation mode \"cached\": expected keep or default")
+    );
     // The inference path has no backward pass: refused for a training step.
     let o = bench(&["--op-path", "fused"]);
     assert_eq!(o.status.code(), Some(1));

@@ -60,6 +60,14 @@ struct Args {
     /// time goes. `--steps` repetitions each, after one untimed.
     #[arg(long)]
     components: bool,
+    /// Instead of timing, check the step's values: one forward and backward pass of the DPO
+    /// loss on ragged batches (padding, prompts of several lengths) on this device, on every
+    /// training op path, with and without checkpointing, in f32 and with bf16 autocast, each
+    /// against the same step on the CPU in f32 with basic ops only (the path the HF parity
+    /// tests pin). Prints `PARITY ...` lines and exits 2 when a difference exceeds its
+    /// tolerance. Use a small shape (`--shape tiny`).
+    #[arg(long)]
+    parity: bool,
     /// Shorthand for `--cpu --shape tiny --batch 2 --seq 32 --warmup 1 --steps 2`.
     #[arg(long)]
     tiny: bool,
@@ -78,6 +86,11 @@ struct Args {
     /// pass; the graph keeps one residual stream per layer).
     #[arg(long)]
     checkpoint: bool,
+    /// What the CUDA device does with freed memory: keep (the crate's default: the memory pool
+    /// keeps it for the next allocations, no per-buffer events) or default (the driver's
+    /// defaults: freed memory goes back to the device at every synchronisation), for an A/B.
+    #[arg(long, default_value = "keep")]
+    cuda_alloc: String,
     /// Peak dense bf16 throughput of the accelerator in TFLOP/s (H200 SXM: 989).
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -277,7 +290,8 @@ impl Peak {
     }
 }
 
-fn device(cpu: bool) -> Result<Device> {
+fn device(cpu: bool, alloc: &str) -> Result<Device> {
+    let alloc = overopt::CudaAlloc::parse(alloc)?;
     if cpu {
         return Ok(Device::Cpu);
     }
@@ -287,14 +301,14 @@ fn device(cpu: bool) -> Result<Device> {
              `cargo build --release --features cuda --bin overopt-gpu-bench` or pass --cpu"
         );
     }
-    Device::new_cuda(0).context(
+    overopt::cuda_device(0, alloc).context(
         "no usable CUDA device 0 (is the driver loaded and are libcudart/libcublas/libnvrtc on \
          LD_LIBRARY_PATH?)",
     )
 }
 
 fn run(a: &Args) -> Result<()> {
-    let dev = device(a.cpu)?;
+    let dev = device(a.cpu, &a.cuda_alloc)?;
     let cfg = config(&a.shape, a.layers, a.vocab)?;
     let op_path = OpPath::parse(&a.op_path)?;
     if op_path == OpPath::Fused {
@@ -314,16 +328,13 @@ fn run(a: &Args) -> Result<()> {
     if a.components {
         return components(a, &dev, &cfg, compute);
     }
+    if a.parity {
+        return parity(a, &dev, &cfg);
+    }
     let mut peak = Peak(0);
     let base = mem_used(&dev).unwrap_or(0);
     let t_init = Instant::now();
-    let init = TiledInit::new(&dev, 1)?;
-    let map = init.map.clone();
-    let vb = VarBuilder::from_backend(Box::new(init), DType::F32, dev.clone());
-    let model = GptNeoX::new(&cfg, vb)?
-        .with_compute_dtype(compute)
-        .with_op_path(op_path)
-        .with_checkpointing(a.checkpoint);
+    let (model, map) = new_model(&cfg, &dev, compute, op_path, a.checkpoint)?;
     let vars: Vec<Var> = overopt::sorted_vars(&map)
         .into_iter()
         .map(|(_, v)| v)
@@ -342,35 +353,8 @@ fn run(a: &Args) -> Result<()> {
     peak.sample(&dev);
     let init_s = t_init.elapsed().as_secs_f64();
 
-    // Random token data: prompts of seq/2 tokens, responses filling the rest with EOS appended,
-    // so every sequence is exactly `seq` tokens (no padding).
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let vocab = cfg.vocab_size as u32;
-    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(2..vocab)).collect() };
-    let pl = a.seq / 2;
-    let rl = a.seq - pl - 1;
-    let data: Vec<PrefExample> = (0..a.batch)
-        .map(|_| PrefExample {
-            prompt: toks(pl),
-            chosen: toks(rl),
-            rejected: toks(rl),
-        })
-        .collect();
+    let (data, refs) = batch_data(&cfg, a.batch, a.seq, false);
     let idx: Vec<usize> = (0..a.batch).collect();
-    // Reference log-probs are precomputed in `overopt daa`; constants here.
-    let refs: Vec<(f32, f32)> = (0..a.batch)
-        .map(|i| (-2000.0 - i as f32, -2001.0))
-        .collect();
-    let tokens = SpecialTokens { eos: 0, pad: 1 };
-    let daa = DaaConfig {
-        objective: Objective::Dpo {
-            label_smoothing: 0.0,
-        },
-        beta: 0.1,
-        online_reference: false,
-        reference_cache: None,
-    };
-
     let tokens_per_step = 2 * a.batch * a.seq;
     // FLOPs of a training step: 6 N T for the matmuls with parameters (N excludes the input
     // embedding, a lookup) plus 12 L d s T for attention scores and values (fwd + bwd, the full
@@ -383,7 +367,7 @@ fn run(a: &Args) -> Result<()> {
         * a.seq as f64
         * tokens_per_step as f64;
     println!(
-        "overopt-gpu-bench: shape {} ({} layers, {} params, {} excl. input embedding), op path {:?}{}, device {}, autocast {:?}, batch {} pairs x seq {} = {} tokens/step",
+        "overopt-gpu-bench: shape {} ({} layers, {} params, {} excl. input embedding), op path {:?}{}, device {}{}, autocast {:?}, batch {} pairs x seq {} = {} tokens/step",
         a.shape,
         cfg.num_hidden_layers,
         n_params,
@@ -395,6 +379,11 @@ fn run(a: &Args) -> Result<()> {
             ""
         },
         if a.cpu { "cpu" } else { "cuda:0" },
+        if a.cpu {
+            String::new()
+        } else {
+            format!(" (freed memory: {})", a.cuda_alloc)
+        },
         compute,
         a.batch,
         a.seq,
@@ -414,8 +403,8 @@ fn run(a: &Args) -> Result<()> {
             &model,
             &data,
             &idx,
-            tokens,
-            &daa,
+            TOKENS,
+            &daa_config(),
             ReferenceSource::Cached(&refs),
         )?;
         dev.synchronize()?;
@@ -499,7 +488,7 @@ fn run(a: &Args) -> Result<()> {
         gib(graph_bytes)
     );
     println!(
-        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} loss={:.4} op_path={} checkpoint={}",
+        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} loss={:.4} op_path={} checkpoint={} cuda_alloc={}",
         a.shape,
         a.batch,
         a.seq,
@@ -512,8 +501,155 @@ fn run(a: &Args) -> Result<()> {
         gib(graph_bytes),
         last_loss,
         a.op_path,
-        u8::from(a.checkpoint)
+        u8::from(a.checkpoint),
+        a.cuda_alloc
     );
+    Ok(())
+}
+
+/// Special tokens of the benchmark's random data.
+const TOKENS: SpecialTokens = SpecialTokens { eos: 0, pad: 1 };
+
+/// DPO with beta 0.1, reference log-probs cached (as `overopt daa` runs it).
+fn daa_config() -> DaaConfig {
+    DaaConfig {
+        objective: Objective::Dpo {
+            label_smoothing: 0.0,
+        },
+        beta: 0.1,
+        online_reference: false,
+        reference_cache: None,
+    }
+}
+
+/// A randomly initialised model of `cfg` on `dev` with f32 master weights ([`TiledInit`]:
+/// the same values on every device) and its variables.
+fn new_model(
+    cfg: &GptNeoXConfig,
+    dev: &Device,
+    compute: DType,
+    op_path: OpPath,
+    checkpoint: bool,
+) -> Result<(GptNeoX, VarMap)> {
+    let init = TiledInit::new(dev, 1)?;
+    let map = init.map.clone();
+    let vb = VarBuilder::from_backend(Box::new(init), DType::F32, dev.clone());
+    let model = GptNeoX::new(cfg, vb)?
+        .with_compute_dtype(compute)
+        .with_op_path(op_path)
+        .with_checkpointing(checkpoint);
+    Ok((model, map))
+}
+
+/// `batch` preference pairs of random tokens and their (constant) reference log-probs, which
+/// `overopt daa` precomputes. Not `ragged`: prompts of seq/2 tokens and responses filling the
+/// rest with EOS appended, so every sequence is exactly `seq` tokens (no padding). `ragged`:
+/// pair i's prompt and responses are shorter by a few tokens each, different per pair and
+/// between chosen and rejected, so that the batch is padded.
+fn batch_data(
+    cfg: &GptNeoXConfig,
+    batch: usize,
+    seq: usize,
+    ragged: bool,
+) -> (Vec<PrefExample>, Vec<(f32, f32)>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let vocab = cfg.vocab_size as u32;
+    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(2..vocab)).collect() };
+    let pl = seq / 2;
+    let rl = seq - pl - 1;
+    let cut = |i: usize, k: usize, n: usize| if ragged { n - (i * k) % (n / 2) } else { n };
+    let data = (0..batch)
+        .map(|i| PrefExample {
+            prompt: toks(cut(i, 3, pl)),
+            chosen: toks(cut(i, 5, rl)),
+            rejected: toks(cut(i, 2, rl)),
+        })
+        .collect();
+    let refs = (0..batch).map(|i| (-2000.0 - i as f32, -2001.0)).collect();
+    (data, refs)
+}
+
+/// `--parity`: see [`Args::parity`].
+fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
+    let (data, refs) = batch_data(cfg, a.batch, a.seq, true);
+    let idx: Vec<usize> = (0..a.batch).collect();
+    // The loss and every parameter's gradient (f32, on the CPU) of one step.
+    let step = |dev: &Device, compute, path, ckpt| -> Result<(f64, Vec<(String, Tensor)>)> {
+        let (model, map) = new_model(cfg, dev, compute, path, ckpt)?;
+        let out = daa_micro(
+            &model,
+            &data,
+            &idx,
+            TOKENS,
+            &daa_config(),
+            ReferenceSource::Cached(&refs),
+        )?;
+        let grads = model.backward(&out.loss)?;
+        let loss = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        let grads = overopt::sorted_vars(&map)
+            .into_iter()
+            .map(|(name, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .with_context(|| format!("{name}: no gradient"))?;
+                Ok((name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss, grads))
+    };
+    let (loss_ref, g_ref) = step(&Device::Cpu, DType::F32, OpPath::Composite, false)?;
+    let name = if dev.is_cpu() { "cpu" } else { "cuda:0" };
+    let mut failed = Vec::new();
+    let mut worst = 0f64;
+    // bf16 keeps 8 significant bits (a relative rounding of 2^-9 per op); a few dozen ops deep,
+    // differences of a few 1e-3 of a gradient's largest entry are rounding, 5e-2 is not.
+    for (compute, tol) in [(DType::F32, 1e-4), (DType::BF16, 5e-2)] {
+        for (path, ckpt) in [
+            (OpPath::Differentiable, false),
+            (OpPath::Recompute, false),
+            (OpPath::Composite, false),
+            (OpPath::Differentiable, true),
+        ] {
+            let (loss, grads) = step(dev, compute, path, ckpt)?;
+            // Per parameter, the largest difference relative to the largest reference entry.
+            let (mut grad_rel, mut at) = (0f64, String::new());
+            for ((n, g), (_, r)) in grads.iter().zip(&g_ref) {
+                let scale = r.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+                let d = (g - r)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale.max(1e-30);
+                if !(d <= grad_rel) {
+                    (grad_rel, at) = (d, n.clone());
+                }
+            }
+            let loss_rel = (loss - loss_ref).abs() / loss_ref.abs().max(1e-30);
+            let ok = loss_rel <= tol && grad_rel <= tol;
+            worst = worst.max(grad_rel.max(loss_rel) / tol);
+            let label = format!(
+                "autocast={} op_path={} checkpoint={}",
+                if compute == DType::F32 { "off" } else { "bf16" },
+                format!("{path:?}").to_lowercase(),
+                u8::from(ckpt)
+            );
+            println!(
+                "PARITY device={name} {label} loss={loss:.6} loss_ref={loss_ref:.6} loss_rel={loss_rel:.2e} grad_rel={grad_rel:.2e} worst_param={at} tol={tol:.0e} ok={}",
+                u8::from(ok)
+            );
+            if !ok {
+                failed.push(label);
+            }
+        }
+    }
+    println!(
+        "RESULT impl=overopt-parity shape={} ok={} device={name} worst_over_tol={worst:.3}",
+        a.shape,
+        u8::from(failed.is_empty())
+    );
+    if !failed.is_empty() {
+        bail!(
+            "parity: {} of 8 configurations differ from the CPU f32 reference beyond tolerance: {}",
+            failed.len(),
+            failed.join("; ")
+        );
+    }
     Ok(())
 }
 
@@ -684,16 +820,23 @@ fn main() {
             .take(160)
             .collect();
         println!(
-            "RESULT impl=overopt shape={} ok=0 oom={} error={} op_path={} checkpoint={}",
+            "RESULT impl=overopt shape={} ok=0 oom={} error={} op_path={} checkpoint={} cuda_alloc={}",
             a.shape,
             u8::from(oom),
             one_line,
             a.op_path,
-            u8::from(a.checkpoint)
+            u8::from(a.checkpoint),
+            a.cuda_alloc
         );
-        let usage = ["no CUDA", "no usable CUDA", "unknown --", "unknown op path"]
-            .iter()
-            .any(|m| msg.contains(m));
+        let usage = [
+            "no CUDA",
+            "no usable CUDA",
+            "unknown --",
+            "unknown op path",
+            "unknown CUDA allocation",
+        ]
+        .iter()
+        .any(|m| msg.contains(m));
         std::process::exit(if usage { 1 } else { 2 });
     }
 }
