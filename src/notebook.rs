@@ -627,16 +627,16 @@ pub fn pair_examples(p: &Profile, n: usize) -> Result<Markdown> {
         ));
     }
     let stats = t.out.join("data/pair_stats.json");
-    if let Ok(text) = std::fs::read_to_string(&stats) {
-        if let Ok(st) = serde_json::from_str::<crate::data::synthetic::PairStats>(&text) {
-            s.push_str(&format!(
+    if let Ok(text) = std::fs::read_to_string(&stats)
+        && let Ok(st) = serde_json::from_str::<crate::data::synthetic::PairStats>(&text)
+    {
+        s.push_str(&format!(
                 "\n{} pairs kept of {} offered; the chosen response has the higher gold reward in {:.0}% of them and is the longer one in {:.0}% (the labeler's verbosity bias).",
                 st.kept,
                 st.offered,
                 100.0 * st.chosen_higher_gold,
                 100.0 * st.chosen_longer
             ));
-        }
     }
     Ok(Markdown(s))
 }

@@ -88,6 +88,23 @@ impl Hasher {
     }
 }
 
+/// Make the C allocator keep freed memory for reuse instead of handing every large free back to
+/// the OS. Training on the CPU allocates and frees many short-lived buffers of the same sizes
+/// (one per tensor op and gradient); with glibc's defaults each one is a fresh `mmap` that the
+/// kernel zero-fills page by page, which cost about a fifth of a DPO step. Call it once, first
+/// thing in `main`. A no-op except on Linux with glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+    unsafe {
+        // Requests below 32 MiB (glibc's maximum) come from the heap, which is trimmed only
+        // when 1 GiB is free at its top.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 16 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,22 +135,5 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
-    }
-}
-
-/// Make the C allocator keep freed memory for reuse instead of handing every large free back to
-/// the OS. Training on the CPU allocates and frees many short-lived buffers of the same sizes
-/// (one per tensor op and gradient); with glibc's defaults each one is a fresh `mmap` that the
-/// kernel zero-fills page by page, which cost about a fifth of a DPO step. Call it once, first
-/// thing in `main`. A no-op except on Linux with glibc.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
-    unsafe {
-        // Requests below 32 MiB (glibc's maximum) come from the heap, which is trimmed only
-        // when 1 GiB is free at its top.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 16 << 20);
     }
 }

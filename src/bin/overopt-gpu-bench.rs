@@ -616,7 +616,7 @@ fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
             for ((n, g), (_, r)) in grads.iter().zip(&g_ref) {
                 let scale = r.abs()?.max_all()?.to_scalar::<f32>()? as f64;
                 let d = (g - r)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale.max(1e-30);
-                if !(d <= grad_rel) {
+                if d.is_nan() || d > grad_rel {
                     (grad_rel, at) = (d, n.clone());
                 }
             }

@@ -777,7 +777,7 @@ pub fn load_pref_records(
         &s.config,
         name,
         limit,
-        |local, repo_path, left| read_pref_file(local, repo_path, left),
+        read_pref_file,
     )
 }
 

@@ -76,10 +76,10 @@ impl GptNeoXConfig {
         let m = v
             .as_object()
             .ok_or_else(|| anyhow!("{ctx}: expected a JSON object"))?;
-        if let Some(mt) = m.get("model_type").and_then(|x| x.as_str()) {
-            if mt != "gpt_neox" {
-                bail!("{ctx}: field `model_type` is {mt:?}, expected \"gpt_neox\"");
-            }
+        if let Some(mt) = m.get("model_type").and_then(|x| x.as_str())
+            && mt != "gpt_neox"
+        {
+            bail!("{ctx}: field `model_type` is {mt:?}, expected \"gpt_neox\"");
         }
         let vocab_size = req_usize(m, "vocab_size", ctx)?;
         let hidden_size = req_usize(m, "hidden_size", ctx)?;
@@ -106,14 +106,13 @@ impl GptNeoXConfig {
                 None => 10000.0,
             },
         };
-        if let Some(r) = rope {
-            if let Some(t) = r.get("rope_type").and_then(|x| x.as_str()) {
-                if t != "default" {
-                    bail!(
-                        "{ctx}: field `rope_parameters.rope_type` = {t:?} is not supported (only \"default\")"
-                    );
-                }
-            }
+        if let Some(r) = rope
+            && let Some(t) = r.get("rope_type").and_then(|x| x.as_str())
+            && t != "default"
+        {
+            bail!(
+                "{ctx}: field `rope_parameters.rope_type` = {t:?} is not supported (only \"default\")"
+            );
         }
         let layer_norm_eps = opt_f64(m, "layer_norm_eps", ctx)?.unwrap_or(1e-5);
         let use_parallel_residual = match m.get("use_parallel_residual") {
@@ -163,7 +162,7 @@ impl GptNeoXConfig {
 
     /// Check that the values describe a model that can exist.
     pub fn validate(&self, ctx: &str) -> Result<()> {
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "{ctx}: field `hidden_size` ({}) is not divisible by `num_attention_heads` ({})",
                 self.hidden_size,
@@ -176,7 +175,7 @@ impl GptNeoXConfig {
                 self.rotary_pct
             );
         }
-        if self.rotary_ndims() == 0 || self.rotary_ndims() % 2 != 0 {
+        if self.rotary_ndims() == 0 || !self.rotary_ndims().is_multiple_of(2) {
             bail!(
                 "{ctx}: `rotary_pct` {} gives {} rotary dims per head of size {}; need an even positive number",
                 self.rotary_pct,
@@ -206,13 +205,13 @@ impl GptNeoXConfig {
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),
         ] {
-            if let Some(t) = t {
-                if t as usize >= self.vocab_size {
-                    bail!(
-                        "{ctx}: field `{k}` = {t} is outside the vocabulary of {}",
-                        self.vocab_size
-                    );
-                }
+            if let Some(t) = t
+                && t as usize >= self.vocab_size
+            {
+                bail!(
+                    "{ctx}: field `{k}` = {t} is outside the vocabulary of {}",
+                    self.vocab_size
+                );
             }
         }
         Ok(())

@@ -658,7 +658,7 @@ fn scores_from<F: Fn(usize) -> usize>(
 fn attend_heads_portable<F: Fn(usize) -> usize>(t: &Query<F>, pr: &mut [f32], out: &mut [f32]) {
     let (hs, hd) = (t.hs, t.q.len());
     let nk = pr.len() / (hd / hs);
-    scores_from(t, pr, 0, |a, b| dot(a, b));
+    scores_from(t, pr, 0, dot);
     softmax_heads(pr, nk);
     for j in 0..nk {
         let vr = &t.kv.1[(t.at)(j)..][..hd];
@@ -681,7 +681,7 @@ fn attend_heads_portable<F: Fn(usize) -> usize>(t: &Query<F>, pr: &mut [f32], ou
 /// (tested).
 fn attend_heads<F: Fn(usize) -> usize>(t: &Query<F>, pr: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if t.hs % 8 == 0 && has_avx2() {
+    if t.hs.is_multiple_of(8) && has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA; every access is bounds-checked by slicing.
         unsafe { avx::attend_heads(t, pr, out) };
         return;
@@ -795,7 +795,7 @@ mod avx {
         }
         // A closure, not the function item: the item's call went through a shim that was
         // not inlined, which left the intrinsics as calls.
-        scores_from(t, pr, full, |a, b| dot8(a, b));
+        scores_from(t, pr, full, dot8);
         softmax_heads(pr, nk);
         let mut c0 = 0;
         while c0 < hd {

@@ -262,7 +262,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     let rows = x.elem_count() / in_f.max(1);
     let mut out_dims = x.dims().to_vec();
-    *out_dims.last_mut().expect("checked: x has a last dimension") = out_f;
+    *out_dims
+        .last_mut()
+        .expect("checked: x has a last dimension") = out_f;
     let x_dims = x.dims().to_vec();
     with_backward(
         "recompute-linear",

@@ -149,30 +149,30 @@ pub fn read_results_parquet(path: &Path) -> Result<Vec<ResultRow>> {
             .with_context(|| format!("{}: missing column `{name}`", path.display()))
     };
     let fcol = |name: &str| -> Result<Vec<f64>> {
-        Ok(col(name)?
+        col(name)?
             .f64()
             .map_err(|_| anyhow::anyhow!("{}: column `{name}` is not f64", path.display()))
             .map(|ca| {
                 (0..ca.len())
                     .map(|i| ca.get(i).unwrap_or(f64::NAN))
                     .collect()
-            })?)
+            })
     };
     let scol = |name: &str| -> Result<Vec<String>> {
-        Ok(col(name)?
+        col(name)?
             .str()
             .map_err(|_| anyhow::anyhow!("{}: column `{name}` is not a string", path.display()))
             .map(|ca| {
                 (0..ca.len())
                     .map(|i| ca.get(i).unwrap_or_default().to_string())
                     .collect()
-            })?)
+            })
     };
     let ucol = |name: &str| -> Result<Vec<u64>> {
-        Ok(col(name)?
+        col(name)?
             .u64()
             .map_err(|_| anyhow::anyhow!("{}: column `{name}` is not u64", path.display()))
-            .map(|ca| (0..ca.len()).map(|i| ca.get(i).unwrap_or(0)).collect())?)
+            .map(|ca| (0..ca.len()).map(|i| ca.get(i).unwrap_or(0)).collect())
     };
     let (obj, size, hash) = (scol("objective")?, scol("size")?, scol("config_hash")?);
     let (beta, ck, kl, kl_se) = (

@@ -323,15 +323,10 @@ impl Teach {
         let mcfg = self.cfg.model_config(&self.task, spec)?;
         let st = &self.cfg.sft;
         let total = st.examples / st.batch_size;
-        if let Some((step, d)) = checkpoint::list(&dir)?.pop() {
-            if step == total {
-                return Ok(load::load(
-                    d.to_str().unwrap(),
-                    None,
-                    DType::F32,
-                    &self.device,
-                )?);
-            }
+        if let Some((step, d)) = checkpoint::list(&dir)?.pop()
+            && step == total
+        {
+            return load::load(d.to_str().unwrap(), None, DType::F32, &self.device);
         }
         let t0 = Instant::now();
         self.say(&format!(

@@ -111,7 +111,7 @@ impl Tracker {
         if ood > self.peak_ood.1 {
             self.peak_ood = (step, ood);
         }
-        if step % self.log_every == 0 || last {
+        if step.is_multiple_of(self.log_every) || last {
             self.snapshots.push(Snapshot { step, probs });
         }
         Ok(())

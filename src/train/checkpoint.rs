@@ -74,12 +74,11 @@ pub fn list(out_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
         let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if let Some(s) = name.strip_prefix("step-") {
-            if let Ok(step) = s.parse::<usize>() {
-                if p.join("meta.json").is_file() {
-                    out.push((step, p));
-                }
-            }
+        if let Some(s) = name.strip_prefix("step-")
+            && let Ok(step) = s.parse::<usize>()
+            && p.join("meta.json").is_file()
+        {
+            out.push((step, p));
         }
     }
     out.sort();

@@ -69,7 +69,7 @@ impl LoopConfig {
         if self.micro_batch_size == 0 || self.batch_size == 0 {
             bail!("train: `batch_size` and `micro_batch_size` must be positive");
         }
-        if self.batch_size % self.micro_batch_size != 0 {
+        if !self.batch_size.is_multiple_of(self.micro_batch_size) {
             bail!(
                 "train: `batch_size` ({}) must be a multiple of `micro_batch_size` ({})",
                 self.batch_size,
@@ -144,11 +144,11 @@ fn keep_log_until(path: &Path, step: usize) -> Result<()> {
     let text = std::fs::read_to_string(path)?;
     let mut kept = String::new();
     for line in text.lines() {
-        if let Ok(l) = serde_json::from_str::<StepLog>(line) {
-            if l.step <= step {
-                kept.push_str(line);
-                kept.push('\n');
-            }
+        if let Ok(l) = serde_json::from_str::<StepLog>(line)
+            && l.step <= step
+        {
+            kept.push_str(line);
+            kept.push('\n');
         }
     }
     crate::util::write_atomic(path, kept.as_bytes())
@@ -186,20 +186,20 @@ pub fn run_epoch(
     let ckpt_steps = checkpoint_steps(&cfg.checkpoints, total);
     let log_path = out_dir.join("metrics.jsonl");
     let mut start = 0;
-    if cfg.resume {
-        if let Some((step, dir)) = checkpoint::list(out_dir)?.pop() {
-            let meta = checkpoint::restore(&dir, &policy.varmap, &mut opt, policy.model.device())?;
-            if meta.total_steps != total || meta.seed != cfg.seed {
-                bail!(
-                    "{}: checkpoint of a different run (total steps {} vs {total}, seed {} vs {}); use another output directory",
-                    dir.display(),
-                    meta.total_steps,
-                    meta.seed,
-                    cfg.seed
-                );
-            }
-            start = step;
+    if cfg.resume
+        && let Some((step, dir)) = checkpoint::list(out_dir)?.pop()
+    {
+        let meta = checkpoint::restore(&dir, &policy.varmap, &mut opt, policy.model.device())?;
+        if meta.total_steps != total || meta.seed != cfg.seed {
+            bail!(
+                "{}: checkpoint of a different run (total steps {} vs {total}, seed {} vs {}); use another output directory",
+                dir.display(),
+                meta.total_steps,
+                meta.seed,
+                cfg.seed
+            );
         }
+        start = step;
     }
     keep_log_until(&log_path, start)?;
     if start == 0 {
