@@ -354,7 +354,6 @@ fn run(a: &Args) -> Result<()> {
     let init_s = t_init.elapsed().as_secs_f64();
 
     let (data, refs) = batch_data(&cfg, a.batch, a.seq, false);
-    let idx: Vec<usize> = (0..a.batch).collect();
     let tokens_per_step = 2 * a.batch * a.seq;
     // FLOPs of a training step: 6 N T for the matmuls with parameters (N excludes the input
     // embedding, a lookup) plus 12 L d s T for attention scores and values (fwd + bwd, the full
@@ -399,14 +398,7 @@ fn run(a: &Args) -> Result<()> {
         dev.synchronize()?;
         let before = mem_used(&dev);
         let t0 = Instant::now();
-        let out = daa_micro(
-            &model,
-            &data,
-            &idx,
-            TOKENS,
-            &daa_config(),
-            ReferenceSource::Cached(&refs),
-        )?;
+        let loss = dpo_loss(&model, &data, &refs)?;
         dev.synchronize()?;
         peak.sample(&dev);
         let t1 = Instant::now();
@@ -417,7 +409,7 @@ fn run(a: &Args) -> Result<()> {
             let kept = a.saturating_sub(b);
             graph_bytes = if s <= 1 { kept } else { graph_bytes.min(kept) };
         }
-        let grads = model.backward(&out.loss)?;
+        let grads = model.backward(&loss)?;
         dev.synchronize()?;
         peak.sample(&dev);
         let t2 = Instant::now();
@@ -428,7 +420,7 @@ fn run(a: &Args) -> Result<()> {
         dev.synchronize()?;
         peak.sample(&dev);
         let t3 = Instant::now();
-        last_loss = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        last_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         let step_s = (t3 - t0).as_secs_f64();
         println!(
             "{} step {}: {:.3}s (fwd {:.3}s, bwd {:.3}s, optim {:.3}s) loss {:.4} grad_norm {:.3}",
@@ -522,6 +514,21 @@ fn daa_config() -> DaaConfig {
     }
 }
 
+/// The DPO loss of the whole batch `data` with the cached reference log-probs `refs`: the
+/// forward pass of a step, as `overopt daa` runs it for one micro-batch.
+fn dpo_loss(model: &GptNeoX, data: &[PrefExample], refs: &[(f32, f32)]) -> Result<Tensor> {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let out = daa_micro(
+        model,
+        data,
+        &idx,
+        TOKENS,
+        &daa_config(),
+        ReferenceSource::Cached(refs),
+    )?;
+    Ok(out.loss)
+}
+
 /// A randomly initialised model of `cfg` on `dev` with f32 master weights ([`TiledInit`]:
 /// the same values on every device) and its variables.
 fn new_model(
@@ -572,20 +579,12 @@ fn batch_data(
 /// `--parity`: see [`Args::parity`].
 fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
     let (data, refs) = batch_data(cfg, a.batch, a.seq, true);
-    let idx: Vec<usize> = (0..a.batch).collect();
     // The loss and every parameter's gradient (f32, on the CPU) of one step.
     let step = |dev: &Device, compute, path, ckpt| -> Result<(f64, Vec<(String, Tensor)>)> {
         let (model, map) = new_model(cfg, dev, compute, path, ckpt)?;
-        let out = daa_micro(
-            &model,
-            &data,
-            &idx,
-            TOKENS,
-            &daa_config(),
-            ReferenceSource::Cached(&refs),
-        )?;
-        let grads = model.backward(&out.loss)?;
-        let loss = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        let loss_t = dpo_loss(&model, &data, &refs)?;
+        let grads = model.backward(&loss_t)?;
+        let loss = loss_t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         let grads = overopt::sorted_vars(&map)
             .into_iter()
             .map(|(name, v)| {
