@@ -7,13 +7,13 @@
 #    when they lack libcurand.so.10 the stub in bench/bin/curand-stub is used (the bench never
 #    draws device random numbers). The driver's libcuda.so.1 comes from the system.
 # 2. overopt-gpu-bench: DPO step of Pythia-1B shape, batch 16 pairs x 512 tokens, bf16 autocast.
-#    Then the step's parts (matmul, linear layers, MLP, attention, layer norm, head with the
-#    log-probs, an add) timed one by one on both sides (`--components`).
+#    Then `--parity`: the CUDA step's loss and every gradient against the CPU's (f32, basic
+#    ops) on a tiny model with ragged batches, on every op path, with and without
+#    checkpointing, f32 and bf16 autocast. Then the step's parts (matmul, linear layers, MLP,
+#    attention, layer norm, head with the log-probs, an add) timed one by one on both sides
+#    (`--components`).
 # 3. bench/gpu_torch.py: the same step in PyTorch eager (transformers GPTNeoXForCausalLM or its own
 #    module), then larger Pythia shapes one step each until one does not fit.
-# 3b. overopt-gpu-bench --parity: the CUDA step's loss and every gradient against the CPU's
-#    (f32, basic ops) on a tiny model with ragged batches, on every op path, with and without
-#    checkpointing, f32 and bf16 autocast.
 # 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b) with activation checkpointing,
 #    one step each, while time is left.
 # 5. When time is left, two A/B runs of the 1B step: with `--cuda-alloc default` (the driver's
@@ -102,6 +102,8 @@ cap() { # min($1, time left)
 
 # Part 1: overopt, Pythia-1B shape.
 run_part overopt-1b "$(cap 130)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 2 --steps 4
+# Part 1b: the values of the CUDA step against the CPU's (a tiny model; seconds).
+run_part parity "$(cap 30)" "$BIN" --shape tiny --batch 4 --seq 64 --parity
 # Part 1c: the step's parts timed one by one on both sides (where the time goes).
 run_part components-overopt "$(cap 35)" "$BIN" --shape 1b --batch 16 --seq 512 --steps 4 --components
 run_part components-torch "$(cap 35)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
@@ -109,8 +111,6 @@ run_part components-torch "$(cap 35)" "$PY" bench/gpu_torch.py --shape 1b --batc
 # Part 2: PyTorch, same step, then the larger shapes.
 run_part torch "$(cap 140)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
   --warmup 2 --steps 4 --fit --fit-budget-s 75
-# Part 2b: the values of the CUDA step against the CPU's.
-run_part parity "$(cap 30)" "$BIN" --shape tiny --batch 4 --seq 64 --parity
 # Part 3: overopt on larger shapes with activation checkpointing per layer (--checkpoint; the
 # graph keeps one residual stream per layer), one step each, until one fails or time runs out.
 if grep -q 'RESULT impl=overopt shape=1b ok=1' "$LOG/overopt-1b.log"; then

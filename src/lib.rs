@@ -68,14 +68,20 @@ impl CudaAlloc {
 /// `synchronize`) the pool returns all freed memory to the device, and the next pass maps it
 /// again. With [`CudaAlloc::Keep`] the threshold is raised so the pool keeps what it holds, and
 /// the per-buffer events that cudarc creates for synchronisation between streams are not made
-/// (candle runs each device on one stream, where cudarc never uses them). On a build without
-/// the `cuda` feature this is candle's error for a missing CUDA backend.
+/// (candle runs each device on one stream, where cudarc never uses them). These are speed
+/// settings: when the driver refuses them, a warning names the failure on stderr and the
+/// device is returned with the driver's defaults. On a build without the `cuda` feature this
+/// is candle's error for a missing CUDA backend.
 pub fn cuda_device(ordinal: usize, alloc: CudaAlloc) -> anyhow::Result<candle_core::Device> {
     let dev = candle_core::Device::new_cuda(ordinal)?;
     #[cfg(feature = "cuda")]
-    if let (candle_core::Device::Cuda(d), CudaAlloc::Keep) = (&dev, alloc) {
-        keep_freed_memory(d)
-            .map_err(|e| anyhow::anyhow!("cuda:{ordinal}: setting up its memory pool: {e}"))?;
+    if let (candle_core::Device::Cuda(d), CudaAlloc::Keep) = (&dev, alloc)
+        && let Err(e) = keep_freed_memory(d)
+    {
+        eprintln!(
+            "warning: cuda:{ordinal}: could not make the memory pool keep freed memory ({e}); \
+             using the driver's defaults"
+        );
     }
     #[cfg(not(feature = "cuda"))]
     let _ = alloc;
