@@ -137,6 +137,21 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
             .output()
             .unwrap()
     };
+    // Its standard output, after checking that it succeeded.
+    let bench_ok = |args: &[&str]| -> String {
+        let o = bench(args);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {out}{err}");
+        out
+    };
+    // A usage error (status 1) whose message contains `msg`.
+    let usage_error = |args: &[&str], msg: &str| {
+        let o = bench(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(msg), "{args:?}: {err}");
+    };
     let mut kept = Vec::new();
     for (path, ckpt) in [
         ("differentiable", false),
@@ -145,13 +160,7 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
         ("differentiable", true),
     ] {
         let args = ["--op-path", path, "--checkpoint"];
-        let o = bench(&args[..if ckpt { 3 } else { 2 }]);
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{path}: {out}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let out = bench_ok(&args[..if ckpt { 3 } else { 2 }]);
         let result = out.lines().find(|l| l.starts_with("RESULT ")).unwrap();
         assert!(
             result.contains("ok=1") && result.contains(&format!(" op_path={path} ")),
@@ -186,13 +195,7 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
         kept[0]
     );
     // The step's parts, one by one.
-    let o = bench(&["--components"]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out = bench_ok(&["--components"]);
     let parts: Vec<&str> = out
         .lines()
         .filter(|l| l.starts_with("COMPONENT impl=overopt "))
@@ -207,18 +210,10 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
             .unwrap();
         assert!(ms > 0.0, "{l}");
     }
-    let o = bench(&["--op-path", "flash"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown op path \"flash\""));
+    usage_error(&["--op-path", "flash"], "unknown op path \"flash\"");
     // The step's values on every op path, with checkpointing and bf16 autocast, against the
     // CPU f32 composite step (on a GPU machine: the CUDA step against the CPU's).
-    let o = bench(&["--parity"]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out = bench_ok(&["--parity"]);
     let checks: Vec<&str> = out.lines().filter(|l| l.starts_with("PARITY ")).collect();
     assert_eq!(checks.len(), 8, "{out}");
     assert!(checks.iter().all(|l| l.ends_with(" ok=1")), "{out}");
@@ -228,14 +223,10 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
             .any(|l| l.contains("autocast=bf16 op_path=recompute checkpoint=0")),
         "{out}"
     );
-    let o = bench(&["--cuda-alloc", "cached"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr)
-            .contains("unknown CUDA allocation mode \"cached\": expected keep or default")
+    usage_error(
+        &["--cuda-alloc", "cached"],
+        "unknown CUDA allocation mode \"cached\": expected keep or default",
     );
     // The inference path has no backward pass: refused for a training step.
-    let o = bench(&["--op-path", "fused"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no backward pass"));
+    usage_error(&["--op-path", "fused"], "no backward pass");
 }

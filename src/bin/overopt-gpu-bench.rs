@@ -307,6 +307,11 @@ fn device(cpu: bool, alloc: &str) -> Result<Device> {
     )
 }
 
+/// The device's name in the benchmark's output (it uses CUDA device 0).
+fn dev_name(dev: &Device) -> &'static str {
+    if dev.is_cpu() { "cpu" } else { "cuda:0" }
+}
+
 fn run(a: &Args) -> Result<()> {
     let dev = device(a.cpu, &a.cuda_alloc)?;
     let cfg = config(&a.shape, a.layers, a.vocab)?;
@@ -377,7 +382,7 @@ fn run(a: &Args) -> Result<()> {
         } else {
             ""
         },
-        if a.cpu { "cpu" } else { "cuda:0" },
+        dev_name(&dev),
         if a.cpu {
             String::new()
         } else {
@@ -597,7 +602,7 @@ fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
         Ok((loss, grads))
     };
     let (loss_ref, g_ref) = step(&Device::Cpu, DType::F32, OpPath::Composite, false)?;
-    let name = if dev.is_cpu() { "cpu" } else { "cuda:0" };
+    let name = dev_name(dev);
     let mut failed = Vec::new();
     let mut worst = 0f64;
     // bf16 keeps 8 significant bits (a relative rounding of 2^-9 per op); a few dozen ops deep,
@@ -692,7 +697,7 @@ fn components(a: &Args, dev: &Device, cfg: &GptNeoXConfig, cd: DType) -> Result<
     println!(
         "overopt-gpu-bench --components: shape {} (hidden {h}, MLP {inter}, {nh} heads, vocab {vocab}), T = {t} token rows, attention {rows} x {nh} heads x {q_len} queries x {k_len} keys, compute {cd:?}, device {}, {reps} reps each",
         a.shape,
-        if a.cpu { "cpu" } else { "cuda:0" }
+        dev_name(dev)
     );
     let report = |name: &str, s: f64, flops: f64, bytes: f64| {
         println!(
@@ -702,11 +707,11 @@ fn components(a: &Args, dev: &Device, cfg: &GptNeoXConfig, cd: DType) -> Result<
             bytes / s / 1e9
         );
     };
-    // The linear layer of the autocast path: input, weight and bias cast, matmul, bias add.
+    // The linear layer of the step's autocast path: input, weight and bias cast, then the
+    // recomputing linear op.
     let linear = |x: &Tensor, w: &Var, b: &Var| -> Result<Tensor> {
-        Ok(x.to_dtype(cd)?
-            .matmul(&w.as_tensor().to_dtype(cd)?.t()?)?
-            .broadcast_add(&b.as_tensor().to_dtype(cd)?)?)
+        let c = |t: &Tensor| t.to_dtype(cd);
+        Ok(recompute::linear(&c(x)?, &c(w)?, &c(b)?)?)
     };
     let backward_of = |y: &Tensor| -> Result<()> {
         y.to_dtype(DType::F32)?.sum_all()?.backward()?;

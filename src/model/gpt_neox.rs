@@ -150,7 +150,8 @@ fn autocast_to(l: &Linear, x: &Tensor, compute: Option<DType>) -> Option<DType> 
 
 /// `l` with its weight and bias cast to the autocast dtype `compute` (a differentiable cast), for
 /// a forward pass that applies `l` more than once: every call then shares one cast, where
-/// [`linear_autocast`] would cast (and candle's graph keep) a copy of the weights per call.
+/// [`linear_fwd`] on the uncast layer would cast (and candle's graph keep) a copy of the
+/// weights per call.
 fn cast_linear(l: &Linear, compute: Option<DType>) -> Result<Linear> {
     match compute {
         Some(cd) if cd != l.weight().dtype() => Ok(Linear::new(
@@ -934,9 +935,9 @@ impl GptNeoX {
     }
 
     /// The gradients of `loss`: `loss.backward()`, plus, with checkpointing, the gradients of
-    /// the checkpointed layers' parameters, which their nodes hand over aside (see
-    /// [`Layer::checkpointed`]). Use it instead of `loss.backward()` on a model that may be
-    /// checkpointed; the two are the same without checkpointing.
+    /// the checkpointed layers' parameters, which their graph nodes hand over aside (a custom
+    /// op can only pass gradients to its inputs). Use it instead of `loss.backward()` on a
+    /// model that may be checkpointed; the two are the same without checkpointing.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         lock(&self.stash)?.clear();
         let mut grads = loss.backward()?;

@@ -795,7 +795,8 @@ mod avx {
         }
         // A closure, not the function item: the item's call went through a shim that was
         // not inlined, which left the intrinsics as calls.
-        scores_from(t, pr, full, dot8);
+        #[allow(clippy::redundant_closure)]
+        scores_from(t, pr, full, |a, b| dot8(a, b));
         softmax_heads(pr, nk);
         let mut c0 = 0;
         while c0 < hd {
