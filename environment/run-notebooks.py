@@ -9,7 +9,9 @@ the `overopt-rust` kernel (environment/setup-notebooks.sh installs it) with
 OVEROPT_NOTEBOOK_PROFILE=smoke, and its executed copy is written to --out (default
 out/notebooks, git-ignored). Notebooks whose metadata sets overopt.trains run first, one at a
 time (they write the results directory, emptied at the start); the others then run --jobs at
-a time (default 2), each in a kernel of its own. A notebook FAILS when
+a time (default 2), each in a kernel of its own; they start their kernels one at a time (a
+lock file, held until the kernel listens on its ports, so two kernels can't be handed the same
+ports). A notebook FAILS when
 
   error-output         a cell has an error output (compile errors; a dead kernel);
   panic                a printed line contains "panicked at" (evcxr reports a panic as success);
@@ -31,7 +33,9 @@ SKIPPED, or fails with --require-chromium.
 
 Exit codes of cells prove nothing here; only these checks do. --self-test runs the broken
 fixture tests/fixtures/notebooks/broken.ipynb and passes only when every problem it plants
-(its metadata overopt.expect_problems: kind and cell) is reported at its cell.
+(its metadata overopt.expect_problems: kind and cell) is reported at its cell; before that it
+starts stand-in kernels at once, without the start lock (their ports must collide) and with it
+(they must not; --self-test-start-lock runs only this part).
 
 Timings: the kernel start (with evcxr.toml's `:dep` on the crate, the first build of the crate
 happens here: cold when nothing is compiled, seconds when warm), the first cell, and each
@@ -40,11 +44,14 @@ notebook's total are printed.
 
 import argparse
 import asyncio
+import errno
+import fcntl
 import json
 import os
 import queue
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -96,6 +103,61 @@ class LateOutputClient(NotebookClient):
                     self.process_message(msg, cell, cell_index)
                 except CellExecutionComplete:
                     pass
+
+    # A lock file shared by runners that start kernels at the same time (run_parallel's
+    # children), or None.
+    start_lock = None
+    listen_timeout_s = 600
+
+    async def async_start_new_kernel(self, **kwargs):
+        """Start the kernel; with `start_lock` set, do it while holding that lock, and keep it
+        until the kernel listens on all its ports (or died, or `listen_timeout_s` passed).
+
+        jupyter_client picks a kernel's five ports by binding port 0 and closing the socket,
+        and only keeps the picks of its own process apart. Two runners starting kernels at once
+        could be handed the same ports: on CI one kernel died with "Address already in use"
+        and its client's messages reached the other kernel, which died of "MAC tag mismatch".
+        Once a kernel listens on a port, no later pick can return it."""
+        if self.start_lock is None:
+            return await super().async_start_new_kernel(**kwargs)
+        with open(self.start_lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                await super().async_start_new_kernel(**kwargs)
+                await wait_until_listening(self.km, self.listen_timeout_s)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def kernel_ports(km):
+    return [km.shell_port, km.iopub_port, km.stdin_port, km.hb_port, km.control_port]
+
+
+def port_in_use(ip, port):
+    """True when something on this machine holds `port` (binding it fails with EADDRINUSE)."""
+    with socket.socket() as s:
+        try:
+            s.bind((ip, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+async def wait_until_listening(km, timeout_s, poll_s=0.1):
+    """Wait until every port of the kernel `km` started is taken, the kernel died or
+    `timeout_s` passed. Returns the seconds waited. (evcxr binds its sockets first thing,
+    before it loads evcxr.toml and builds the crate.)"""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while loop.time() - t0 < timeout_s:
+        if all(port_in_use(km.ip, p) for p in kernel_ports(km)):
+            break
+        if not await ensure_async(km.is_alive()):
+            break
+        await asyncio.sleep(poll_s)
+    return loop.time() - t0
 
 
 def text_of(output):
@@ -248,6 +310,7 @@ def run_one(path, out_dir, args, nb=None):
         on_cell_execute=on_execute,
         on_cell_executed=on_executed,
     )
+    client.start_lock = args.start_lock
     t0 = time.monotonic()
     crash = None
     try:
@@ -292,7 +355,8 @@ def run_parallel(paths, args, jobs):
                "--jobs", "1", "--notebooks", str(args.notebooks), "--out", str(args.out),
                "--cwd", str(args.cwd), "--profile", args.profile, "--kernel", args.kernel,
                "--cell-timeout", str(args.cell_timeout),
-               "--startup-timeout", str(args.startup_timeout), "--json", str(out_json)]
+               "--startup-timeout", str(args.startup_timeout), "--json", str(out_json),
+               "--start-lock", str(tmp / "kernel-start.lock")]
         if args.figures is True:
             cmd.append("--figures")
         elif args.figures is False:
@@ -325,6 +389,141 @@ def run_parallel(paths, args, jobs):
             results.append(res)
     shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+STUB_KERNEL = """\
+import json, socket, sys, time
+# A stand-in kernel for the start-lock self-test: it takes its ports late, like a kernel whose
+# launcher has work to do first, and dies if one of them is taken.
+info = json.load(open(sys.argv[1]))
+time.sleep(2.0)
+held = []
+for key in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+    s = socket.socket()
+    s.bind((info["ip"], info[key]))
+    s.listen()
+    held.append(s)
+time.sleep(300)
+"""
+
+
+def file_barrier(folder, tag, n, timeout_s=120):
+    """Wait until `n` processes have reached the barrier `tag` in `folder`."""
+    (folder / f"{tag}.{os.getpid()}").touch()
+    t0 = time.monotonic()
+    while len(list(folder.glob(f"{tag}.*"))) < n:
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"barrier {tag} in {folder}: fewer than {n} processes came")
+        time.sleep(0.05)
+
+
+def start_probe(args):
+    """--start-probe FILE (the start-lock self-test's child): start one kernel of --kernel as
+    run_one does (under --start-lock when given) right after the other probes reached the same
+    point, write its ports and whether it lives to FILE, and stop it once every probe wrote.
+
+    Ports are picked as the lowest free ones from OVEROPT_PROBE_PORT_BASE instead of at random,
+    so probes that pick before another's kernel took its ports are sure to collide."""
+    from jupyter_client.connect import LocalPortCache
+
+    base = int(os.environ["OVEROPT_PROBE_PORT_BASE"])
+    n = int(os.environ["OVEROPT_PROBE_N"])
+    folder = args.start_probe.parent
+
+    def lowest_free(cache, ip):
+        port = base
+        while port in cache.currently_used_ports or port_in_use(ip, port):
+            port += 1
+        cache.currently_used_ports.add(port)
+        return port
+
+    LocalPortCache.find_available_port = lowest_free
+    client = LateOutputClient(nbformat.v4.new_notebook(), kernel_name=args.kernel,
+                              startup_timeout=60)
+    client.start_lock = args.start_lock
+    client.listen_timeout_s = 30
+
+    async def probe():
+        client.km = client.create_kernel_manager()
+        file_barrier(folder, "start", n)
+        await client.async_start_new_kernel()
+        await wait_until_listening(client.km, 30)
+        file_barrier(folder, "listening", n)
+        await asyncio.sleep(0.5)  # a stub that lost a port exits at once
+        res = {"ports": kernel_ports(client.km),
+               "alive": bool(await ensure_async(client.km.is_alive()))}
+        tmp = args.start_probe.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res))
+        tmp.rename(args.start_probe)
+        file_barrier(folder, "written", n)
+        await ensure_async(client.km.shutdown_kernel(now=True))
+
+    asyncio.run(probe())
+    return 0
+
+
+def start_lock_self_test(args, n=3):
+    """Start `n` stand-in kernels at once, first without the start lock (the control: their
+    ports must collide, or the probe does not provoke the race), then with it (no port may be
+    shared, every kernel must live). Returns an exit code."""
+    import subprocess
+
+    top = (args.out / "self-test-start-lock").resolve()
+    shutil.rmtree(top, ignore_errors=True)
+    spec = top / "share" / "kernels" / "overopt-stub"
+    spec.mkdir(parents=True)
+    (top / "stub_kernel.py").write_text(STUB_KERNEL)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, str(top / "stub_kernel.py"), "{connection_file}"],
+        "display_name": "overopt start-lock stub", "language": "none"}))
+    env = dict(os.environ, JUPYTER_PATH=str(top / "share"),
+               OVEROPT_PROBE_PORT_BASE=str(23000 + os.getpid() % 500 * 20),
+               OVEROPT_PROBE_N=str(n))
+
+    def run(locked):
+        folder = top / ("locked" if locked else "control")
+        folder.mkdir()
+        procs = []
+        for i in range(n):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--kernel", "overopt-stub",
+                   "--start-probe", str(folder / f"probe-{i}.json")]
+            if locked:
+                cmd += ["--start-lock", str(folder / "kernel-start.lock")]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        probes = []
+        for i, (p, out) in enumerate(zip(procs, outs)):
+            f = folder / f"probe-{i}.json"
+            if p.returncode != 0 or not f.exists():
+                raise RuntimeError(f"start probe {i} failed (exit {p.returncode}): {out[-800:]}")
+            probes.append(json.loads(f.read_text()))
+        ports = [q for pr in probes for q in pr["ports"]]
+        shared = sorted({q for q in ports if ports.count(q) > 1})
+        dead = [i for i, pr in enumerate(probes) if not pr["alive"]]
+        return shared, dead
+
+    try:
+        shared, dead = run(locked=False)
+        if not shared:
+            print("run-notebooks: SELF-TEST FAILED: the start-lock control (kernels started "
+                  "at once without the lock) shared no port: the probe no longer provokes the "
+                  "race", file=sys.stderr)
+            return 1
+        print(f"run-notebooks: self-test: without the start lock, {n} kernels started at once "
+              f"shared ports {shared} ({len(dead)} died)", flush=True)
+        shared, dead = run(locked=True)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"run-notebooks: SELF-TEST FAILED: start-lock probe: {e}", file=sys.stderr)
+        return 1
+    if shared or dead:
+        print(f"run-notebooks: SELF-TEST FAILED: with the start lock, kernels started at once "
+              f"shared ports {shared}; kernels that died: {dead}", file=sys.stderr)
+        return 1
+    print(f"run-notebooks: self-test ok: with the start lock, {n} kernels started at once get "
+          f"ports of their own and all live", flush=True)
+    shutil.rmtree(top, ignore_errors=True)
+    return 0
 
 
 def report(res):
@@ -369,6 +568,13 @@ def main():
                     help="start one kernel, run one cell that uses the crate, and stop: builds "
                          "what the kernels need and prints the kernel start and first-cell time")
     ap.add_argument("--json", type=Path, help="write the timings and problems here")
+    ap.add_argument("--start-probe", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--self-test-start-lock", action="store_true",
+                    help="run only the start-lock part of --self-test (no evcxr needed)")
+    ap.add_argument("--start-lock", type=Path,
+                    help="lock file shared with runners started at the same time: each starts "
+                         "its kernel holding it, until the kernel listens on its ports "
+                         "(run_parallel passes it to its children)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every cell's time")
     ap.add_argument("--require-chromium", action="store_true",
                     help="fail (instead of skipping) the render check without Chromium")
@@ -380,6 +586,11 @@ def main():
         os.environ["OVEROPT_NOTEBOOK_PROFILE"] = args.profile
     else:
         os.environ.pop("OVEROPT_NOTEBOOK_PROFILE", None)
+
+    if args.start_probe:
+        return start_probe(args)
+    if args.self_test_start_lock:
+        return start_lock_self_test(args)
 
     if args.warm_only:
         nb = nbformat.v4.new_notebook()
@@ -393,6 +604,8 @@ def main():
         return 1 if res["problems"] else 0
 
     if args.self_test:
+        if start_lock_self_test(args) != 0:
+            return 1
         fixture = ROOT / "tests" / "fixtures" / "notebooks" / "broken.ipynb"
         print(f"run-notebooks: self-test on {fixture.relative_to(ROOT)}", flush=True)
         nb = nbformat.read(fixture, as_version=4)
