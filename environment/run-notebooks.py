@@ -147,17 +147,16 @@ def port_in_use(ip, port):
 
 async def wait_until_listening(km, timeout_s, poll_s=0.1):
     """Wait until every port of the kernel `km` started is taken, the kernel died or
-    `timeout_s` passed. Returns the seconds waited. (evcxr binds its sockets first thing,
-    before it loads evcxr.toml and builds the crate.)"""
+    `timeout_s` passed. (evcxr binds its sockets first thing, before it loads evcxr.toml and
+    builds the crate.)"""
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    while loop.time() - t0 < timeout_s:
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
         if all(port_in_use(km.ip, p) for p in kernel_ports(km)):
-            break
+            return
         if not await ensure_async(km.is_alive()):
-            break
+            return
         await asyncio.sleep(poll_s)
-    return loop.time() - t0
 
 
 def text_of(output):
@@ -447,7 +446,8 @@ def start_probe(args):
         client.km = client.create_kernel_manager()
         file_barrier(folder, "start", n)
         await client.async_start_new_kernel()
-        await wait_until_listening(client.km, 30)
+        if client.start_lock is None:  # with the lock, the start waited for this already
+            await wait_until_listening(client.km, client.listen_timeout_s)
         file_barrier(folder, "listening", n)
         await asyncio.sleep(0.5)  # a stub that lost a port exits at once
         res = {"ports": kernel_ports(client.km),
