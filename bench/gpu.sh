@@ -173,6 +173,11 @@ if parity:
     print(f"parity on {parity[0].get('device')} against the CPU (f32, basic ops): "
           f"{len(parity) - len(bad)} of {len(parity)} configurations within tolerance")
     for p in parity:
+        if p.get("check") == "rmsprop":
+            print(f"  RMSProp update ({p.get('steps')} steps, fused on the device): "
+                  f"param_rel {p.get('param_rel')}, state_rel {p.get('state_rel')} (tol {p.get('tol')})"
+                  + ("" if p.get("ok") == "1" else "  FAILED"))
+            continue
         print(f"  autocast {p.get('autocast')}, {p.get('op_path')}, checkpoint {p.get('checkpoint')}: "
               f"loss_rel {p.get('loss_rel')}, grad_rel {p.get('grad_rel')} (tol {p.get('tol')})"
               + ("" if p.get("ok") == "1" else f"  FAILED at {p.get('worst_param')}"))

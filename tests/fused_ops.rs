@@ -182,6 +182,72 @@ fn split_heads_rotary_matches_the_composite_with_gradients() {
     }
 }
 
+#[test]
+fn recompute_split_heads_rotary_matches_the_composite_with_gradients() {
+    use candle_core::DType;
+    let dev = Device::Cpu;
+    for (dtype, tol, grad_tol) in [(DType::F32, 1e-6f32, 1e-5f32), (DType::BF16, 1e-2, 2e-2)] {
+        // (b, t, heads, head_size, rotary dims): partial, full and no rotation.
+        for (b, t, heads, hs, nd) in [(2usize, 5usize, 3usize, 8usize, 4usize), (3, 4, 2, 6, 6)] {
+            let init = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * hs), &dev).unwrap();
+            let qkv = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
+            // The model's tables repeat their first half (rotate-half layout); distinct per row
+            // and position, as the position ids of left-padded rows give.
+            let table = || {
+                let h = Tensor::randn(0f32, 1.0, (b, 1, t, nd / 2), &dev).unwrap();
+                Tensor::cat(&[&h, &h], D::Minus1)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (cos, sin) = (table(), table());
+            let mut rec_sum = Tensor::zeros((), DType::F32, &dev).unwrap();
+            let mut comp_sum = rec_sum.clone();
+            for (part, rotate) in [(0, true), (1, true), (2, false)] {
+                let r = recompute::split_heads_rotary(
+                    &qkv,
+                    &cos,
+                    &sin,
+                    heads,
+                    part,
+                    rotate.then_some(nd),
+                )
+                .unwrap();
+                let c = composite_split(&qkv, &cos, &sin, heads, part, rotate);
+                assert_eq!((r.dims(), r.dtype()), (&[b, heads, t, hs][..], dtype));
+                let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                close(&f(&r), &f(&c), tol);
+                let w = Tensor::randn(0f32, 1.0, (b, heads, t, hs), &dev).unwrap();
+                let dot = |x: Tensor| (f(&x) * &w).unwrap().sum_all().unwrap();
+                rec_sum = (rec_sum + dot(r)).unwrap();
+                comp_sum = (comp_sum + dot(c)).unwrap();
+            }
+            let (gr, gc) = (rec_sum.backward().unwrap(), comp_sum.backward().unwrap());
+            let (a, c) = (
+                gr.get(qkv.as_tensor()).unwrap(),
+                gc.get(qkv.as_tensor()).unwrap(),
+            );
+            assert_eq!((a.dims(), a.dtype()), (qkv.dims(), dtype));
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            close(&f(a), &f(c), grad_tol);
+        }
+    }
+    // Shapes that do not fit are refused, naming them.
+    let qkv = Tensor::zeros((2, 5, 3 * 3 * 8), DType::F32, &dev).unwrap();
+    let cos = Tensor::zeros((2, 1, 5, 4), DType::F32, &dev).unwrap();
+    let e = recompute::split_heads_rotary(&qkv, &cos, &cos, 3, 0, Some(3))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rotary tables [2, 1, 5, 4]") && e.contains("3 of 8 dims"),
+        "{e}"
+    );
+    let e = recompute::split_heads_rotary(&qkv, &cos, &cos, 5, 0, Some(4))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("part 0 of qkv [2, 5, 72] with 5 heads"), "{e}");
+}
+
 /// A (rows, bias) op against its composite: values within 1e-6 and the gradients of both
 /// inputs, under a random linear functional of the output, within `grad_tol`.
 fn check_bias_op(

@@ -38,6 +38,7 @@ done
 if [ $par = 1 ]; then
   echo "PARITY device=cuda:0 autocast=off op_path=recompute checkpoint=0 loss=0.4 loss_ref=0.4 loss_rel=1e-7 grad_rel=2e-6 worst_param=w tol=1e-4 ok=1"
   echo "PARITY device=cuda:0 autocast=bf16 op_path=differentiable checkpoint=1 loss=0.4 loss_ref=0.4 loss_rel=1e-3 grad_rel=9e-2 worst_param=layers.0.mlp.bias tol=5e-2 ok=0"
+  echo "PARITY device=cuda:0 check=rmsprop steps=2 param_rel=3.1e-8 state_rel=0.0e0 tol=1e-5 ok=1"
   echo "RESULT impl=overopt-parity shape=$shape ok=0 device=cuda:0 worst_over_tol=1.8"
   exit 2
 fi
@@ -109,8 +110,10 @@ def test_summary_and_parts():
     comp = next(l for l in lines if l.strip().startswith("matmul"))
     assert comp.rstrip().endswith("ratio 0.50"), comp
     # The CUDA step's values against the CPU's: the failure is named.
-    assert "parity on cuda:0 against the CPU (f32, basic ops): 1 of 2 configurations within " \
+    assert "parity on cuda:0 against the CPU (f32, basic ops): 2 of 3 configurations within " \
         "tolerance" in out, out
+    assert "RMSProp update (2 steps, fused on the device): param_rel 3.1e-8, state_rel 0.0e0 " \
+        "(tol 1e-5)\n" in out, out
     assert "autocast bf16, differentiable, checkpoint 1: loss_rel 1e-3, grad_rel 9e-2 (tol " \
         "5e-2)  FAILED at layers.0.mlp.bias" in out, out
     assert any(c.startswith("--shape tiny") and c.endswith("--parity") for c in calls), calls

@@ -179,6 +179,11 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
             "{result}"
         );
         kept.push(field("graph_gib"));
+        // On the CPU the allocator also counts the step's buffers.
+        assert!(
+            field("buffers") > 0.0 && field("buffer_gib") > 0.0,
+            "{result}"
+        );
     }
     // The composite graph keeps every intermediate; the recomputing ops keep less.
     assert!(kept.iter().all(|&k| k > 0.0), "{kept:?}");
@@ -215,7 +220,11 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
     // CPU f32 composite step (on a GPU machine: the CUDA step against the CPU's).
     let out = bench_ok(&["--parity"]);
     let checks: Vec<&str> = out.lines().filter(|l| l.starts_with("PARITY ")).collect();
-    assert_eq!(checks.len(), 8, "{out}");
+    assert_eq!(checks.len(), 9, "{out}");
+    assert!(
+        checks.iter().any(|l| l.contains(" check=rmsprop steps=2 ")),
+        "{out}"
+    );
     assert!(checks.iter().all(|l| l.ends_with(" ok=1")), "{out}");
     assert!(
         checks

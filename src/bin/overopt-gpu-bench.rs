@@ -207,21 +207,44 @@ impl SimpleBackend for TiledInit {
 
 /// The process's heap in use and its peak, counted by the global allocator: on the CPU the
 /// memory of tensors exactly (candle's CPU storage is heap vectors), whatever the machine.
+/// It also counts the buffers of at least [`BIG`] bytes and their bytes: on the CPU nearly
+/// every one is the output of one tensor op, so per step they stand for the kernels a device
+/// would launch and the memory they would write (a stand-in a CPU run can measure).
 struct CountingAlloc {
     now: AtomicUsize,
     peak: AtomicUsize,
+    big_count: AtomicUsize,
+    big_bytes: AtomicUsize,
 }
+
+/// The least size of a buffer counted by [`CountingAlloc`]'s buffer counters: the tensors of
+/// the benchmark's shapes, not the small vectors of candle's bookkeeping.
+const BIG: usize = 64 << 10;
 
 #[global_allocator]
 static HEAP: CountingAlloc = CountingAlloc {
     now: AtomicUsize::new(0),
     peak: AtomicUsize::new(0),
+    big_count: AtomicUsize::new(0),
+    big_bytes: AtomicUsize::new(0),
 };
 
 impl CountingAlloc {
     fn add(&self, n: usize) {
         let now = self.now.fetch_add(n, Ordering::Relaxed) + n;
         self.peak.fetch_max(now, Ordering::Relaxed);
+        if n >= BIG {
+            self.big_count.fetch_add(1, Ordering::Relaxed);
+            self.big_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// (buffers of at least [`BIG`] bytes, their bytes) allocated so far.
+    fn buffers(&self) -> (usize, usize) {
+        (
+            self.big_count.load(Ordering::Relaxed),
+            self.big_bytes.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -395,18 +418,24 @@ fn run(a: &Args) -> Result<()> {
     );
     println!("init {init_s:.2}s");
 
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     let total = a.warmup + a.steps;
     let (mut t_fwd, mut t_bwd, mut t_opt, mut t_step) = (0.0, 0.0, 0.0, 0.0);
     let mut last_loss = f64::NAN;
     let mut graph_bytes = 0usize;
+    // Buffers allocated per phase (forward, backward, optimizer) in the last step: counted on
+    // the CPU only (see `CountingAlloc`).
+    let mut buffers = [(0usize, 0usize); 3];
     for s in 0..total {
         dev.synchronize()?;
         let before = mem_used(&dev);
+        let b0 = HEAP.buffers();
         let t0 = Instant::now();
         let loss = dpo_loss(&model, &data, &refs)?;
         dev.synchronize()?;
         peak.sample(&dev);
         let t1 = Instant::now();
+        let b1 = HEAP.buffers();
         // What the forward pass left allocated: the activations the graph keeps for backward.
         // The least over the steps after the first (when there are any): the first step also
         // makes one-off allocations (thread pools' and matmul kernels' buffers).
@@ -418,6 +447,7 @@ fn run(a: &Args) -> Result<()> {
         dev.synchronize()?;
         peak.sample(&dev);
         let t2 = Instant::now();
+        let b2 = HEAP.buffers();
         let g = opt.grads_of(&grads);
         drop(grads);
         let info = opt.step_with(&g)?;
@@ -425,6 +455,10 @@ fn run(a: &Args) -> Result<()> {
         dev.synchronize()?;
         peak.sample(&dev);
         let t3 = Instant::now();
+        let b3 = HEAP.buffers();
+        for (i, (x, y)) in [(b0, b1), (b1, b2), (b2, b3)].into_iter().enumerate() {
+            buffers[i] = (y.0 - x.0, y.1 - x.1);
+        }
         last_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         let step_s = (t3 - t0).as_secs_f64();
         println!(
@@ -438,6 +472,13 @@ fn run(a: &Args) -> Result<()> {
             last_loss,
             info.grad_norm
         );
+        if dev.is_cpu() {
+            let [f, b, o] = buffers.map(|(n, bytes)| format!("{n} ({:.3} GiB)", gib(bytes)));
+            println!(
+                "  buffers of >= {} KiB allocated: fwd {f}, bwd {b}, optim {o}",
+                BIG >> 10
+            );
+        }
         if !last_loss.is_finite() || !info.grad_norm.is_finite() {
             bail!(
                 "non-finite loss {last_loss} or grad norm {}",
@@ -476,7 +517,6 @@ fn run(a: &Args) -> Result<()> {
         "FLOPs/step = 6*N*T = 6 * {n_matmul} * {tokens_per_step} = {:.3e} (+ attention 12*L*d*s*T = {:.3e}); {:.1} TFLOP/s; MFU {:.4} of {} TFLOP/s ({:.4} incl. attention)",
         flops_6nt, flops_attn, tflops, mfu, a.peak_tflops, mfu_attn
     );
-    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     println!(
         "{} memory in use: peak {} GiB (before the model: {:.2} GiB); kept by the graph after the forward pass: {:.3} GiB",
         if a.cpu { "heap" } else { "device" },
@@ -485,7 +525,7 @@ fn run(a: &Args) -> Result<()> {
         gib(graph_bytes)
     );
     println!(
-        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} loss={:.4} op_path={} checkpoint={} cuda_alloc={}",
+        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} buffers={} buffer_gib={} loss={:.4} op_path={} checkpoint={} cuda_alloc={}",
         a.shape,
         a.batch,
         a.seq,
@@ -496,6 +536,16 @@ fn run(a: &Args) -> Result<()> {
         mfu_attn,
         peak_gib,
         gib(graph_bytes),
+        if dev.is_cpu() {
+            buffers.iter().map(|b| b.0).sum::<usize>().to_string()
+        } else {
+            "na".into()
+        },
+        if dev.is_cpu() {
+            format!("{:.4}", gib(buffers.iter().map(|b| b.1).sum()))
+        } else {
+            "na".into()
+        },
         last_loss,
         a.op_path,
         u8::from(a.checkpoint),
@@ -642,6 +692,19 @@ fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
             }
         }
     }
+    // The optimizer: two RMSProp updates (clipping on) of the same parameters by the same
+    // gradients on this device (on CUDA the fused kernels) and on the CPU.
+    let tol = 1e-5;
+    let (param_rel, state_rel) = rmsprop_parity(dev, &g_ref)?;
+    let ok = param_rel <= tol && state_rel <= tol;
+    worst = worst.max(param_rel.max(state_rel) / tol);
+    println!(
+        "PARITY device={name} check=rmsprop steps=2 param_rel={param_rel:.2e} state_rel={state_rel:.2e} tol={tol:.0e} ok={}",
+        u8::from(ok)
+    );
+    if !ok {
+        failed.push("rmsprop update".into());
+    }
     println!(
         "RESULT impl=overopt-parity shape={} ok={} device={name} worst_over_tol={worst:.3}",
         a.shape,
@@ -649,12 +712,68 @@ fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
     );
     if !failed.is_empty() {
         bail!(
-            "parity: {} of 8 configurations differ from the CPU f32 reference beyond tolerance: {}",
+            "parity: {} of 9 checks differ from the CPU f32 reference beyond tolerance: {}",
             failed.len(),
             failed.join("; ")
         );
     }
     Ok(())
+}
+
+/// Two RMSProp steps with clipping from parameters shaped like `shapes` (values and gradients
+/// drawn on the CPU) on `dev` and on the CPU: the largest difference of the parameters, and
+/// of the squared averages, each over the largest CPU entry.
+fn rmsprop_parity(dev: &Device, shapes: &[(String, Tensor)]) -> Result<(f64, f64)> {
+    let draw = |std: f32| -> Result<Vec<Tensor>> {
+        shapes
+            .iter()
+            .map(|(_, t)| Ok(Tensor::randn(0f32, std, t.dims(), &Device::Cpu)?))
+            .collect()
+    };
+    let (p0, grads) = (draw(0.02)?, draw(1.0)?);
+    let run = |d: &Device| -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let vars = p0
+            .iter()
+            .map(|p| Ok(Var::from_tensor(&p.to_device(d)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        let g = grads
+            .iter()
+            .map(|g| Ok(Some(g.to_device(d)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = RmsPropConfig {
+            lr: 1e-3,
+            warmup_steps: 0,
+            max_grad_norm: Some(1.0),
+            ..RmsPropConfig::default()
+        };
+        let mut opt = RmsProp::new(vars.clone(), cfg)?;
+        for _ in 0..2 {
+            opt.step_with(&g)?;
+        }
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+        let params = vars
+            .iter()
+            .map(|v| cpu(v.as_tensor()))
+            .collect::<candle_core::Result<_>>()?;
+        let (state, _) = opt.state();
+        let state = (0..vars.len())
+            .map(|i| cpu(&state[&format!("square_avg.{i}")]))
+            .collect::<candle_core::Result<_>>()?;
+        Ok((params, state))
+    };
+    let ((p_dev, s_dev), (p_cpu, s_cpu)) = (run(dev)?, run(&Device::Cpu)?);
+    let rel = |a: &[Tensor], b: &[Tensor]| -> Result<f64> {
+        let mut worst = 0f64;
+        for (x, y) in a.iter().zip(b) {
+            let scale = y.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let d = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale.max(1e-30);
+            if d.is_nan() || d > worst {
+                worst = d;
+            }
+        }
+        Ok(worst)
+    };
+    Ok((rel(&p_dev, &p_cpu)?, rel(&s_dev, &s_cpu)?))
 }
 
 /// Seconds per call of `f` (device synchronised), over `reps` calls after one untimed.

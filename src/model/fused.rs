@@ -18,11 +18,17 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
+/// False when `OVEROPT_NO_FUSED` is set: the crate's fused kernels (these, and the fused
+/// RMSProp update of `train`) are then off everywhere.
+pub fn enabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var_os("OVEROPT_NO_FUSED").is_some())
+}
+
 /// True when the fused kernels apply: every tensor is f32 on the CPU (and the environment
 /// variable `OVEROPT_NO_FUSED` is unset: a switch to measure or cross-check the composite path).
 pub fn usable(ts: &[&Tensor]) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*OFF.get_or_init(|| std::env::var_os("OVEROPT_NO_FUSED").is_some())
+    enabled()
         && ts
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)

@@ -411,6 +411,19 @@ impl Attention {
                 super::fused::split_heads_rotary(&qkv, cos, sin, self.n_heads, part, rotate)
             };
             Ok((split(0, true)?, split(1, true)?, split(2, false)?))
+        } else if path.recomputes(&[&qkv, cos, sin]) {
+            // Queries and keys as one node each, rotated in candle's rope kernel (forward and
+            // backward); the values as a plain copy.
+            let rotate = (rotary.ndims > 0).then_some(rotary.ndims);
+            let split = |part| {
+                super::recompute::split_heads_rotary(&qkv, cos, sin, self.n_heads, part, rotate)
+            };
+            let v = qkv
+                .reshape((b, t, self.n_heads, 3 * self.head_size))?
+                .narrow(D::Minus1, 2 * self.head_size, self.head_size)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            Ok((split(0)?, split(1)?, v))
         } else {
             let qkv = qkv
                 .reshape((b, t, self.n_heads, 3 * self.head_size))?

@@ -286,6 +286,97 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// Part `part` (0 queries, 1 keys, 2 values) of the fused projection `qkv` (b, t, heads x
+/// 3 x head_size: per head [q | k | v]) as (b, heads, t, head_size), with the rotary embedding
+/// (rotate-half layout) on the first `ndims` dims of each head when `rotate`; `cos` and `sin`
+/// are the model's tables (b, 1, t, ndims), whose two halves are equal (a constant: no
+/// gradient).
+///
+/// The graph keeps `qkv` (which the projection's node keeps anyway) and the output; the
+/// composite also kept the rotated half, its negation, both products and the rotated part
+/// before it was joined to the rest of the head. The rotation runs in candle's `rope` kernel,
+/// forward and backward: the gradient of a rotation is the rotation by the opposite angle,
+/// `rope(g, cos, -sin)`.
+pub fn split_heads_rotary(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    n_heads: usize,
+    part: usize,
+    rotate: Option<usize>,
+) -> Result<Tensor> {
+    let (b, t, width) = qkv.dims3()?;
+    let hs = width / (3 * n_heads).max(1);
+    if part > 2 || hs == 0 || width != 3 * n_heads * hs {
+        candle_core::bail!(
+            "split-heads-rotary: part {part} of qkv {:?} with {n_heads} heads",
+            qkv.dims()
+        );
+    }
+    // The halves (b, t, ndims / 2) that candle's rope kernel reads, in the dtype of qkv.
+    let tables = match rotate {
+        None => None,
+        Some(nd) => {
+            if nd % 2 != 0 || nd > hs || cos.dims() != [b, 1, t, nd] || sin.dims() != cos.dims() {
+                candle_core::bail!(
+                    "split-heads-rotary: rotary tables {:?} / {:?} for {nd} of {hs} dims of qkv {:?}",
+                    cos.dims(),
+                    sin.dims(),
+                    qkv.dims()
+                );
+            }
+            let half = |x: &Tensor| {
+                x.detach()
+                    .squeeze(1)?
+                    .narrow(D::Minus1, 0, nd / 2)?
+                    .to_dtype(qkv.dtype())?
+                    .contiguous()
+            };
+            let (c, s) = (half(cos)?, half(sin)?);
+            let neg_s = s.neg()?;
+            Some((nd, c, s, neg_s))
+        }
+    };
+    let fwd_tables = tables.clone();
+    with_backward(
+        "recompute-split-heads-rotary",
+        &[qkv],
+        move |a| {
+            let x = a[0]
+                .reshape((b, t, n_heads, 3 * hs))?
+                .narrow(D::Minus1, part * hs, hs)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            match &fwd_tables {
+                None => Ok(x),
+                Some((nd, c, s, _)) => rope_head_dims(&x, c, s, *nd),
+            }
+        },
+        move |a, g| {
+            let g = g.contiguous()?;
+            let g = match &tables {
+                None => g,
+                Some((nd, c, _, neg_s)) => rope_head_dims(&g, c, neg_s, *nd)?,
+            };
+            let d = Tensor::zeros((b, t, n_heads, 3 * hs), g.dtype(), g.device())?;
+            d.slice_set(&g.transpose(1, 2)?.contiguous()?, D::Minus1, part * hs)?;
+            Ok(vec![Some(d.reshape(a[0].dims())?)])
+        },
+    )
+}
+
+/// `x` (b, heads, t, hs) with its first `nd` dims of each head rotated by the half tables
+/// (b, t, nd / 2) `c`, `s` in candle's `rope` kernel (rotate-half layout).
+fn rope_head_dims(x: &Tensor, c: &Tensor, s: &Tensor, nd: usize) -> Result<Tensor> {
+    let hs = x.dim(D::Minus1)?;
+    let r = candle_nn::rotary_emb::rope(&x.narrow(D::Minus1, 0, nd)?.contiguous()?, c, s)?;
+    if nd == hs {
+        Ok(r)
+    } else {
+        Tensor::cat(&[&r, &x.narrow(D::Minus1, nd, hs - nd)?], D::Minus1)
+    }
+}
+
 /// Layer norm over the last dimension of `x` with `weight` and `bias` (the dtype of `x`),
 /// statistics in f32. The graph keeps x, weight, bias and the output; the backward pass
 /// recomputes the normalized rows.

@@ -4,6 +4,7 @@ pub mod config;
 pub mod daa;
 pub mod loss;
 pub mod optim;
+mod rmsprop_fused;
 pub mod sft;
 pub mod trainer;
 

@@ -14,6 +14,8 @@ use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
+use super::rmsprop_fused::{self, Coeffs};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RmsPropConfig {
@@ -88,16 +90,27 @@ impl RmsProp {
     }
 
     /// Global L2 norm of the gradients (missing gradients count as zero).
+    ///
+    /// Each gradient's sum of squares is an f32 sum; they are added in f64 in order, on the
+    /// gradients' device, and read back once: one device synchronisation per step rather than
+    /// one per parameter (the same value as adding them on the host).
     pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-        let mut total = 0f64;
+        let mut total: Option<Tensor> = None;
         for g in grads.iter().flatten() {
-            total += g
+            let sq = g
                 .to_dtype(DType::F32)?
                 .sqr()?
                 .sum_all()?
-                .to_scalar::<f32>()? as f64;
+                .to_dtype(DType::F64)?;
+            total = Some(match total {
+                None => sq,
+                Some(t) => (t + sq)?,
+            });
         }
-        Ok(total.sqrt())
+        Ok(match total {
+            None => 0.0,
+            Some(t) => t.to_scalar::<f64>()?.sqrt(),
+        })
     }
 
     /// One step with gradients aligned with the variables (None: no gradient, var untouched).
@@ -117,18 +130,16 @@ impl RmsProp {
         let lr = self
             .lr_override
             .unwrap_or_else(|| scheduled_lr(self.cfg.lr, self.cfg.warmup_steps, self.step));
-        let a = self.cfg.alpha;
+        let clip = (clip < 1.0).then_some(clip);
+        let k = Coeffs::new(clip, self.cfg.alpha, self.cfg.eps, lr);
         for ((var, sq), g) in self.vars.iter().zip(self.square_avg.iter_mut()).zip(grads) {
             let Some(g) = g else { continue };
-            let g = g.to_dtype(DType::F32)?;
-            let g = if clip < 1.0 { (g * clip)? } else { g };
-            let next_sq = ((&*sq * a)? + (g.sqr()? * (1.0 - a))?)?;
-            let denom = (next_sq.sqrt()? + self.cfg.eps)?;
-            let upd = ((g / denom)? * lr)?;
-            let p = var.as_tensor();
-            let next = (p.to_dtype(DType::F32)? - upd)?.to_dtype(p.dtype())?;
-            var.set(&next)?;
-            *sq = next_sq;
+            // Two in-place passes where they apply (f32 on the CPU or CUDA): the same values.
+            if rmsprop_fused::usable(var.as_tensor(), sq, g) {
+                rmsprop_fused::update(var.as_tensor(), sq, g, k)?;
+            } else {
+                composite_update(var, sq, g, clip, self.cfg.alpha, self.cfg.eps, lr)?;
+            }
         }
         self.step += 1;
         Ok(StepInfo {
@@ -146,6 +157,8 @@ impl RmsProp {
     }
 
     /// Optimizer state (squared averages by variable index, and the step count) for checkpoints.
+    /// The tensors share the live state's storage, which the next step updates in place: save
+    /// them before stepping again, or copy them.
     pub fn state(&self) -> (HashMap<String, Tensor>, usize) {
         let m = self
             .square_avg
@@ -169,11 +182,38 @@ impl RmsProp {
                     sq.dims()
                 );
             }
-            *sq = t.to_dtype(DType::F32)?.to_device(sq.device())?;
+            // A copy of its own: the update writes the state in place.
+            *sq = t.to_dtype(DType::F32)?.to_device(sq.device())?.copy()?;
         }
         self.step = step;
         Ok(())
     }
+}
+
+/// One update of `var` and its squared average `sq` by `g` with candle ops (any dtype and
+/// device): the definition that [`rmsprop_fused`] computes in two passes.
+fn composite_update(
+    var: &Var,
+    sq: &mut Tensor,
+    g: &Tensor,
+    clip: Option<f64>,
+    alpha: f64,
+    eps: f64,
+    lr: f64,
+) -> Result<()> {
+    let g = g.to_dtype(DType::F32)?;
+    let g = match clip {
+        Some(c) => (g * c)?,
+        None => g,
+    };
+    let next_sq = ((&*sq * alpha)? + (g.sqr()? * (1.0 - alpha))?)?;
+    let denom = (next_sq.sqrt()? + eps)?;
+    let upd = ((g / denom)? * lr)?;
+    let p = var.as_tensor();
+    let next = (p.to_dtype(DType::F32)? - upd)?.to_dtype(p.dtype())?;
+    var.set(&next)?;
+    *sq = next_sq;
+    Ok(())
 }
 
 impl Optimizer for RmsProp {
@@ -255,5 +295,92 @@ mod tests {
         assert!((scheduled_lr(1.0, 150, 149) - 150.0 / 151.0).abs() < 1e-15);
         assert_eq!(scheduled_lr(1.0, 150, 150), 1.0);
         assert_eq!(scheduled_lr(1.0, 0, 0), 1.0);
+    }
+
+    #[test]
+    fn fused_update_is_the_composite_bit_for_bit() {
+        let dev = candle_core::Device::Cpu;
+        let n = 4099;
+        let rand = |std: f32| Tensor::randn(0f32, std, n, &dev).unwrap();
+        // Values across many magnitudes, zeros and a negative zero among them.
+        let mut g = rand(1.0).to_vec1::<f32>().unwrap();
+        for (i, x) in g.iter_mut().enumerate() {
+            *x *= 10f32.powi((i % 13) as i32 - 6);
+        }
+        g[0] = 0.0;
+        g[1] = -0.0;
+        let g = Tensor::from_vec(g, n, &dev).unwrap();
+        for clip in [None, Some(0.37)] {
+            let (p0, sq0) = (rand(0.5), rand(1e-3).abs().unwrap());
+            let (va, vb) = (
+                Var::from_tensor(&p0.copy().unwrap()).unwrap(),
+                Var::from_tensor(&p0.copy().unwrap()).unwrap(),
+            );
+            let (mut sa, sb) = (sq0.copy().unwrap(), sq0.copy().unwrap());
+            let k = Coeffs::new(clip, 0.99, 1e-8, 3e-4);
+            for _ in 0..3 {
+                composite_update(&va, &mut sa, &g, clip, 0.99, 1e-8, 3e-4).unwrap();
+                assert!(rmsprop_fused::usable(vb.as_tensor(), &sb, &g));
+                rmsprop_fused::update(vb.as_tensor(), &sb, &g, k).unwrap();
+            }
+            let bits = |t: &Tensor| {
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&sa), bits(&sb), "square_avg, clip {clip:?}");
+            assert_eq!(
+                bits(va.as_tensor()),
+                bits(vb.as_tensor()),
+                "param, clip {clip:?}"
+            );
+            assert_ne!(bits(va.as_tensor()), bits(&p0), "the parameter moved");
+        }
+        // Not applicable: another dtype, or a gradient of another shape.
+        let b = Tensor::zeros(n, DType::BF16, &dev).unwrap();
+        let f = Tensor::zeros(n, DType::F32, &dev).unwrap();
+        assert!(!rmsprop_fused::usable(&b, &f, &f));
+        assert!(!rmsprop_fused::usable(&f, &f, &f.narrow(0, 0, 7).unwrap()));
+    }
+
+    #[test]
+    fn grad_norm_adds_the_f32_sums_in_f64_in_order() {
+        let dev = candle_core::Device::Cpu;
+        let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
+        let vals = [
+            vec![1e-3f32, 3.0, -7.25, 1e4],
+            vec![0.1f32; 1000],
+            vec![-2.5e-4f32, 1.0 / 3.0],
+        ];
+        let grads = vec![
+            Some(t(vals[0].clone())),
+            None,
+            Some(t(vals[1].clone()).to_dtype(DType::BF16).unwrap()),
+            Some(t(vals[2].clone())),
+        ];
+        // The host sum the norm is defined by: each gradient's f32 sum of squares, read back
+        // and added in f64 in order.
+        let mut want = 0f64;
+        for g in grads.iter().flatten() {
+            let g = g.to_dtype(DType::F32).unwrap();
+            want += g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+        }
+        let got = RmsProp::grad_norm(&grads).unwrap();
+        assert_eq!(
+            got.to_bits(),
+            want.sqrt().to_bits(),
+            "{got} vs {}",
+            want.sqrt()
+        );
+        assert_eq!(RmsProp::grad_norm(&[None, None]).unwrap(), 0.0);
+        assert_eq!(RmsProp::grad_norm(&[]).unwrap(), 0.0);
     }
 }

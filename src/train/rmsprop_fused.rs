@@ -1,0 +1,270 @@
+//! RMSProp's update of one f32 parameter as two in-place passes, on the CPU and on CUDA.
+//!
+//! The composite update of [`super::optim::RmsProp::step_with`] is about ten candle ops per
+//! parameter (scale by the clip factor, square, two scalings, add, sqrt, add eps, divide,
+//! scale by the learning rate, subtract, and `Var::set`'s copy), each reading its inputs and
+//! writing a new buffer as large as the parameter. Here:
+//!
+//! 1. `square_avg <- square_avg * alpha + (g * g) * (1 - alpha)`, in place;
+//! 2. `param <- param - (g / (sqrt(square_avg) + eps)) * lr`, in place,
+//!
+//! with `g` the gradient times the clip factor when clipping applies. Every operation rounds
+//! to f32 as candle's op of the composite does (its scalar ops are `x * mul + add` with
+//! `add = 0`, kept here; the CUDA kernels are compiled without contracting products and sums
+//! into fused multiply-adds), so the values are the composite's, bit for bit
+//! (tests/train_fixtures.rs compares them, and the torch fixtures pin both).
+//!
+//! CUDA: the kernels are compiled once per process from the source below by NVRTC, which
+//! candle's CUDA backend already loads. `OVEROPT_NO_FUSED=1` switches them off with the CPU
+//! loops, as it does the model's fused kernels.
+
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+
+/// The scalars of one step, as candle's scalar ops of the composite see them (f32).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Coeffs {
+    /// The clip factor, when clipping applies (factor < 1).
+    pub clip: Option<f32>,
+    pub alpha: f32,
+    pub one_minus_alpha: f32,
+    pub eps: f32,
+    pub lr: f32,
+}
+
+impl Coeffs {
+    /// From the f64 settings, rounded as candle's `affine` rounds its scalars.
+    pub fn new(clip: Option<f64>, alpha: f64, eps: f64, lr: f64) -> Self {
+        Self {
+            clip: clip.map(|c| c as f32),
+            alpha: alpha as f32,
+            one_minus_alpha: (1.0 - alpha) as f32,
+            eps: eps as f32,
+            lr: lr as f32,
+        }
+    }
+
+    /// The gradient as the update sees it.
+    #[inline]
+    fn grad(&self, g: f32) -> f32 {
+        match self.clip {
+            Some(c) => g * c + 0.0,
+            None => g,
+        }
+    }
+}
+
+/// Whether the fused update applies: the parameter, its state and its gradient are f32,
+/// contiguous and of one shape, on the CPU or a CUDA device, and the fused kernels are on.
+pub(crate) fn usable(p: &Tensor, sq: &Tensor, g: &Tensor) -> bool {
+    crate::model::fused::enabled()
+        && [p, sq, g]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == p.dims())
+        && (p.device().is_cpu() || p.device().is_cuda())
+}
+
+/// One update of `p` and `sq` by `g` in place (the caller checked [`usable`]).
+pub(crate) fn update(p: &Tensor, sq: &Tensor, g: &Tensor, k: Coeffs) -> Result<()> {
+    sq.inplace_op2(g, &SquareAvg(k))?;
+    p.inplace_op3(sq, g, &Param(k))
+}
+
+/// `(slice, offset range)` of a contiguous f32 layout, or an error naming the op.
+fn range(l: &Layout, op: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: expects contiguous tensors")))
+}
+
+struct SquareAvg(Coeffs);
+
+impl InplaceOp2 for SquareAvg {
+    fn name(&self) -> &'static str {
+        "rmsprop-square-avg"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let ((a1, b1), (a2, b2)) = (range(l1, self.name())?, range(l2, self.name())?);
+        let g = &s2.as_slice::<f32>()?[a2..b2];
+        let CpuStorage::F32(sq) = s1 else {
+            candle_core::bail!("{}: square_avg is not f32", self.name())
+        };
+        let k = self.0;
+        for (s, &g) in sq[a1..b1].iter_mut().zip(g) {
+            let g = k.grad(g);
+            *s = (*s * k.alpha + 0.0) + ((g * g) * k.one_minus_alpha + 0.0);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let k = self.0;
+        let scalars = [k.alpha, k.one_minus_alpha];
+        cuda::run(
+            "overopt_rmsprop_square_avg",
+            (s1, l1),
+            &[(s2, l2)],
+            k.clip,
+            scalars,
+        )
+    }
+}
+
+struct Param(Coeffs);
+
+impl InplaceOp3 for Param {
+    fn name(&self) -> &'static str {
+        "rmsprop-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let name = self.name();
+        let ((a1, b1), (a2, b2), (a3, b3)) = (range(l1, name)?, range(l2, name)?, range(l3, name)?);
+        let sq = &s2.as_slice::<f32>()?[a2..b2];
+        let g = &s3.as_slice::<f32>()?[a3..b3];
+        let CpuStorage::F32(p) = s1 else {
+            candle_core::bail!("{name}: the parameter is not f32")
+        };
+        let k = self.0;
+        for ((p, &s), &g) in p[a1..b1].iter_mut().zip(sq).zip(g) {
+            let denom = s.sqrt() * 1.0 + k.eps;
+            *p -= (k.grad(g) / denom) * k.lr + 0.0;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let k = self.0;
+        let srcs = [(s2, l2), (s3, l3)];
+        cuda::run(
+            "overopt_rmsprop_param",
+            (s1, l1),
+            &srcs,
+            k.clip,
+            [k.eps, k.lr],
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+    use candle_core::{CudaStorage, Layout, Result, backend::BackendStorage};
+    use std::sync::OnceLock;
+
+    /// The CUDA source of both passes: the CPU loops above, element by element. Compiled with
+    /// `--fmad=false` (each product and sum rounds on its own, as candle's separate ops do) and
+    /// IEEE division and square root (NVRTC's defaults).
+    const CUDA_SRC: &str = r#"
+    extern "C" __global__ void overopt_rmsprop_square_avg(
+        float *sq, const float *g, unsigned int n, unsigned int use_clip, float clip,
+        float alpha, float one_minus_alpha) {
+        unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i >= n) return;
+        float gi = use_clip ? g[i] * clip + 0.0f : g[i];
+        sq[i] = (sq[i] * alpha + 0.0f) + ((gi * gi) * one_minus_alpha + 0.0f);
+    }
+
+    extern "C" __global__ void overopt_rmsprop_param(
+        float *p, const float *sq, const float *g, unsigned int n, unsigned int use_clip,
+        float clip, float eps, float lr) {
+        unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i >= n) return;
+        float gi = use_clip ? g[i] * clip + 0.0f : g[i];
+        float denom = sqrtf(sq[i]) * 1.0f + eps;
+        p[i] = p[i] - ((gi / denom) * lr + 0.0f);
+    }
+    "#;
+
+    /// The PTX of [`CUDA_SRC`], compiled once per process.
+    fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        PTX.get_or_init(|| {
+            let opts = CompileOptions {
+                fmad: Some(false),
+                prec_div: Some(true),
+                prec_sqrt: Some(true),
+                ftz: Some(false),
+                name: Some("overopt_rmsprop.cu".into()),
+                ..Default::default()
+            };
+            compile_ptx_with_opts(CUDA_SRC, opts)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("NVRTC could not compile the fused RMSProp kernels: {e}"))
+        })
+        .as_ref()
+        .map(String::as_str)
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
+
+    /// Run `kernel` of [`CUDA_SRC`] in place on `dst` with the read-only `srcs` (f32,
+    /// contiguous, as many elements as `dst`), the clip factor and two more scalars.
+    pub fn run(
+        kernel: &str,
+        (dst, dl): (&mut CudaStorage, &Layout),
+        srcs: &[(&CudaStorage, &Layout)],
+        clip: Option<f32>,
+        scalars: [f32; 2],
+    ) -> Result<()> {
+        let (a, b) = super::range(dl, kernel)?;
+        let n = u32::try_from(b - a).map_err(|_| {
+            candle_core::Error::Msg(format!("{kernel}: {} elements is beyond u32", b - a))
+        })?;
+        let func = dst
+            .device()
+            .get_or_load_custom_func(kernel, "overopt_rmsprop", ptx()?)?;
+        let views = srcs
+            .iter()
+            .map(|(s, l)| {
+                let (a, b) = super::range(l, kernel)?;
+                Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+        let mut args = func.builder();
+        args.arg(&mut out);
+        for v in &views {
+            args.arg(v);
+        }
+        let (use_clip, clip) = (u32::from(clip.is_some()), clip.unwrap_or(1.0));
+        candle_core::builder_arg!(args, n, use_clip, clip, scalars[0], scalars[1]);
+        // SAFETY: each kernel reads and writes `n` elements of the views passed, which hold
+        // `n` each (checked by `usable`: one shape).
+        unsafe { args.launch(LaunchConfig::for_num_elems(n)) }
+            .w()
+            .map(|_| ())
+    }
+}
