@@ -29,8 +29,9 @@
 #      bench/bin/curand-stub/libcurand.so.10 (bench/gpu.sh uses it where the GPU machine's
 #      Python CUDA libraries lack cuRAND).
 #   4. A load check (the binary's --help, with every symbol bound at load time, against the
-#      wheels' libraries and the stub driver, then with the cuRAND stub), and a summary: the
-#      binary's path, its size and ldd's lines for the CUDA libraries.
+#      wheels' libraries and the stub driver, then with the cuRAND stub), the crate's own CUDA
+#      kernels compiled by NVRTC (`--nvrtc-check`, no GPU needed), and a summary: the binary's
+#      path, its size and ldd's lines for the CUDA libraries.
 #
 # Time: about 20 minutes from scratch on 2 cores (measured: 22.5 min on 2 shared cores under
 # nice, of which 20 s for the wheels: about 740 MB to download, 1.2 GB installed). A second run
@@ -179,6 +180,13 @@ check_load() { # $1: label, $2: LD_LIBRARY_PATH
 }
 check_load "wheels' libraries, stub driver" "$CU/lib:$LINK/run"
 check_load "cuRAND stub" "$ROOT/$CURAND_DIR:$CU/lib:$LINK/run"
+# The crate's own kernels are CUDA C compiled at run time by NVRTC, which needs no GPU: compile
+# them now, so that one that does not compile is found here and not on a lent GPU.
+if ! LD_LIBRARY_PATH="$CU/lib:$LINK/run" "$OUT_BIN" --nvrtc-check >"$LINK/nvrtc-check.out" 2>&1; then
+  cat "$LINK/nvrtc-check.out" >&2
+  die "the crate's CUDA kernels did not compile with NVRTC ($OUT_BIN --nvrtc-check)"
+fi
+sed 's/^/nvrtc check: /' "$LINK/nvrtc-check.out"
 SIZE=$(stat -c %s "$OUT_BIN")
 echo "binary: $ROOT/$OUT_BIN ($SIZE bytes, $((SIZE / 1048576)) MiB), built in $(($(date +%s) - T0)) s"
 echo "curand stub: $ROOT/$CURAND_DIR/libcurand.so.10"

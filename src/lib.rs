@@ -134,3 +134,15 @@ pub fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// Compile every CUDA kernel of the crate with NVRTC (no GPU or driver needed): the module
+/// names and the size of their PTX, or the first compiler error. `bench/build-gpu.sh` runs it
+/// (`overopt-gpu-bench --nvrtc-check`) so that a kernel that does not compile is found when the
+/// binary is built, not on a lent GPU.
+#[cfg(feature = "cuda")]
+pub fn compile_cuda_kernels() -> anyhow::Result<Vec<(&'static str, usize)>> {
+    [model::recompute::GELU_SOURCE, train::rmsprop_fused::SOURCE]
+        .iter()
+        .map(|s| Ok((s.module, model::nvrtc::compile(s)?.len())))
+        .collect()
+}

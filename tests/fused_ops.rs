@@ -248,6 +248,42 @@ fn recompute_split_heads_rotary_matches_the_composite_with_gradients() {
     assert!(e.contains("part 0 of qkv [2, 5, 72] with 5 heads"), "{e}");
 }
 
+#[test]
+fn recompute_gelu_matches_candle_gelu_with_gradients() {
+    use candle_core::DType;
+    let dev = Device::Cpu;
+    for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
+        let init = Tensor::randn(0f32, 2.5, (3, 7, 33), &dev).unwrap();
+        let x = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (3, 7, 33), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let rec = recompute::gelu_erf(&x).unwrap();
+        let comp = x.gelu_erf().unwrap();
+        assert_eq!((rec.dims(), rec.dtype()), (comp.dims(), dtype));
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        // The forward pass is candle's kernel: the same values.
+        close(&f(&rec), &f(&comp), 0.0);
+        let dot = |t: Tensor| f(&(t * &r).unwrap()).sum_all().unwrap();
+        let (gr, gc) = (dot(rec).backward().unwrap(), dot(comp).backward().unwrap());
+        let (a, c) = (
+            gr.get(x.as_tensor()).unwrap(),
+            gc.get(x.as_tensor()).unwrap(),
+        );
+        assert_eq!((a.dims(), a.dtype()), (x.dims(), dtype));
+        close(&f(a), &f(c), tol);
+    }
+    let x = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    let e = recompute::gelu_erf_grad(&x, &Tensor::zeros(5, DType::F32, &dev).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("gelu-erf-grad: input [4] F32 and gradient [5] F32 differ"),
+        "{e}"
+    );
+}
+
 /// A (rows, bias) op against its composite: values within 1e-6 and the gradients of both
 /// inputs, under a random linear functional of the output, within `grad_tol`.
 fn check_bias_op(

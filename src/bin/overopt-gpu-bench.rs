@@ -68,6 +68,10 @@ struct Args {
     /// tolerance. Use a small shape (`--shape tiny`).
     #[arg(long)]
     parity: bool,
+    /// Only compile the crate's own CUDA kernels with NVRTC (no GPU needed) and report each
+    /// module; exits 2 when one does not compile. Needs a build with `--features cuda`.
+    #[arg(long)]
+    nvrtc_check: bool,
     /// Shorthand for `--cpu --shape tiny --batch 2 --seq 32 --warmup 1 --steps 2`.
     #[arg(long)]
     tiny: bool,
@@ -336,6 +340,9 @@ fn dev_name(dev: &Device) -> &'static str {
 }
 
 fn run(a: &Args) -> Result<()> {
+    if a.nvrtc_check {
+        return nvrtc_check();
+    }
     let dev = device(a.cpu, &a.cuda_alloc)?;
     let cfg = config(&a.shape, a.layers, a.vocab)?;
     let op_path = OpPath::parse(&a.op_path)?;
@@ -552,6 +559,20 @@ fn run(a: &Args) -> Result<()> {
         a.cuda_alloc
     );
     Ok(())
+}
+
+/// `--nvrtc-check`: compile the crate's CUDA kernels, one `NVRTC module=... ptx_bytes=...` line
+/// each.
+fn nvrtc_check() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        for (module, bytes) in overopt::compile_cuda_kernels()? {
+            println!("NVRTC module={module} ptx_bytes={bytes} ok=1");
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    bail!("--nvrtc-check: this binary was built without `--features cuda`")
 }
 
 /// Special tokens of the benchmark's random data.
@@ -776,16 +797,25 @@ fn rmsprop_parity(dev: &Device, shapes: &[(String, Tensor)]) -> Result<(f64, f64
     Ok((rel(&p_dev, &p_cpu)?, rel(&s_dev, &s_cpu)?))
 }
 
-/// Seconds per call of `f` (device synchronised), over `reps` calls after one untimed.
-fn time_per_call(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Seconds per call of `f` (device synchronised), over `reps` calls after one untimed, and
+/// the buffers of at least [`BIG`] bytes (count, bytes) that the untimed call allocated (on
+/// the CPU; see `CountingAlloc`).
+fn time_per_call(
+    dev: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(f64, (usize, usize))> {
+    let before = HEAP.buffers();
     f()?;
     dev.synchronize()?;
+    let after = HEAP.buffers();
+    let buffers = (after.0 - before.0, after.1 - before.1);
     let t = Instant::now();
     for _ in 0..reps.max(1) {
         f()?;
     }
     dev.synchronize()?;
-    Ok(t.elapsed().as_secs_f64() / reps.max(1) as f64)
+    Ok((t.elapsed().as_secs_f64() / reps.max(1) as f64, buffers))
 }
 
 /// `--components`: the parts of a training step timed one by one at the step's shapes. Token
@@ -818,9 +848,18 @@ fn components(a: &Args, dev: &Device, cfg: &GptNeoXConfig, cd: DType) -> Result<
         a.shape,
         dev_name(dev)
     );
-    let report = |name: &str, s: f64, flops: f64, bytes: f64| {
+    // On the CPU also the buffers one call allocates (forward and backward).
+    let report = |name: &str, (s, (n, b)): (f64, (usize, usize)), flops: f64, bytes: f64| {
+        let buffers = if dev.is_cpu() {
+            format!(
+                " buffers={n} buffer_mib={:.1}",
+                b as f64 / (1u64 << 20) as f64
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "COMPONENT impl=overopt name={name} ms={:.3} tflops={:.2} gbps={:.1}",
+            "COMPONENT impl=overopt name={name} ms={:.3} tflops={:.2} gbps={:.1}{buffers}",
             s * 1e3,
             flops / s / 1e12,
             bytes / s / 1e9
@@ -855,7 +894,7 @@ fn components(a: &Args, dev: &Device, cfg: &GptNeoXConfig, cd: DType) -> Result<
 
     let (b4, w_down, b_down) = (f32v(&[inter])?, f32v(&[h, inter])?, f32v(&[h])?);
     let s = time_per_call(dev, reps, || {
-        let up = linear(&x, &w4, &b4)?.gelu_erf()?;
+        let up = recompute::gelu_erf(&linear(&x, &w4, &b4)?)?;
         backward_of(&linear(&up, &w_down, &b_down)?)
     })?;
     report("mlp_fwd_bwd", s, 6.0 * (2 * t * h * inter) as f64, 0.0);

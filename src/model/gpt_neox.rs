@@ -194,7 +194,8 @@ fn linear_fwd(l: &Linear, x: &Tensor, compute: Option<DType>, path: OpPath) -> R
 
 /// `gelu(x @ weight^T + bias)` (exact GELU): on the CPU in f32 one fused op adds the bias and
 /// applies the GELU, with a single-pass backward (candle's GELU backward makes about ten
-/// full-size temporaries) unless `path` recomputes; elsewhere [`linear_fwd`], then the GELU.
+/// full-size temporaries) unless `path` recomputes; elsewhere [`linear_fwd`], then the GELU
+/// ([`super::recompute::gelu_erf`] where `path` recomputes: its backward is one op).
 fn linear_gelu(l: &Linear, x: &Tensor, compute: Option<DType>, path: OpPath) -> Result<Tensor> {
     match l.bias() {
         Some(b)
@@ -204,7 +205,14 @@ fn linear_gelu(l: &Linear, x: &Tensor, compute: Option<DType>, path: OpPath) -> 
         {
             super::fused::bias_gelu(&matmul_weight(l, x)?, b)?.reshape(linear_out_dims(l, x)?)
         }
-        _ => linear_fwd(l, x, compute, path)?.gelu_erf(),
+        _ => {
+            let h = linear_fwd(l, x, compute, path)?;
+            if path.recomputes(&[&h]) {
+                super::recompute::gelu_erf(&h)
+            } else {
+                h.gelu_erf()
+            }
+        }
     }
 }
 

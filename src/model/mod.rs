@@ -6,6 +6,7 @@ pub mod generate;
 pub mod gpt_neox;
 pub mod hand;
 pub mod load;
+pub(crate) mod nvrtc;
 pub mod recompute;
 pub mod score;
 

@@ -24,10 +24,11 @@
 //! tests/fused_ops.rs compares values and gradients with that composition, op by op, and
 //! tests/gpt_neox_parity.rs the whole model (with HF's gradients, and under bf16 autocast).
 
+use super::nvrtc::Source;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, D, DType, Layout, MetalStorage, Result, Shape,
-    Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, MetalStorage,
+    Result, Shape, Storage, Tensor, WithDType,
 };
 use std::sync::{Arc, Mutex};
 
@@ -377,6 +378,158 @@ fn rope_head_dims(x: &Tensor, c: &Tensor, s: &Tensor, nd: usize) -> Result<Tenso
     }
 }
 
+/// The exact GELU, `x (1 + erf(x / sqrt 2)) / 2`, in the dtype of `x` (candle's kernel). The
+/// graph keeps `x`, as the composite did; the backward pass is one op, [`gelu_erf_grad`], where
+/// candle's backward of its GELU makes about a dozen buffers as large as `x`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    with_backward(
+        "recompute-gelu-erf",
+        &[x],
+        |a| a[0].gelu_erf(),
+        |a, g| Ok(vec![Some(gelu_erf_grad(&a[0], g)?)]),
+    )
+}
+
+/// `g * gelu'(x)` elementwise (f32 or bf16, computed in f32, rounded once to the dtype):
+/// `gelu'(x) = (1 + erf(x / sqrt 2)) / 2 + x exp(-x^2 / 2) / sqrt(2 pi)`. On the CPU a loop
+/// (the fused kernels' GELU derivative), on CUDA one kernel ([`GELU_SOURCE`]).
+pub fn gelu_erf_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if x.dims() != g.dims() || x.dtype() != g.dtype() {
+        candle_core::bail!(
+            "gelu-erf-grad: input {:?} {:?} and gradient {:?} {:?} differ",
+            x.dims(),
+            x.dtype(),
+            g.dims(),
+            g.dtype()
+        );
+    }
+    x.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &GeluErfGrad)
+}
+
+/// The CUDA kernels of [`gelu_erf_grad`], f32 and bf16 (as its 16 bits): the CPU loop's
+/// expression, in the same order (a unit test compiles it as C++ and compares).
+#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
+pub(crate) const GELU_SOURCE: Source = Source {
+    module: "overopt_gelu",
+    text: r#"
+__device__ __forceinline__ float overopt_gelu_grad(float u) {
+    return 0.5f * (1.0f + erff(u * 0.70710677f)) + u * expf(-0.5f * u * u) * 0.3989423f;
+}
+extern "C" __global__ void overopt_gelu_erf_grad_f32(
+    const float *x, const float *g, float *dx, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    dx[i] = g[i] * overopt_gelu_grad(x[i]);
+}
+extern "C" __global__ void overopt_gelu_erf_grad_bf16(
+    const unsigned short *x, const unsigned short *g, unsigned short *dx, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float u = overopt_bf16_to_f32(x[i]);
+    dx[i] = overopt_f32_to_bf16(overopt_bf16_to_f32(g[i]) * overopt_gelu_grad(u));
+}
+"#,
+};
+
+struct GeluErfGrad;
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn grad<T: WithDType>(x: &[T], g: &[T]) -> Vec<T> {
+            x.iter()
+                .zip(g)
+                .map(|(&x, &g)| {
+                    let (x, g) = (x.to_f64() as f32, g.to_f64() as f32);
+                    T::from_f64((g * super::fused::gelu_grad(x)) as f64)
+                })
+                .collect()
+        }
+        let (r1, r2) = (
+            contiguous_range(l1, self.name())?,
+            contiguous_range(l2, self.name())?,
+        );
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(grad(&x[r1.0..r1.1], &g[r2.0..r2.1]))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(grad(&x[r1.0..r1.1], &g[r2.0..r2.1]))
+            }
+            _ => candle_core::bail!("{}: expects f32 or bf16, got {:?}", self.name(), s1.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use super::nvrtc;
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+        let (r1, r2) = (
+            contiguous_range(l1, self.name())?,
+            contiguous_range(l2, self.name())?,
+        );
+        let dev = s1.device();
+        let n = nvrtc::len(self.name(), r1.1 - r1.0)?;
+        /// `kernel` on the elements `r.0` of `x` and `r.1` of `g`: a new buffer of n elements.
+        fn grad<T: DeviceRepr>(
+            dev: &candle_core::CudaDevice,
+            kernel: &str,
+            (x, g): (&CudaSlice<T>, &CudaSlice<T>),
+            r: ((usize, usize), (usize, usize)),
+            n: u32,
+        ) -> Result<CudaSlice<T>> {
+            let func = nvrtc::func(dev, &GELU_SOURCE, kernel)?;
+            // SAFETY: the kernel writes all n elements.
+            let mut out = unsafe { dev.alloc::<T>(n as usize)? };
+            let (x, g) = (x.slice(r.0.0..r.0.1), g.slice(r.1.0..r.1.1));
+            let stream = dev.cuda_stream();
+            let mut args = stream.launch_builder(&func);
+            args.arg(&x);
+            args.arg(&g);
+            args.arg(&mut out);
+            args.arg(&n);
+            nvrtc::launch(args, n)?;
+            Ok(out)
+        }
+        let (kf, kb) = ("overopt_gelu_erf_grad_f32", "overopt_gelu_erf_grad_bf16");
+        let slice = match (&s1.slice, &s2.slice) {
+            (S::F32(x), S::F32(g)) => S::F32(grad(dev, kf, (x, g), (r1, r2), n)?),
+            (S::BF16(x), S::BF16(g)) => S::BF16(grad(dev, kb, (x, g), (r1, r2), n)?),
+            _ => candle_core::bail!("{}: expects f32 or bf16, got {:?}", self.name(), s1.dtype()),
+        };
+        let storage = CudaStorage {
+            slice,
+            device: dev.clone(),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// The element range of a contiguous layout, or an error naming `op`.
+fn contiguous_range(l: &Layout, op: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: expects contiguous tensors")))
+}
+
 /// Layer norm over the last dimension of `x` with `weight` and `bias` (the dtype of `x`),
 /// statistics in f32. The graph keeps x, weight, bias and the output; the backward pass
 /// recomputes the normalized rows.
@@ -469,4 +622,107 @@ pub fn label_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             Ok(vec![Some(d.to_dtype(a[0].dtype())?)])
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use std::fmt::Write as _;
+
+    /// Runs the kernel of [`GELU_SOURCE`] named by the first input word (`f32` or `bf16`) for
+    /// every index on `n`, then `x` and `g` as hexadecimal bits (32 or 16 per value); prints
+    /// `dx` the same way.
+    const DRIVER: &str = r#"
+int main() {
+  char kind[8]; unsigned int n;
+  if (std::scanf("%7s %u", kind, &n) != 2) return 2;
+  bool bf16 = std::strcmp(kind, "bf16") == 0;
+  std::vector<unsigned int> x(n), g(n);
+  for (auto &v : x) if (std::scanf("%x", &v) != 1) return 2;
+  for (auto &v : g) if (std::scanf("%x", &v) != 1) return 2;
+  blockDim.x = 128;
+  if (bf16) {
+    std::vector<unsigned short> xs(x.begin(), x.end()), gs(g.begin(), g.end()), dx(n);
+    for (unsigned int i = 0; i < n; i++) {
+      blockIdx.x = i / 128; threadIdx.x = i % 128;
+      overopt_gelu_erf_grad_bf16(xs.data(), gs.data(), dx.data(), n);
+    }
+    for (auto v : dx) std::printf("%x\n", (unsigned int)v);
+  } else {
+    std::vector<float> xs(n), gs(n), dx(n);
+    for (unsigned int i = 0; i < n; i++) { xs[i] = __uint_as_float(x[i]); gs[i] = __uint_as_float(g[i]); }
+    for (unsigned int i = 0; i < n; i++) {
+      blockIdx.x = i / 128; threadIdx.x = i % 128;
+      overopt_gelu_erf_grad_f32(xs.data(), gs.data(), dx.data(), n);
+    }
+    for (auto v : dx) std::printf("%x\n", __float_as_uint(v));
+  }
+  return 0;
+}
+"#;
+
+    /// The CUDA kernels of the GELU gradient, compiled for the CPU, against the CPU op: f32
+    /// within 1e-6 (their erf and exp are the C library's, the loop's are the fused kernels'
+    /// approximations), bf16 within one unit in the last place (the same f32 value rounded).
+    #[test]
+    fn gelu_grad_kernels_match_the_cpu_op() {
+        let dev = Device::Cpu;
+        let n = 2000;
+        let x = (Tensor::randn(0f32, 3.0, n, &dev).unwrap())
+            .contiguous()
+            .unwrap();
+        let g = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let program = super::super::nvrtc::host_program(&GELU_SOURCE, DRIVER);
+        for dtype in [DType::F32, DType::BF16] {
+            let (x, g) = (x.to_dtype(dtype).unwrap(), g.to_dtype(dtype).unwrap());
+            let bits = |t: &Tensor| -> Vec<u32> {
+                match dtype {
+                    DType::F32 => t
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect(),
+                    _ => t
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits() >> 16)
+                        .collect(),
+                }
+            };
+            let kind = if dtype == DType::F32 { "f32" } else { "bf16" };
+            let mut input = format!("{kind} {n}\n");
+            for v in bits(&x).into_iter().chain(bits(&g)) {
+                writeln!(input, "{v:x}").unwrap();
+            }
+            let out = super::super::nvrtc::run_host_program(dir.path(), &program, &input);
+            let host: Vec<f32> = out
+                .lines()
+                .map(|l| {
+                    let b = u32::from_str_radix(l, 16).unwrap();
+                    f32::from_bits(if dtype == DType::F32 { b } else { b << 16 })
+                })
+                .collect();
+            let cpu = gelu_erf_grad(&x, &g)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(host.len(), n);
+            for (i, (h, c)) in host.iter().zip(&cpu).enumerate() {
+                let tol = if dtype == DType::F32 {
+                    1e-6
+                } else {
+                    c.abs() / 128.0
+                };
+                assert!((h - c).abs() <= tol, "{kind} {i}: kernel {h} vs loop {c}");
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@ pub mod config;
 pub mod daa;
 pub mod loss;
 pub mod optim;
-mod rmsprop_fused;
+pub(crate) mod rmsprop_fused;
 pub mod sft;
 pub mod trainer;
 

@@ -14,10 +14,11 @@
 //! into fused multiply-adds), so the values are the composite's, bit for bit
 //! (tests/train_fixtures.rs compares them, and the torch fixtures pin both).
 //!
-//! CUDA: the kernels are compiled once per process from the source below by NVRTC, which
-//! candle's CUDA backend already loads. `OVEROPT_NO_FUSED=1` switches them off with the CPU
+//! CUDA: the kernels are compiled once per process from [`SOURCE`] by NVRTC
+//! ([`crate::model::nvrtc`]). `OVEROPT_NO_FUSED=1` switches them off with the CPU
 //! loops, as it does the model's fused kernels.
 
+use crate::model::nvrtc::Source;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
@@ -177,60 +178,42 @@ impl InplaceOp3 for Param {
     }
 }
 
+/// The CUDA source of both passes: the CPU loops above, element by element (compiled as
+/// [`crate::model::nvrtc`] compiles every source: no fused multiply-adds, IEEE division and
+/// square root). A unit test compiles it as C++ for the CPU and compares it with the loops, so
+/// it is checked without a GPU.
+#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
+pub(crate) const SOURCE: Source = Source {
+    module: "overopt_rmsprop",
+    text: r#"
+extern "C" __global__ void overopt_rmsprop_square_avg(
+    float *sq, const float *g, unsigned int n, unsigned int use_clip, float clip,
+    float alpha, float one_minus_alpha) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = use_clip ? g[i] * clip + 0.0f : g[i];
+    sq[i] = (sq[i] * alpha + 0.0f) + ((gi * gi) * one_minus_alpha + 0.0f);
+}
+
+extern "C" __global__ void overopt_rmsprop_param(
+    float *p, const float *sq, const float *g, unsigned int n, unsigned int use_clip,
+    float clip, float eps, float lr) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = use_clip ? g[i] * clip + 0.0f : g[i];
+    float denom = sqrtf(sq[i]) * 1.0f + eps;
+    p[i] = p[i] - ((gi / denom) * lr + 0.0f);
+}
+"#,
+};
+
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+    use crate::model::nvrtc;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{CudaStorage, Layout, Result, backend::BackendStorage};
-    use std::sync::OnceLock;
 
-    /// The CUDA source of both passes: the CPU loops above, element by element. Compiled with
-    /// `--fmad=false` (each product and sum rounds on its own, as candle's separate ops do) and
-    /// IEEE division and square root (NVRTC's defaults).
-    const CUDA_SRC: &str = r#"
-    extern "C" __global__ void overopt_rmsprop_square_avg(
-        float *sq, const float *g, unsigned int n, unsigned int use_clip, float clip,
-        float alpha, float one_minus_alpha) {
-        unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-        if (i >= n) return;
-        float gi = use_clip ? g[i] * clip + 0.0f : g[i];
-        sq[i] = (sq[i] * alpha + 0.0f) + ((gi * gi) * one_minus_alpha + 0.0f);
-    }
-
-    extern "C" __global__ void overopt_rmsprop_param(
-        float *p, const float *sq, const float *g, unsigned int n, unsigned int use_clip,
-        float clip, float eps, float lr) {
-        unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-        if (i >= n) return;
-        float gi = use_clip ? g[i] * clip + 0.0f : g[i];
-        float denom = sqrtf(sq[i]) * 1.0f + eps;
-        p[i] = p[i] - ((gi / denom) * lr + 0.0f);
-    }
-    "#;
-
-    /// The PTX of [`CUDA_SRC`], compiled once per process.
-    fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            let opts = CompileOptions {
-                fmad: Some(false),
-                prec_div: Some(true),
-                prec_sqrt: Some(true),
-                ftz: Some(false),
-                name: Some("overopt_rmsprop.cu".into()),
-                ..Default::default()
-            };
-            compile_ptx_with_opts(CUDA_SRC, opts)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("NVRTC could not compile the fused RMSProp kernels: {e}"))
-        })
-        .as_ref()
-        .map(String::as_str)
-        .map_err(|e| candle_core::Error::Msg(e.clone()))
-    }
-
-    /// Run `kernel` of [`CUDA_SRC`] in place on `dst` with the read-only `srcs` (f32,
+    /// Run `kernel` of [`super::SOURCE`] in place on `dst` with the read-only `srcs` (f32,
     /// contiguous, as many elements as `dst`), the clip factor and two more scalars.
     pub fn run(
         kernel: &str,
@@ -240,12 +223,9 @@ mod cuda {
         scalars: [f32; 2],
     ) -> Result<()> {
         let (a, b) = super::range(dl, kernel)?;
-        let n = u32::try_from(b - a).map_err(|_| {
-            candle_core::Error::Msg(format!("{kernel}: {} elements is beyond u32", b - a))
-        })?;
-        let func = dst
-            .device()
-            .get_or_load_custom_func(kernel, "overopt_rmsprop", ptx()?)?;
+        let n = nvrtc::len(kernel, b - a)?;
+        let stream = dst.device().cuda_stream();
+        let func = nvrtc::func(dst.device(), &super::SOURCE, kernel)?;
         let views = srcs
             .iter()
             .map(|(s, l)| {
@@ -254,17 +234,108 @@ mod cuda {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
-        let mut args = func.builder();
+        let mut args = stream.launch_builder(&func);
         args.arg(&mut out);
         for v in &views {
             args.arg(v);
         }
         let (use_clip, clip) = (u32::from(clip.is_some()), clip.unwrap_or(1.0));
         candle_core::builder_arg!(args, n, use_clip, clip, scalars[0], scalars[1]);
-        // SAFETY: each kernel reads and writes `n` elements of the views passed, which hold
-        // `n` each (checked by `usable`: one shape).
-        unsafe { args.launch(LaunchConfig::for_num_elems(n)) }
-            .w()
-            .map(|_| ())
+        nvrtc::launch(args, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::nvrtc;
+    use candle_core::Device;
+    use std::fmt::Write as _;
+
+    /// Runs both kernels of [`SOURCE`] for every index on hexadecimal float bits read from
+    /// standard input (`n use_clip clip alpha one_minus_alpha eps lr`, then `sq`, `g` and `p`,
+    /// n values each) and prints the updated `sq` and `p`.
+    const DRIVER: &str = r#"
+static float f(unsigned int b) { return __uint_as_float(b); }
+static std::vector<float> read(unsigned int n) {
+  std::vector<float> v(n);
+  for (auto &x : v) { unsigned int b; if (std::scanf("%x", &b) != 1) throw 1; x = f(b); }
+  return v;
+}
+int main() {
+  unsigned int n, use_clip, k[5];
+  if (std::scanf("%u %u %x %x %x %x %x", &n, &use_clip, &k[0], &k[1], &k[2], &k[3], &k[4]) != 7)
+    return 2;
+  auto sq = read(n), g = read(n), p = read(n);
+  blockDim.x = 128;
+  for (unsigned int i = 0; i < n; i++) {
+    blockIdx.x = i / 128; threadIdx.x = i % 128;
+    overopt_rmsprop_square_avg(sq.data(), g.data(), n, use_clip, f(k[0]), f(k[1]), f(k[2]));
+  }
+  for (unsigned int i = 0; i < n; i++) {
+    blockIdx.x = i / 128; threadIdx.x = i % 128;
+    overopt_rmsprop_param(p.data(), sq.data(), g.data(), n, use_clip, f(k[0]), f(k[3]), f(k[4]));
+  }
+  for (float x : sq) std::printf("%x\n", __float_as_uint(x));
+  for (float x : p) std::printf("%x\n", __float_as_uint(x));
+  return 0;
+}
+"#;
+
+    /// The CUDA kernels, compiled for the CPU (no contraction into fused multiply-adds, as
+    /// NVRTC is told), give the CPU loops' values bit for bit, with and without clipping.
+    #[test]
+    fn cuda_kernels_compute_the_cpu_loops_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = nvrtc::host_program(&SOURCE, DRIVER);
+        let dev = Device::Cpu;
+        let n = 1000;
+        let draw = |std: f32| {
+            let v = Tensor::randn(0f32, std, n, &dev)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            v.into_iter()
+                .enumerate()
+                .map(|(i, x)| x * 10f32.powi((i % 11) as i32 - 5))
+                .collect::<Vec<f32>>()
+        };
+        for clip in [None, Some(0.23)] {
+            let sq0: Vec<f32> = draw(1.0).iter().map(|x| x.abs()).collect();
+            let (g, p0) = (draw(1.0), draw(0.1));
+            let k = Coeffs::new(clip, 0.99, 1e-8, 2e-3);
+            let mut input = format!("{n} {} ", u32::from(k.clip.is_some()));
+            for x in [
+                k.clip.unwrap_or(1.0),
+                k.alpha,
+                k.one_minus_alpha,
+                k.eps,
+                k.lr,
+            ] {
+                write!(input, "{:x} ", x.to_bits()).unwrap();
+            }
+            for v in [&sq0, &g, &p0] {
+                for x in v.iter() {
+                    writeln!(input, "{:x}", x.to_bits()).unwrap();
+                }
+            }
+            let out = nvrtc::run_host_program(dir.path(), &program, &input);
+            let host: Vec<u32> = out
+                .lines()
+                .map(|l| u32::from_str_radix(l, 16).unwrap())
+                .collect();
+            let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), n, &dev).unwrap();
+            let (p, sq, g) = (t(&p0), t(&sq0), t(&g));
+            update(&p, &sq, &g, k).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect()
+            };
+            assert_eq!(host[..n], bits(&sq)[..], "square_avg, clip {clip:?}");
+            assert_eq!(host[n..], bits(&p)[..], "param, clip {clip:?}");
+        }
     }
 }
