@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
     --checkpoint) ck=1 ;;
     --components) comp=1 ;;
     --parity) par=1 ;;
+    --nvrtc-check) echo "NVRTC module=overopt_gelu ptx_bytes=6384 ok=1"; exit 0 ;;
   esac
   shift
 done
@@ -118,7 +119,10 @@ def test_summary_and_parts():
         "5e-2)  FAILED at layers.0.mlp.bias" in out, out
     assert any(c.startswith("--shape tiny") and c.endswith("--parity") for c in calls), calls
     # What ran, with which arguments.
-    first = calls[0].split()
+    # First the NVRTC check of the crate's kernels, printed in the log.
+    assert calls[0] == "--nvrtc-check", calls
+    assert "   NVRTC module=overopt_gelu ptx_bytes=6384 ok=1" in out, out
+    first = calls[1].split()
     assert first[:6] == ["--shape", "1b", "--batch", "16", "--seq", "512"], calls
     larger = [c for c in calls if "--checkpoint" in c]
     assert [c.split()[1] for c in larger] == ["1.4b", "2.8b", "6.9b"], calls

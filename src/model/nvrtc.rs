@@ -9,7 +9,7 @@
 
 /// A kernel source: its module name (the key of candle's module cache) and its CUDA C text.
 #[derive(Debug, Clone, Copy)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
 pub(crate) struct Source {
     pub module: &'static str,
     pub text: &'static str,
@@ -85,6 +85,21 @@ pub(crate) fn run_host_program(dir: &std::path::Path, program: &str, input: &str
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{compile, func, launch, len};
 
+/// Whether the kernels of `src` can run on `dev`: always on the CPU (where their loops run); on
+/// CUDA when NVRTC compiles `src` (tried once per process; a failure is reported once on
+/// standard error, and the callers then take candle's composite ops instead).
+pub(crate) fn ready(dev: &candle_core::Device, src: &Source) -> bool {
+    match dev {
+        candle_core::Device::Cpu => true,
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => cuda::compile(src).is_ok(),
+        _ => {
+            let _ = src;
+            false
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{PRELUDE, Source};
@@ -104,19 +119,27 @@ mod cuda {
             .lock()
             .map_err(|_| candle_core::Error::Msg("nvrtc: a compilation panicked".into()))?;
         let entry = cache.entry(src.module).or_insert_with(|| {
-            let opts = CompileOptions {
-                fmad: Some(false),
-                prec_div: Some(true),
-                prec_sqrt: Some(true),
-                ftz: Some(false),
-                name: Some(format!("{}.cu", src.module)),
-                ..Default::default()
-            };
-            compile_ptx_with_opts(format!("{PRELUDE}\n{}", src.text), opts)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("NVRTC could not compile {}: {e}", src.module))
+            let out = compile_uncached(src);
+            if let Err(e) = &out {
+                eprintln!("warning: {e}; candle's composite ops are used instead");
+            }
+            out
         });
         entry.clone().map_err(candle_core::Error::Msg)
+    }
+
+    fn compile_uncached(src: &Source) -> std::result::Result<String, String> {
+        let opts = CompileOptions {
+            fmad: Some(false),
+            prec_div: Some(true),
+            prec_sqrt: Some(true),
+            ftz: Some(false),
+            name: Some(format!("{}.cu", src.module)),
+            ..Default::default()
+        };
+        compile_ptx_with_opts(format!("{PRELUDE}\n{}", src.text), opts)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("NVRTC could not compile {}: {e}", src.module))
     }
 
     /// `kernel` of `src`, loaded on `dev`; launch it on `dev.cuda_stream()` (candle's stream).

@@ -382,6 +382,10 @@ fn rope_head_dims(x: &Tensor, c: &Tensor, s: &Tensor, nd: usize) -> Result<Tenso
 /// graph keeps `x`, as the composite did; the backward pass is one op, [`gelu_erf_grad`], where
 /// candle's backward of its GELU makes about a dozen buffers as large as `x`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !super::nvrtc::ready(x.device(), &GELU_SOURCE) {
+        // A CUDA device where NVRTC failed (reported once), or another device.
+        return x.gelu_erf();
+    }
     with_backward(
         "recompute-gelu-erf",
         &[x],
@@ -409,7 +413,6 @@ pub fn gelu_erf_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
 
 /// The CUDA kernels of [`gelu_erf_grad`], f32 and bf16 (as its 16 bits): the CPU loop's
 /// expression, in the same order (a unit test compiles it as C++ and compares).
-#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
 pub(crate) const GELU_SOURCE: Source = Source {
     module: "overopt_gelu",
     text: r#"

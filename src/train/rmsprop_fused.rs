@@ -57,13 +57,14 @@ impl Coeffs {
 }
 
 /// Whether the fused update applies: the parameter, its state and its gradient are f32,
-/// contiguous and of one shape, on the CPU or a CUDA device, and the fused kernels are on.
+/// contiguous and of one shape, on the CPU or a CUDA device where NVRTC compiled the kernels,
+/// and the fused kernels are on.
 pub(crate) fn usable(p: &Tensor, sq: &Tensor, g: &Tensor) -> bool {
     crate::model::fused::enabled()
         && [p, sq, g]
             .iter()
             .all(|t| t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == p.dims())
-        && (p.device().is_cpu() || p.device().is_cuda())
+        && crate::model::nvrtc::ready(p.device(), &SOURCE)
 }
 
 /// One update of `p` and `sq` by `g` in place (the caller checked [`usable`]).
@@ -182,7 +183,6 @@ impl InplaceOp3 for Param {
 /// [`crate::model::nvrtc`] compiles every source: no fused multiply-adds, IEEE division and
 /// square root). A unit test compiles it as C++ for the CPU and compares it with the loops, so
 /// it is checked without a GPU.
-#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
 pub(crate) const SOURCE: Source = Source {
     module: "overopt_rmsprop",
     text: r#"
