@@ -11,8 +11,9 @@
 //! with `g` the gradient times the clip factor when clipping applies. Every operation rounds
 //! to f32 as candle's op of the composite does (its scalar ops are `x * mul + add` with
 //! `add = 0`, kept here; the CUDA kernels are compiled without contracting products and sums
-//! into fused multiply-adds), so the values are the composite's, bit for bit
-//! (tests/train_fixtures.rs compares them, and the torch fixtures pin both).
+//! into fused multiply-adds), so the values are the composite's, bit for bit (on the CPU the
+//! unit test `fused_update_is_the_composite_bit_for_bit` of `optim` checks it, and
+//! tests/train_fixtures.rs pins the update against torch's RMSprop).
 //!
 //! CUDA: the kernels are compiled once per process from [`SOURCE`] by NVRTC
 //! ([`crate::model::nvrtc`]). `OVEROPT_NO_FUSED=1` switches them off with the CPU
@@ -73,7 +74,7 @@ pub(crate) fn update(p: &Tensor, sq: &Tensor, g: &Tensor, k: Coeffs) -> Result<(
     p.inplace_op3(sq, g, &Param(k))
 }
 
-/// `(slice, offset range)` of a contiguous f32 layout, or an error naming the op.
+/// The element range of a contiguous layout, or an error naming the op.
 fn range(l: &Layout, op: &str) -> Result<(usize, usize)> {
     l.contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: expects contiguous tensors")))
