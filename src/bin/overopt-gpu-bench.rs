@@ -689,8 +689,7 @@ fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
             // Per parameter, the largest difference relative to the largest reference entry.
             let (mut grad_rel, mut at) = (0f64, String::new());
             for ((n, g), (_, r)) in grads.iter().zip(&g_ref) {
-                let scale = r.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-                let d = (g - r)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale.max(1e-30);
+                let d = rel_diff(g, r)?;
                 if d.is_nan() || d > grad_rel {
                     (grad_rel, at) = (d, n.clone());
                 }
@@ -741,6 +740,13 @@ fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
     Ok(())
 }
 
+/// The largest difference of `x` from the reference `r` over the largest entry of `r` (f32,
+/// on the CPU).
+fn rel_diff(x: &Tensor, r: &Tensor) -> Result<f64> {
+    let scale = r.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    Ok((x - r)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale.max(1e-30))
+}
+
 /// Two RMSProp steps with clipping from parameters shaped like `shapes` (values and gradients
 /// drawn on the CPU) on `dev` and on the CPU: the largest difference of the parameters, and
 /// of the squared averages, each over the largest CPU entry.
@@ -786,8 +792,7 @@ fn rmsprop_parity(dev: &Device, shapes: &[(String, Tensor)]) -> Result<(f64, f64
     let rel = |a: &[Tensor], b: &[Tensor]| -> Result<f64> {
         let mut worst = 0f64;
         for (x, y) in a.iter().zip(b) {
-            let scale = y.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-            let d = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()? as f64 / scale.max(1e-30);
+            let d = rel_diff(x, y)?;
             if d.is_nan() || d > worst {
                 worst = d;
             }

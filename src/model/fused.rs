@@ -35,11 +35,14 @@ pub fn usable(ts: &[&Tensor]) -> bool {
 }
 
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: expects a contiguous tensor"),
-    }
+    let (a, b) = contiguous_range(l, op)?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+/// The element range of a contiguous layout, or an error naming `op`.
+pub(crate) fn contiguous_range(l: &Layout, op: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: expects a contiguous tensor")))
 }
 
 fn last_dim(l: &Layout) -> Result<usize> {

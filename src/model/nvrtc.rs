@@ -108,12 +108,14 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
+    use std::sync::{Arc, Mutex, OnceLock};
 
-    /// The PTX of `src`, compiled once per process.
-    pub fn compile(src: &Source) -> Result<String> {
-        static CACHE: OnceLock<Mutex<HashMap<&'static str, std::result::Result<String, String>>>> =
-            OnceLock::new();
+    /// The PTX of a module, or NVRTC's error.
+    type Compiled = std::result::Result<Arc<str>, String>;
+
+    /// The PTX of `src`, compiled once per process (later calls, one per launch, share it).
+    pub fn compile(src: &Source) -> Result<Arc<str>> {
+        static CACHE: OnceLock<Mutex<HashMap<&'static str, Compiled>>> = OnceLock::new();
         let mut cache = CACHE
             .get_or_init(Default::default)
             .lock()
@@ -128,7 +130,7 @@ mod cuda {
         entry.clone().map_err(candle_core::Error::Msg)
     }
 
-    fn compile_uncached(src: &Source) -> std::result::Result<String, String> {
+    fn compile_uncached(src: &Source) -> Compiled {
         let opts = CompileOptions {
             fmad: Some(false),
             prec_div: Some(true),
@@ -138,7 +140,7 @@ mod cuda {
             ..Default::default()
         };
         compile_ptx_with_opts(format!("{PRELUDE}\n{}", src.text), opts)
-            .map(|p| p.to_src())
+            .map(|p| Arc::from(p.to_src()))
             .map_err(|e| format!("NVRTC could not compile {}: {e}", src.module))
     }
 

@@ -459,8 +459,8 @@ impl CustomOp2 for GeluErfGrad {
                 .collect()
         }
         let (r1, r2) = (
-            contiguous_range(l1, self.name())?,
-            contiguous_range(l2, self.name())?,
+            super::fused::contiguous_range(l1, self.name())?,
+            super::fused::contiguous_range(l2, self.name())?,
         );
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => {
@@ -487,8 +487,8 @@ impl CustomOp2 for GeluErfGrad {
         use candle_core::cuda_backend::CudaStorageSlice as S;
         use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
         let (r1, r2) = (
-            contiguous_range(l1, self.name())?,
-            contiguous_range(l2, self.name())?,
+            super::fused::contiguous_range(l1, self.name())?,
+            super::fused::contiguous_range(l2, self.name())?,
         );
         let dev = s1.device();
         let n = nvrtc::len(self.name(), r1.1 - r1.0)?;
@@ -525,12 +525,6 @@ impl CustomOp2 for GeluErfGrad {
         };
         Ok((storage, l1.shape().clone()))
     }
-}
-
-/// The element range of a contiguous layout, or an error naming `op`.
-fn contiguous_range(l: &Layout, op: &str) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: expects contiguous tensors")))
 }
 
 /// Layer norm over the last dimension of `x` with `weight` and `bias` (the dtype of `x`),

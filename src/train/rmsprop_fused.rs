@@ -19,6 +19,7 @@
 //! ([`crate::model::nvrtc`]). `OVEROPT_NO_FUSED=1` switches them off with the CPU
 //! loops, as it does the model's fused kernels.
 
+use crate::model::fused::{contiguous_range as range, slice};
 use crate::model::nvrtc::Source;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
@@ -74,12 +75,6 @@ pub(crate) fn update(p: &Tensor, sq: &Tensor, g: &Tensor, k: Coeffs) -> Result<(
     p.inplace_op3(sq, g, &Param(k))
 }
 
-/// The element range of a contiguous layout, or an error naming the op.
-fn range(l: &Layout, op: &str) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: expects contiguous tensors")))
-}
-
 struct SquareAvg(Coeffs);
 
 impl InplaceOp2 for SquareAvg {
@@ -94,8 +89,8 @@ impl InplaceOp2 for SquareAvg {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let ((a1, b1), (a2, b2)) = (range(l1, self.name())?, range(l2, self.name())?);
-        let g = &s2.as_slice::<f32>()?[a2..b2];
+        let (a1, b1) = range(l1, self.name())?;
+        let g = slice(s2, l2, self.name())?;
         let CpuStorage::F32(sq) = s1 else {
             candle_core::bail!("{}: square_avg is not f32", self.name())
         };
@@ -144,9 +139,8 @@ impl InplaceOp3 for Param {
         l3: &Layout,
     ) -> Result<()> {
         let name = self.name();
-        let ((a1, b1), (a2, b2), (a3, b3)) = (range(l1, name)?, range(l2, name)?, range(l3, name)?);
-        let sq = &s2.as_slice::<f32>()?[a2..b2];
-        let g = &s3.as_slice::<f32>()?[a3..b3];
+        let (a1, b1) = range(l1, name)?;
+        let (sq, g) = (slice(s2, l2, name)?, slice(s3, l3, name)?);
         let CpuStorage::F32(p) = s1 else {
             candle_core::bail!("{name}: the parameter is not f32")
         };
