@@ -16,10 +16,10 @@
 #    module), then larger Pythia shapes one step each until one does not fit.
 # 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b) with activation checkpointing,
 #    one step each, while time is left.
-# 5. When time is left, two A/B runs of the 1B step: with `--cuda-alloc default` (the driver's
+# 5. When time is left, A/B runs of the 1B step: with `--cuda-alloc default` (the driver's
 #    memory pool returning freed memory at every synchronisation, as before the crate kept it),
-#    then with `--op-path composite` (basic ops only, every intermediate kept), an A/B of the
-#    recomputing ops.
+#    with `--op-path recompute` (one graph node per recomputing op instead of one per layer),
+#    then with `--op-path composite` (basic ops only, every intermediate kept).
 # 6. A side-by-side summary; the last two lines are `P3 ratio=...` and `P3 mfu=...`.
 #
 # Peak memory: nvidia-smi's memory.used sampled every 200 ms during each part (the whole device),
@@ -135,9 +135,15 @@ if [ "$(left)" -ge 45 ]; then
   run_part overopt-1b-alloc-default "$(cap 60)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 1 \
     --steps 2 --cuda-alloc default
 fi
-# Part 4b: the 1B step with the graph of basic ops only (every intermediate kept), the path the
-# CUDA step took before the recomputing attention, layer norm and log-probs: an A/B in one run,
-# when time is left.
+# Part 4b: the 1B step with one graph node per recomputing op (attention, layer norm, linear
+# layers, ...) rather than one per layer with its hand-written backward pass, the graph of the
+# eighth round: an A/B of the layer nodes, when time is left.
+if [ "$(left)" -ge 45 ]; then
+  run_part overopt-1b-recompute "$(cap 60)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 1 \
+    --steps 2 --op-path recompute
+fi
+# Part 4c: the 1B step with the graph of basic ops only (every intermediate kept), the path the
+# CUDA step took before the recomputing attention, layer norm and log-probs.
 if [ "$(left)" -ge 45 ]; then
   run_part overopt-1b-composite "$(cap 60)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 1 \
     --steps 2 --op-path composite
@@ -205,7 +211,8 @@ for key, label in [("step_s", "s/step"), ("examples_per_s", "examples/s"), ("tfl
     print(f"{label:24}{o.get(key, 'na'):>20}{t.get(key, 'na'):>20}")
 print(f"{'peak mem GiB (smi)':24}{smi.get('overopt-1b', 'na'):>20}{smi.get('torch', 'na'):>20}")
 for variant, what in [("alloc-default", "freed memory kept in the pool vs handed back at every sync (driver default)"),
-                      ("composite", "op path differentiable (recomputing ops) vs composite (basic ops)")]:
+                      ("recompute", "op path differentiable (layer nodes) vs recompute (a node per op)"),
+                      ("composite", "op path differentiable (layer nodes) vs composite (basic ops)")]:
     c = get("overopt", "1b", variant)
     print(f"A/B overopt 1b, {what}: "
           + ", ".join(f"{k} {o.get(k, 'na')} vs {c.get(k, 'na')}"

@@ -811,6 +811,23 @@ fn prompts_and_responses() -> (Vec<Vec<u32>>, Responses) {
     (prompts, conts)
 }
 
+/// `prompts` and `conts` as the slices that shared-prefix scoring takes.
+fn as_refs<'a>(
+    prompts: &'a [Vec<u32>],
+    conts: &'a Responses,
+) -> (Vec<&'a [u32]>, Vec<(usize, &'a [u32])>) {
+    (
+        prompts.iter().map(|p| p.as_slice()).collect(),
+        conts.iter().map(|(i, c)| (*i, c.as_slice())).collect(),
+    )
+}
+
+/// Distinct weights 1 - step r for n rows (so that rows cannot trade errors in a weighted sum).
+fn row_weights(n: usize, step: f32) -> Tensor {
+    let w: Vec<f32> = (0..n).map(|r| 1.0 - step * r as f32).collect();
+    Tensor::new(w.as_slice(), &Device::Cpu).unwrap()
+}
+
 /// Every parameter of `lm` has a non-zero gradient in `a` and `b`, equal within `tol` relative
 /// to the largest of `b`, in f32 (the master weights' dtype).
 fn assert_close_grads(
@@ -848,10 +865,8 @@ fn assert_close_grads(
 fn recompute_path_equals_composite_under_bf16_autocast() {
     use overopt::model::score::shared_prefix_logps_via;
     let (prompts, conts) = prompts_and_responses();
-    let p_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
-    let r_refs: Vec<(usize, &[u32])> = conts.iter().map(|(i, c)| (*i, c.as_slice())).collect();
-    let w: Vec<f32> = (0..conts.len()).map(|r| 1.0 - 0.15 * r as f32).collect();
-    let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
+    let (p_refs, r_refs) = as_refs(&prompts, &conts);
+    let w = row_weights(conts.len(), 0.15);
     for name in NAMES {
         let lm = fixture_model(name);
         let run = |path: OpPath| {
@@ -885,13 +900,11 @@ fn recompute_path_equals_composite_under_bf16_autocast() {
 fn checkpointing_gives_the_values_and_gradients_of_the_plain_graph() {
     use overopt::model::score::shared_prefix_logps_via;
     let (prompts, conts) = prompts_and_responses();
-    let p_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
-    let r_refs: Vec<(usize, &[u32])> = conts.iter().map(|(i, c)| (*i, c.as_slice())).collect();
+    let (p_refs, r_refs) = as_refs(&prompts, &conts);
     let full_p: Vec<&[u32]> = conts.iter().map(|(i, _)| prompts[*i].as_slice()).collect();
     let full_r: Vec<&[u32]> = conts.iter().map(|(_, c)| c.as_slice()).collect();
     let batch = collate(&full_p, &full_r, Some(0), 1, &Device::Cpu).unwrap();
-    let w: Vec<f32> = (0..conts.len()).map(|r| 1.0 - 0.2 * r as f32).collect();
-    let w = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
+    let w = row_weights(conts.len(), 0.2);
     for name in NAMES {
         let lm = fixture_model(name);
         for (compute, tol) in [(DType::F32, 1e-6f32), (DType::BF16, 1e-6)] {
@@ -947,4 +960,104 @@ fn checkpointing_refuses_to_lose_gradients() {
     let grads = model.backward(&loss).unwrap();
     assert!(grads.get(qkv.as_tensor()).is_some());
     assert!(sequence_logps(&model, &batch).is_ok());
+}
+
+/// Each layer of shared-prefix scoring as one node with a hand-written backward pass (the
+/// layer-node op path, and the default path under bf16 autocast) gives the log-probs and every
+/// gradient of the per-op graph of recomputing ops: f32 and bf16 autocast, both residual
+/// layouts. A second backward pass over the same graph gives the same gradients; without a
+/// graph (an inference copy) the same log-probs.
+#[test]
+fn layer_nodes_give_the_values_and_gradients_of_the_per_op_graph() {
+    use overopt::model::score::shared_prefix_logps_via;
+    let (prompts, conts) = prompts_and_responses();
+    let (p_refs, r_refs) = as_refs(&prompts, &conts);
+    let w = row_weights(conts.len(), 0.15);
+    for name in NAMES {
+        let lm = fixture_model(name);
+        // bf16: the node runs each linear layer once over both streams, the graph once per
+        // stream, so weight gradients are summed in another order (and rounding).
+        for (compute, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 2e-2)] {
+            let model = |path: OpPath| {
+                lm.model
+                    .clone()
+                    .with_compute_dtype(compute)
+                    .with_op_path(path)
+            };
+            let run = |model: &overopt::model::GptNeoX| {
+                let (lp, _) =
+                    shared_prefix_logps_via(model, &p_refs, &r_refs, Some(0), 1, false).unwrap();
+                let loss = (&lp * &w).unwrap().sum_all().unwrap();
+                let grads = model.backward(&loss).unwrap();
+                (lp, loss, grads)
+            };
+            let tag = format!("{name} {compute:?}");
+            let nodes = model(OpPath::Layer);
+            let (lp_n, loss_n, g_n) = run(&nodes);
+            let (lp_r, _, g_r) = run(&model(OpPath::Recompute));
+            let d = max_abs_diff(&lp_n, &lp_r);
+            assert!(
+                d <= tol * (1.0 + max_abs(&lp_r)),
+                "{tag}: log-probs differ by {d}"
+            );
+            assert_close_grads(&tag, &lm, &g_n, &g_r, tol);
+            // The same graph differentiated again: the same gradients, bit for bit.
+            let again = nodes.backward(&loss_n).unwrap();
+            assert_close_grads(&format!("{tag} again"), &lm, &again, &g_n, 0.0);
+            // Without a graph: no node, the same values.
+            let (lp_i, _) = shared_prefix_logps_via(
+                &nodes.inference_copy().unwrap().with_op_path(OpPath::Layer),
+                &p_refs,
+                &r_refs,
+                Some(0),
+                1,
+                false,
+            )
+            .unwrap();
+            assert_eq!(max_abs_diff(&lp_i, &lp_n), 0.0, "{tag}: inference copy");
+            if compute == DType::BF16 {
+                // The default path under autocast takes the layer nodes: their parameters'
+                // gradients travel aside, past `loss.backward()`. (Its head differs: the
+                // fused CPU kernels of the final layer norm and log-softmax.)
+                let default = model(OpPath::Differentiable);
+                let (lp_d, _) =
+                    shared_prefix_logps_via(&default, &p_refs, &r_refs, Some(0), 1, false).unwrap();
+                let loss = (&lp_d * &w).unwrap().sum_all().unwrap();
+                let plain = loss.backward().unwrap();
+                let vars = lm.varmap.data().lock().unwrap();
+                let qkv = &vars["gpt_neox.layers.0.attention.query_key_value.weight"];
+                assert!(plain.get(qkv.as_tensor()).is_none(), "{tag}: default path");
+                drop(vars);
+                let g_d = default.backward(&loss).unwrap();
+                let d = max_abs_diff(&lp_d, &lp_n);
+                assert!(
+                    d <= 1e-5 * (1.0 + max_abs(&lp_n)),
+                    "{tag}: default path, {d}"
+                );
+                assert_close_grads(&format!("{tag} default"), &lm, &g_d, &g_n, 1e-4);
+            }
+        }
+    }
+}
+
+/// Layer nodes hand their parameters' gradients aside, like checkpointed layers:
+/// `loss.backward()` alone leaves them out, and the next forward pass refuses to run.
+#[test]
+fn layer_nodes_refuse_to_lose_gradients() {
+    use overopt::model::score::shared_prefix_logps_via;
+    let (prompts, conts) = prompts_and_responses();
+    let (p_refs, r_refs) = as_refs(&prompts, &conts);
+    let lm = fixture_model("parallel");
+    let model = lm.model.clone().with_op_path(OpPath::Layer);
+    let score = || shared_prefix_logps_via(&model, &p_refs, &r_refs, Some(0), 1, false);
+    let loss = score().unwrap().0.sum_all().unwrap();
+    let plain = loss.backward().unwrap();
+    let vars = lm.varmap.data().lock().unwrap();
+    let qkv = &vars["gpt_neox.layers.0.attention.query_key_value.weight"];
+    assert!(plain.get(qkv.as_tensor()).is_none());
+    let e = score().unwrap_err().to_string();
+    assert!(e.contains("GptNeoX::backward"), "{e}");
+    let grads = model.backward(&loss).unwrap();
+    assert!(grads.get(qkv.as_tensor()).is_some());
+    assert!(score().is_ok());
 }

@@ -8,7 +8,7 @@ stand-ins that print what the real programs print: a bench binary (RESULT and CO
 whose numbers depend on its arguments) and a bench/gpu_torch.py. Checked: the summary's P3
 lines (ratio, MFU, the largest shape that fits on each side), that the larger shapes stop at
 the first one that does not fit, the parity check's verdicts, that each A/B run is matched with its own row (driver-default
-memory pool; composite op path), the components table, and that the parts' arguments are the
+memory pool; per-op and composite op paths), the components table, and that the parts' arguments are the
 ones the docs describe (Pythia-1B, 16 pairs x 512 tokens, checkpointing for the larger shapes).
 """
 
@@ -55,6 +55,7 @@ fi
 step=0.500; ex=32.000
 [ $alloc = default ] && step=0.900 && ex=17.778
 [ $op = composite ] && step=1.200 && ex=13.333
+[ $op = recompute ] && step=0.700 && ex=22.857
 echo "RESULT impl=overopt shape=$shape ok=1 batch=16 seq=512 step_s=$step examples_per_s=$ex tflops=178.60 mfu=0.1806 mfu_attn=0.2000 peak_mem_gib=60.00 graph_gib=30.000000 loss=0.6931 op_path=$op checkpoint=$ck cuda_alloc=$alloc"
 """
 
@@ -103,7 +104,9 @@ def test_summary_and_parts():
     # The A/B rows are matched with their own runs, not with the default one.
     assert ("A/B overopt 1b, freed memory kept in the pool vs handed back at every sync "
             "(driver default): step_s 0.500 vs 0.900") in out, out
-    assert ("A/B overopt 1b, op path differentiable (recomputing ops) vs composite "
+    assert ("A/B overopt 1b, op path differentiable (layer nodes) vs recompute (a node per "
+            "op): step_s 0.500 vs 0.700") in out, out
+    assert ("A/B overopt 1b, op path differentiable (layer nodes) vs composite "
             "(basic ops): step_s 0.500 vs 1.200") in out, out
     row = next(l for l in lines if l.startswith("s/step"))
     assert row.split()[1:] == ["0.500", "0.250"], row
@@ -128,6 +131,7 @@ def test_summary_and_parts():
     assert [c.split()[1] for c in larger] == ["1.4b", "2.8b", "6.9b"], calls
     assert any("--cuda-alloc default" in c for c in calls), calls
     assert any("--op-path composite" in c for c in calls), calls
+    assert any("--op-path recompute" in c for c in calls), calls
 
 
 def test_missing_binary_is_reported():

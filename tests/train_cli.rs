@@ -124,7 +124,8 @@ fn sft_then_dpo_from_toml_configs() {
 }
 
 /// The P3 benchmark binary's CPU mode: one DPO step of a tiny model on each training op path
-/// (on the CPU the recomputing ops only with `--op-path recompute`) and with activation
+/// (on the CPU the recomputing ops only with `--op-path recompute`, layer nodes with `layer` and
+/// under autocast) and with activation
 /// checkpointing, with the memory the forward pass left for the backward counted by its
 /// allocator; its `--components` timings; its `--parity` check; an unknown op path or CUDA
 /// allocation mode is a usage error (status 1) naming it.
@@ -158,6 +159,7 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
         ("recompute", false),
         ("composite", false),
         ("differentiable", true),
+        ("layer", false),
     ] {
         let args = ["--op-path", path, "--checkpoint"];
         let out = bench_ok(&args[..if ckpt { 3 } else { 2 }]);
@@ -193,6 +195,13 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
         kept[1],
         kept[2]
     );
+    // Layer nodes keep less than a node per recomputing op.
+    assert!(
+        kept[4] < kept[1],
+        "layer nodes {} vs recompute {}",
+        kept[4],
+        kept[1]
+    );
     assert!(
         kept[3] < kept[0],
         "checkpointing {} vs not {}",
@@ -220,7 +229,7 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
     // CPU f32 composite step (on a GPU machine: the CUDA step against the CPU's).
     let out = bench_ok(&["--parity"]);
     let checks: Vec<&str> = out.lines().filter(|l| l.starts_with("PARITY ")).collect();
-    assert_eq!(checks.len(), 9, "{out}");
+    assert_eq!(checks.len(), 11, "{out}");
     assert!(
         checks.iter().any(|l| l.contains(" check=rmsprop steps=2 ")),
         "{out}"
@@ -230,6 +239,12 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
         checks
             .iter()
             .any(|l| l.contains("autocast=bf16 op_path=recompute checkpoint=0")),
+        "{out}"
+    );
+    assert!(
+        checks
+            .iter()
+            .any(|l| l.contains("autocast=off op_path=layer checkpoint=0")),
         "{out}"
     );
     usage_error(

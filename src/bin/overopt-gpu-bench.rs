@@ -81,9 +81,11 @@ struct Args {
     /// Another vocabulary size than the shape's (e.g. to leave the head out of a CPU measurement).
     #[arg(long)]
     vocab: Option<usize>,
-    /// Op path of the training graph: differentiable (the default: on CUDA the recomputing
-    /// attention, layer norm and log-probs), recompute, or composite (basic ops only, every
-    /// intermediate kept: the graph before the recomputing ops, for an A/B in one run).
+    /// Op path of the training graph: differentiable (the default: on CUDA and under autocast
+    /// each layer one node with a hand-written backward pass, the head's recomputing layer norm
+    /// and log-probs), layer (layer nodes on any device and dtype), recompute (one node per
+    /// recomputing op: attention, layer norm, linear layers, ...), or composite (basic ops
+    /// only, every intermediate kept), for A/B runs.
     #[arg(long, default_value = "differentiable")]
     op_path: String,
     /// Activation checkpointing per layer (each layer's forward pass runs again in the backward
@@ -682,6 +684,7 @@ fn parity(a: &Args, dev: &Device, cfg: &GptNeoXConfig) -> Result<()> {
         for (path, ckpt) in [
             (OpPath::Differentiable, false),
             (OpPath::Recompute, false),
+            (OpPath::Layer, false),
             (OpPath::Composite, false),
             (OpPath::Differentiable, true),
         ] {

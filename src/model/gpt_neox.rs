@@ -9,8 +9,12 @@
 //!   [`super::fused`]; elsewhere (CUDA, other dtypes) layer norm and the attention are the
 //!   ops of [`super::recompute`], which keep only their inputs and output in candle's graph and
 //!   recompute the rest in the backward pass.
+//!   In shared-prefix scoring (training) there, each layer is one node of the graph instead,
+//!   with a hand-written backward pass ([`super::layer_node`]).
 //! - [`OpPath::Recompute`]: the [`super::recompute`] ops on every device (to test and measure
-//!   them on the CPU).
+//!   them on the CPU), one node per op.
+//! - [`OpPath::Layer`]: the layers of shared-prefix scoring as [`super::layer_node`]s on every
+//!   device (elsewhere as [`OpPath::Recompute`]).
 //! - [`OpPath::Composite`]: layer norm, softmax and log-softmax written with basic candle ops,
 //!   all of which have a backward pass and all of whose intermediates candle's graph keeps (the
 //!   plain reference the other two are compared with).
@@ -31,20 +35,22 @@ use candle_nn::{Embedding, Init, Linear, VarBuilder};
 pub enum OpPath {
     Differentiable,
     Recompute,
+    Layer,
     Composite,
     Fused,
 }
 
 impl OpPath {
-    /// Parse `differentiable`, `recompute`, `composite` or `fused`.
+    /// Parse `differentiable`, `recompute`, `layer`, `composite` or `fused`.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "differentiable" => Self::Differentiable,
             "recompute" => Self::Recompute,
+            "layer" => Self::Layer,
             "composite" => Self::Composite,
             "fused" => Self::Fused,
             s => candle_core::bail!(
-                "unknown op path {s:?}: expected differentiable, recompute, composite or fused"
+                "unknown op path {s:?}: expected differentiable, recompute, layer, composite or fused"
             ),
         })
     }
@@ -52,7 +58,7 @@ impl OpPath {
     /// Whether a training op uses [`super::recompute`] for tensors `ts` (see the module docs).
     fn recomputes(self, ts: &[&Tensor]) -> bool {
         match self {
-            Self::Recompute => true,
+            Self::Recompute | Self::Layer => true,
             Self::Differentiable => !super::fused::usable(ts),
             Self::Composite | Self::Fused => false,
         }
@@ -78,7 +84,7 @@ impl LayerNorm {
             OpPath::Differentiable if super::fused::usable(&[x, &self.weight, &self.bias]) => {
                 super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
             }
-            OpPath::Differentiable | OpPath::Recompute => {
+            OpPath::Differentiable | OpPath::Recompute | OpPath::Layer => {
                 super::recompute::layer_norm(x, &self.weight, &self.bias, self.eps)
             }
             OpPath::Composite => {
@@ -501,7 +507,7 @@ impl Attention {
             OpPath::Differentiable if super::fused::usable(&[&raw, bias]) => {
                 super::fused::masked_softmax(&raw, bias, scale)?
             }
-            OpPath::Differentiable | OpPath::Recompute | OpPath::Composite => {
+            OpPath::Differentiable | OpPath::Recompute | OpPath::Layer | OpPath::Composite => {
                 candle_nn::ops::softmax(&(raw * scale)?.broadcast_add(bias)?, D::Minus1)?
             }
             OpPath::Fused => {
@@ -699,7 +705,9 @@ impl Layer {
         F: Fn(&Layer, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
     {
         let params = self.params();
-        if !x.track_op() && !params.iter().any(|t| t.track_op()) {
+        if !x.track_op() {
+            // No node (a custom op over an untracked input is none): without a graph, or, if
+            // some parameter is tracked, with the plain graph, which gives it its gradient.
             return f(self, x);
         }
         // Detached parameters: no graph in the forward pass.
@@ -727,6 +735,48 @@ impl Layer {
                 Ok(vec![Some(dx)])
             },
         )
+    }
+
+    /// Whether the layer can be one [`super::layer_node`] over an input that is tracked by the
+    /// graph (`x_tracked`) or not: it has its twelve parameters, and every tracked parameter is
+    /// a variable over a tracked input (the node hands the parameters' gradients aside, so they
+    /// cannot flow on into a graph, and an untracked input makes no node).
+    fn node_ready(&self, x_tracked: bool) -> bool {
+        let params = self.params();
+        params.len() == super::layer_node::N_PARAMS
+            && params
+                .iter()
+                .all(|p| !p.track_op() || (x_tracked && p.is_variable()))
+    }
+
+    /// The layer over the packed streams `x` (prompt rows + response rows, hidden) as one
+    /// [`super::layer_node`], the parameters' gradients going to `stash` (see
+    /// [`Layer::node_ready`]).
+    fn shared_node(
+        &self,
+        x: &Tensor,
+        streams: &std::sync::Arc<super::layer_node::Streams>,
+        dims: super::layer_node::Dims,
+        stash: &Stash,
+    ) -> Result<Tensor> {
+        let params = self.params();
+        let w = super::layer_node::Params::try_from(params.clone()).map_err(|p| {
+            candle_core::Error::Msg(format!(
+                "layer node: {} parameter tensors, expected 12",
+                p.len()
+            ))
+        })?;
+        let stash = stash.clone();
+        let sink: super::layer_node::Sink = std::sync::Arc::new(move |grads: Vec<Tensor>| {
+            let mut pending = lock(&stash)?;
+            for (p, g) in params.iter().zip(grads) {
+                if p.is_variable() {
+                    pending.push((p.clone(), g));
+                }
+            }
+            Ok(())
+        });
+        super::layer_node::layer(x, &w, streams, dims, sink)
     }
 
     /// The layer with the parameter tensors `p`, in the order of [`Layer::params`].
@@ -955,10 +1005,11 @@ impl GptNeoX {
         self.checkpoint
     }
 
-    /// The gradients of `loss`: `loss.backward()`, plus, with checkpointing, the gradients of
-    /// the checkpointed layers' parameters, which their graph nodes hand over aside (a custom
-    /// op can only pass gradients to its inputs). Use it instead of `loss.backward()` on a
-    /// model that may be checkpointed; the two are the same without checkpointing.
+    /// The gradients of `loss`: `loss.backward()`, plus the gradients of the parameters of
+    /// layers that are one node of the graph (checkpointed layers, and the layer nodes of
+    /// shared-prefix scoring, see [`OpPath`]), which those nodes hand over aside (a custom op can
+    /// only pass gradients to its inputs). Use it instead of `loss.backward()` on a model that
+    /// is trained; the two are the same where no layer is one node.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         lock(&self.stash)?.clear();
         let mut grads = loss.backward()?;
@@ -972,14 +1023,15 @@ impl GptNeoX {
         Ok(grads)
     }
 
-    /// With checkpointing, an error when the parameter gradients of an earlier backward pass
-    /// were never collected (`loss.backward()` called instead of [`GptNeoX::backward`]).
+    /// An error when the parameter gradients that layer nodes handed aside in an earlier
+    /// backward pass were never collected (`loss.backward()` called instead of
+    /// [`GptNeoX::backward`]).
     fn check_stash(&self) -> Result<()> {
-        if self.checkpoint && !lock(&self.stash)?.is_empty() {
+        if !lock(&self.stash)?.is_empty() {
             candle_core::bail!(
-                "checkpointed layers: the parameter gradients of an earlier backward pass were \
-                 never collected; with checkpointing use GptNeoX::backward(&loss), not \
-                 loss.backward()"
+                "checkpointed layers or layer nodes: the parameter gradients of an earlier \
+                 backward pass were never collected; with checkpointing or layer nodes use \
+                 GptNeoX::backward(&loss), not loss.backward()"
             );
         }
         Ok(())
@@ -1198,6 +1250,49 @@ impl GptNeoX {
         split(&x)
     }
 
+    /// Whether [`GptNeoX::forward_shared_prefix`] runs each layer as one [`super::layer_node`]:
+    /// on [`OpPath::Layer`], and on [`OpPath::Differentiable`] where the fused CPU kernels do
+    /// not apply (CUDA, other dtypes, autocast), unless checkpointing is on or some layer
+    /// cannot be a node ([`Layer::node_ready`]).
+    fn shared_as_nodes(&self, x_tracked: bool) -> bool {
+        let nodes = match self.path {
+            OpPath::Layer => true,
+            OpPath::Differentiable => {
+                self.compute_dtype.is_some() || !super::fused::usable(&[self.embed_out.weight()])
+            }
+            OpPath::Recompute | OpPath::Composite | OpPath::Fused => false,
+        };
+        nodes && !self.checkpoint && self.layers.iter().all(|l| l.node_ready(x_tracked))
+    }
+
+    /// The layers of [`GptNeoX::forward_shared_prefix`] over the prompt stream `xp` and the
+    /// response stream `xr`, each one [`super::layer_node`] over the two packed as rows.
+    fn shared_layers_as_nodes(
+        &self,
+        xp: &Tensor,
+        xr: &Tensor,
+        streams: &std::sync::Arc<super::layer_node::Streams>,
+    ) -> Result<(Tensor, Tensor)> {
+        let h = self.cfg.hidden_size;
+        let dims = super::layer_node::Dims {
+            n_heads: self.cfg.num_attention_heads,
+            head_size: self.cfg.head_size(),
+            rotary: (self.rotary.ndims > 0).then_some(self.rotary.ndims),
+            eps: self.cfg.layer_norm_eps,
+            parallel: self.cfg.use_parallel_residual,
+            compute: self.compute_dtype.unwrap_or(self.dtype),
+        };
+        let (np, nr) = (xp.elem_count() / h, xr.elem_count() / h);
+        let mut x = Tensor::cat(&[xp.reshape((np, h))?, xr.reshape((nr, h))?], 0)?;
+        for layer in &self.layers {
+            x = layer.shared_node(&x, streams, dims, &self.stash)?;
+        }
+        Ok((
+            x.narrow(0, 0, np)?.reshape(xp.dims())?,
+            x.narrow(0, np, nr)?.reshape(xr.dims())?,
+        ))
+    }
+
     /// The rotary tables at `position_ids`, in the matmuls' dtype.
     fn rotary_tables(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (cos, sin) = self.rotary.gather(position_ids)?;
@@ -1347,7 +1442,19 @@ impl GptNeoX {
         let mut xr = self
             .embed_in
             .forward(&Tensor::from_vec(ids, (m, rm), dev)?)?;
-        if self.checkpoint {
+        if self.shared_as_nodes(xp.track_op() || xr.track_op()) {
+            self.check_stash()?;
+            let streams = std::sync::Arc::new(super::layer_node::Streams {
+                n,
+                pm,
+                m,
+                rm,
+                rows,
+                cos_sin: [cs_p, cs_r],
+                bias: [bias_p, bias_r],
+            });
+            (xp, xr) = self.shared_layers_as_nodes(&xp, &xr, &streams)?;
+        } else if self.checkpoint {
             self.check_stash()?;
             (xp, xr) = self.shared_layers_checkpointed(
                 &xp,

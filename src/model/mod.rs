@@ -5,6 +5,7 @@ pub mod gemm;
 pub mod generate;
 pub mod gpt_neox;
 pub mod hand;
+pub(crate) mod layer_node;
 pub mod load;
 pub(crate) mod nvrtc;
 pub mod recompute;

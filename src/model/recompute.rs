@@ -225,27 +225,50 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     with_backward(
         "recompute-attention",
         &[q, k, v],
-        |a| {
-            probs(&a[0], &a[1], bias, scale)?
-                .to_dtype(a[2].dtype())?
-                .matmul(&a[2].contiguous()?)
-        },
+        |a| attention_values(&a[0], &a[1], &a[2], bias, scale),
         move |a, g| {
-            let (q, k, v) = (&a[0], &a[1], &a[2]);
-            let g = g.contiguous()?;
-            let p = probs(q, k, &bias_b, scale)?;
-            let dv = p.to_dtype(v.dtype())?.t()?.contiguous()?.matmul(&g)?;
-            let dp = g.matmul(&v.t()?.contiguous()?)?.to_dtype(DType::F32)?;
-            // Softmax backward: p * (dp - sum_k p dp).
-            let dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
-            let ds = (p * dp.broadcast_sub(&dot)?)?
-                .affine(scale, 0.0)?
-                .to_dtype(q.dtype())?;
-            let dq = ds.matmul(&k.contiguous()?)?;
-            let dk = ds.t()?.contiguous()?.matmul(&q.contiguous()?)?;
+            let (dq, dk, dv) = attention_grads(&a[0], &a[1], &a[2], &bias_b, scale, g)?;
             Ok(vec![Some(dq), Some(dk), Some(dv)])
         },
     )
+}
+
+/// The forward pass of [`attention`], without a graph.
+pub(crate) fn attention_values(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    probs(q, k, bias, scale)?
+        .to_dtype(v.dtype())?
+        .matmul(&v.contiguous()?)
+}
+
+/// The gradients (dq, dk, dv) of [`attention`] for the output gradient `g`, the probabilities
+/// recomputed: dV = P^T dO, dS = P (dP - rowsum(P dP)) * scale with dP = dO V^T, dQ = dS K,
+/// dK = dS^T Q.
+pub(crate) fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = g.contiguous()?;
+    let p = probs(q, k, bias, scale)?;
+    let dv = p.to_dtype(v.dtype())?.t()?.contiguous()?.matmul(&g)?;
+    let dp = g.matmul(&v.t()?.contiguous()?)?.to_dtype(DType::F32)?;
+    // Softmax backward: p * (dp - sum_k p dp).
+    let dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+    let ds = (p * dp.broadcast_sub(&dot)?)?
+        .affine(scale, 0.0)?
+        .to_dtype(q.dtype())?;
+    let dq = ds.matmul(&k.contiguous()?)?;
+    let dk = ds.t()?.contiguous()?.matmul(&q.contiguous()?)?;
+    Ok((dq, dk, dv))
 }
 
 /// `x @ weight^T + bias` for `x` (.., in), `weight` (out, in), `bias` (out): one matmul over
@@ -326,15 +349,7 @@ pub fn split_heads_rotary(
                     qkv.dims()
                 );
             }
-            let half = |x: &Tensor| {
-                x.detach()
-                    .squeeze(1)?
-                    .narrow(D::Minus1, 0, nd / 2)?
-                    .to_dtype(qkv.dtype())?
-                    .contiguous()
-            };
-            let (c, s) = (half(cos)?, half(sin)?);
-            let neg_s = s.neg()?;
+            let (c, s, neg_s) = rope_halves(cos, sin, nd, qkv.dtype())?;
             Some((nd, c, s, neg_s))
         }
     };
@@ -343,11 +358,7 @@ pub fn split_heads_rotary(
         "recompute-split-heads-rotary",
         &[qkv],
         move |a| {
-            let x = a[0]
-                .reshape((b, t, n_heads, 3 * hs))?
-                .narrow(D::Minus1, part * hs, hs)?
-                .transpose(1, 2)?
-                .contiguous()?;
+            let x = heads_part(&a[0], n_heads, part)?;
             match &fwd_tables {
                 None => Ok(x),
                 Some((nd, c, s, _)) => rope_head_dims(&x, c, s, *nd),
@@ -366,9 +377,40 @@ pub fn split_heads_rotary(
     )
 }
 
+/// Part `part` (0 queries, 1 keys, 2 values) of the fused projection `qkv` (b, t, heads x 3 x
+/// head_size, per head [q | k | v]) as a contiguous (b, heads, t, head_size).
+pub(crate) fn heads_part(qkv: &Tensor, n_heads: usize, part: usize) -> Result<Tensor> {
+    let (b, t, width) = qkv.dims3()?;
+    let hs = width / (3 * n_heads).max(1);
+    qkv.reshape((b, t, n_heads, 3 * hs))?
+        .narrow(D::Minus1, part * hs, hs)?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// The halves (b, t, nd / 2) of the rotary tables `cos`, `sin` (b, 1, t, nd) that candle's
+/// `rope` kernel reads, in `dtype`, and the negated sine (the inverse rotation).
+pub(crate) fn rope_halves(
+    cos: &Tensor,
+    sin: &Tensor,
+    nd: usize,
+    dtype: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let half = |x: &Tensor| {
+        x.detach()
+            .squeeze(1)?
+            .narrow(D::Minus1, 0, nd / 2)?
+            .to_dtype(dtype)?
+            .contiguous()
+    };
+    let (c, s) = (half(cos)?, half(sin)?);
+    let neg_s = s.neg()?;
+    Ok((c, s, neg_s))
+}
+
 /// `x` (b, heads, t, hs) with its first `nd` dims of each head rotated by the half tables
 /// (b, t, nd / 2) `c`, `s` in candle's `rope` kernel (rotate-half layout).
-fn rope_head_dims(x: &Tensor, c: &Tensor, s: &Tensor, nd: usize) -> Result<Tensor> {
+pub(crate) fn rope_head_dims(x: &Tensor, c: &Tensor, s: &Tensor, nd: usize) -> Result<Tensor> {
     let hs = x.dim(D::Minus1)?;
     let r = candle_nn::rotary_emb::rope(&x.narrow(D::Minus1, 0, nd)?.contiguous()?, c, s)?;
     if nd == hs {
@@ -409,6 +451,21 @@ pub fn gelu_erf_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     }
     x.contiguous()?
         .apply_op2_no_bwd(&g.contiguous()?, &GeluErfGrad)
+}
+
+/// [`gelu_erf_grad`] where its kernel can run (the CPU, or CUDA when NVRTC compiled it);
+/// elsewhere the same formula with candle ops, in f32 (rounded once to the dtype of `g`).
+pub(crate) fn gelu_erf_grad_any(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if super::nvrtc::ready(x.device(), &GELU_SOURCE) {
+        return gelu_erf_grad(x, g);
+    }
+    let u = x.to_dtype(DType::F32)?;
+    let cdf = ((u.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
+    let pdf = (u.sqr()? * -0.5)?.exp()?.affine(
+        0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2,
+        0.0,
+    )?;
+    ((cdf + (u * pdf)?)? * g.to_dtype(DType::F32)?)?.to_dtype(g.dtype())
 }
 
 /// The CUDA kernels of [`gelu_erf_grad`], f32 and bf16 (as its 16 bits): the CPU loop's
@@ -534,35 +591,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     with_backward(
         "recompute-layer-norm",
         &[x, weight, bias],
-        |a| {
-            let f = |t: &Tensor| t.to_dtype(DType::F32);
-            candle_nn::ops::layer_norm(
-                &f(&a[0])?.contiguous()?,
-                &f(&a[1])?,
-                &f(&a[2])?,
-                eps as f32,
-            )?
-            .to_dtype(a[0].dtype())
-        },
+        |a| layer_norm_values(&a[0], &a[1], &a[2], eps),
         move |a, g| {
-            let (x, w, b) = (&a[0], &a[1], &a[2]);
-            let n = x.dim(D::Minus1)?;
-            let rows = x.elem_count() / n.max(1);
-            let x32 = x.to_dtype(DType::F32)?;
-            let g32 = g.to_dtype(DType::F32)?;
-            let mean = (x32.sum_keepdim(D::Minus1)? / n as f64)?;
-            let xc = x32.broadcast_sub(&mean)?;
-            let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n as f64)?;
-            let rstd = (var + eps)?.sqrt()?.recip()?;
-            let xhat = xc.broadcast_mul(&rstd)?;
-            let gw = g32.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-            let mean_gw = (gw.sum_keepdim(D::Minus1)? / n as f64)?;
-            let mean_gwx = ((&gw * &xhat)?.sum_keepdim(D::Minus1)? / n as f64)?;
-            let dx = (gw.broadcast_sub(&mean_gw)? - xhat.broadcast_mul(&mean_gwx)?)?
-                .broadcast_mul(&rstd)?
-                .to_dtype(x.dtype())?;
-            let dw = (&g32 * &xhat)?.reshape((rows, n))?.sum(0)?;
-            let db = g32.reshape((rows, n))?.sum(0)?;
+            let (w, b) = (&a[1], &a[2]);
+            let (dx, dw, db) = layer_norm_grads(&a[0], w, g, eps)?;
             Ok(vec![
                 Some(dx),
                 Some(dw.to_dtype(w.dtype())?),
@@ -570,6 +602,47 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             ])
         },
     )
+}
+
+/// The forward pass of [`layer_norm`], without a graph: candle's kernel in f32, the output in
+/// the dtype of `x`.
+pub(crate) fn layer_norm_values(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    candle_nn::ops::layer_norm(&f(x)?.contiguous()?, &f(weight)?, &f(bias)?, eps as f32)?
+        .to_dtype(x.dtype())
+}
+
+/// The gradients of [`layer_norm`] for the output gradient `g`, the normalized rows
+/// recomputed: dx (the dtype of `x`), and the f32 gradients of the weight and the bias.
+pub(crate) fn layer_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / n.max(1);
+    let x32 = x.to_dtype(DType::F32)?;
+    let g32 = g.to_dtype(DType::F32)?;
+    let mean = (x32.sum_keepdim(D::Minus1)? / n as f64)?;
+    let xc = x32.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n as f64)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    let gw = g32.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let mean_gw = (gw.sum_keepdim(D::Minus1)? / n as f64)?;
+    let mean_gwx = ((&gw * &xhat)?.sum_keepdim(D::Minus1)? / n as f64)?;
+    let dx = (gw.broadcast_sub(&mean_gw)? - xhat.broadcast_mul(&mean_gwx)?)?
+        .broadcast_mul(&rstd)?
+        .to_dtype(x.dtype())?;
+    let dw = (&g32 * &xhat)?.reshape((rows, n))?.sum(0)?;
+    let db = g32.reshape((rows, n))?.sum(0)?;
+    Ok((dx, dw, db))
 }
 
 /// Log-probabilities of `targets` (.., u32) under `logits` (.., vocab): log_softmax in f32,
