@@ -224,6 +224,24 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
             .unwrap();
         assert!(ms > 0.0, "{l}");
     }
+    // Each phase's buffers by size, largest total first.
+    let out = bench_ok(&["--op-path", "layer", "--buffer-sizes"]);
+    for phase in ["fwd", "bwd", "optim"] {
+        let line = out
+            .lines()
+            .find(|l| {
+                l.trim_start()
+                    .starts_with(&format!("buffer sizes ({phase}): "))
+            })
+            .unwrap_or_else(|| panic!("no {phase} sizes: {out}"));
+        let first = line.split(": ").nth(1).unwrap().split(',').next().unwrap();
+        let (n, mb) = first.trim().split_once(" x ").unwrap();
+        assert!(n.parse::<usize>().unwrap() > 0, "{line}");
+        assert!(
+            mb.trim_end_matches(" MB").parse::<f64>().unwrap() >= 0.065,
+            "{line}"
+        );
+    }
     usage_error(&["--op-path", "flash"], "unknown op path \"flash\"");
     // The step's values on every op path, with checkpointing and bf16 autocast, against the
     // CPU f32 composite step (on a GPU machine: the CUDA step against the CPU's).

@@ -75,6 +75,10 @@ struct Args {
     /// Shorthand for `--cpu --shape tiny --batch 2 --seq 32 --warmup 1 --steps 2`.
     #[arg(long)]
     tiny: bool,
+    /// On the CPU, also print the sizes of each phase's buffers of at least 64 KiB, largest
+    /// total first (which tensors the step writes most).
+    #[arg(long)]
+    buffer_sizes: bool,
     /// Fewer (or more) layers than the shape has, e.g. to measure one layer's memory on the CPU.
     #[arg(long)]
     layers: Option<usize>,
@@ -227,6 +231,36 @@ struct CountingAlloc {
 /// the benchmark's shapes, not the small vectors of candle's bookkeeping.
 const BIG: usize = 64 << 10;
 
+/// The sizes of the last buffers of at least [`BIG`] bytes, the i-th counted one at i modulo
+/// the length (for `--buffer-sizes`; the allocator itself must not allocate).
+static SIZES: [AtomicUsize; 1 << 14] = [const { AtomicUsize::new(0) }; 1 << 14];
+
+/// `--buffer-sizes`: the buffers counted between two readings of [`CountingAlloc::buffers`]
+/// (`from`, `to`), by size, largest total first: "34 x 6.28 MB, ..." (the `top` largest).
+fn size_histogram(from: usize, to: usize, top: usize) -> String {
+    let span = (to - from).min(SIZES.len());
+    let mut by_size = std::collections::BTreeMap::new();
+    for i in to - span..to {
+        *by_size
+            .entry(SIZES[i % SIZES.len()].load(Ordering::Relaxed))
+            .or_insert(0usize) += 1;
+    }
+    let mut v: Vec<(usize, usize)> = by_size.into_iter().collect();
+    v.sort_by_key(|&(size, n)| std::cmp::Reverse(size * n));
+    let mut out: Vec<String> = v
+        .iter()
+        .take(top)
+        .map(|(size, n)| format!("{n} x {:.2} MB", *size as f64 / 1e6))
+        .collect();
+    if v.len() > top {
+        out.push(format!("{} other sizes", v.len() - top));
+    }
+    if span < to - from {
+        out.push(format!("(the last {span} of {} only)", to - from));
+    }
+    out.join(", ")
+}
+
 #[global_allocator]
 static HEAP: CountingAlloc = CountingAlloc {
     now: AtomicUsize::new(0),
@@ -240,7 +274,8 @@ impl CountingAlloc {
         let now = self.now.fetch_add(n, Ordering::Relaxed) + n;
         self.peak.fetch_max(now, Ordering::Relaxed);
         if n >= BIG {
-            self.big_count.fetch_add(1, Ordering::Relaxed);
+            let i = self.big_count.fetch_add(1, Ordering::Relaxed);
+            SIZES[i % SIZES.len()].store(n, Ordering::Relaxed);
             self.big_bytes.fetch_add(n, Ordering::Relaxed);
         }
     }
@@ -467,6 +502,10 @@ fn run(a: &Args) -> Result<()> {
         let b3 = HEAP.buffers();
         for (i, (x, y)) in [(b0, b1), (b1, b2), (b2, b3)].into_iter().enumerate() {
             buffers[i] = (y.0 - x.0, y.1 - x.1);
+            if a.buffer_sizes && dev.is_cpu() {
+                let phase = ["fwd", "bwd", "optim"][i];
+                println!("  buffer sizes ({phase}): {}", size_histogram(x.0, y.0, 16));
+            }
         }
         last_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         let step_s = (t3 - t0).as_secs_f64();

@@ -10,10 +10,11 @@
 //! output are the two residual streams packed as rows, (prompt rows + response rows, hidden).
 //! The backward pass computes each gradient once, in place of the graph's walk:
 //!
-//! - it keeps only the fused QKV projection, the attention's output before the dense layer, and
-//!   the MLP's pre-activation (plus, with a sequential residual, the stream between the two
-//!   halves); the layer norms' outputs, the GELU, the rotated queries and keys and the
-//!   attention probabilities are recomputed in the backward pass;
+//! - it keeps only the attention's inputs (queries, keys and values per stream, rotated; the
+//!   response stream's keys and values after their prompt's), its output before the dense
+//!   layer, and the MLP's pre-activation (plus, with a sequential residual, the stream between
+//!   the two halves); the layer norms' outputs, the GELU and the attention probabilities are
+//!   recomputed in the backward pass;
 //! - the linear layers run once over the rows of both streams (the graph ran them per stream);
 //! - the bf16 copies of the weights (autocast) are made again in the backward pass rather than
 //!   kept.
@@ -86,8 +87,8 @@ impl Streams {
 /// What the forward pass keeps for the backward pass.
 #[derive(Clone)]
 struct Saved {
-    /// The fused QKV projection, (rows, 3 hidden), compute dtype.
-    qkv: Tensor,
+    /// The attention's inputs per stream (see [`attention_inputs`]), compute dtype.
+    heads: [[Tensor; 3]; 2],
     /// The attention's output before the dense layer, (rows, hidden), compute dtype.
     att: Tensor,
     /// The MLP's input projection before the GELU, (rows, 4 hidden), compute dtype.
@@ -212,11 +213,12 @@ fn forward(x: &Tensor, w: &Params, s: &Streams, d: &Dims) -> Result<(Tensor, Sav
     let (md, cd) = (x.dtype(), d.compute);
     let h1 = layer_norm_values(x, &w[LN1], &w[LN1 + 1], d.eps)?;
     let qkv = linear(&h1, w, QKV, cd)?;
-    let [[qp, kp, vp], [qr, kr, vr]] = attention_inputs(&qkv, s, d)?;
+    let heads = attention_inputs(&qkv, s, d)?;
+    let [[qp, kp, vp], [qr, kr, vr]] = &heads;
     let att = Tensor::cat(
         &[
-            &merge_heads(&attention_values(&qp, &kp, &vp, &s.bias[0], scale(d))?)?,
-            &merge_heads(&attention_values(&qr, &kr, &vr, &s.bias[1], scale(d))?)?,
+            &merge_heads(&attention_values(qp, kp, vp, &s.bias[0], scale(d))?)?,
+            &merge_heads(&attention_values(qr, kr, vr, &s.bias[1], scale(d))?)?,
         ],
         0,
     )?;
@@ -229,19 +231,28 @@ fn forward(x: &Tensor, w: &Params, s: &Streams, d: &Dims) -> Result<(Tensor, Sav
         None => ((x + o)? + mlp)?,
         Some(h) => (h + mlp)?,
     };
-    Ok((y, Saved { qkv, att, pre, mid }))
+    Ok((
+        y,
+        Saved {
+            heads,
+            att,
+            pre,
+            mid,
+        },
+    ))
 }
 
 /// The gradient (rows, 3 hidden) of the QKV projection from that of the attention's output
-/// `datt` (rows, hidden): attention backward per stream, the response stream's gradients of its
-/// prompt's keys and values added to the prompt's, the rotations undone.
-fn qkv_grad(qkv: &Tensor, datt: &Tensor, s: &Streams, d: &Dims) -> Result<Tensor> {
-    let [[qp, kp, vp], [qr, k_all, v_all]] = attention_inputs(qkv, s, d)?;
+/// `datt` (rows, hidden), given the attention's inputs `heads`: attention backward per stream,
+/// the response stream's gradients of its prompt's keys and values added to the prompt's, the
+/// rotations undone.
+fn qkv_grad(heads: &[[Tensor; 3]; 2], datt: &Tensor, s: &Streams, d: &Dims) -> Result<Tensor> {
+    let [[qp, kp, vp], [qr, k_all, v_all]] = heads;
     let np = s.prompt_rows();
     let gp = split_heads(datt, 0, (s.n, s.pm), d)?;
     let gr = split_heads(datt, np, (s.m, s.rm), d)?;
-    let (dqp, dkp, dvp) = attention_grads(&qp, &kp, &vp, &s.bias[0], scale(d), &gp)?;
-    let (dqr, dk_all, dv_all) = attention_grads(&qr, &k_all, &v_all, &s.bias[1], scale(d), &gr)?;
+    let (dqp, dkp, dvp) = attention_grads(qp, kp, vp, &s.bias[0], scale(d), &gp)?;
+    let (dqr, dk_all, dv_all) = attention_grads(qr, k_all, v_all, &s.bias[1], scale(d), &gr)?;
     let to_prompts = |own: &Tensor, all: &Tensor| {
         own.index_add(&s.rows, &all.narrow(2, 0, s.pm)?.contiguous()?, 0)
     };
@@ -252,7 +263,7 @@ fn qkv_grad(qkv: &Tensor, datt: &Tensor, s: &Streams, d: &Dims) -> Result<Tensor
         let (dq, dk) = match d.rotary {
             None => (dq, dk),
             Some(nd) => {
-                let (c, _, neg_s) = rope_halves(&cos_sin.0, &cos_sin.1, nd, qkv.dtype())?;
+                let (c, _, neg_s) = rope_halves(&cos_sin.0, &cos_sin.1, nd, dq.dtype())?;
                 let back = |g: &Tensor| rope_head_dims(&g.contiguous()?, &c, &neg_s, nd);
                 (back(&dq)?, back(&dk)?)
             }
@@ -312,7 +323,7 @@ fn backward(
         (dh, g_att)
     };
     let (datt, dw_dense, db_dense) = linear_grads(&kept.att, &g_att, w, DENSE, cd)?;
-    let dqkv = qkv_grad(&kept.qkv, &datt, s, d)?;
+    let dqkv = qkv_grad(&kept.heads, &datt, s, d)?;
     let h1 = layer_norm_values(x, &w[LN1], &w[LN1 + 1], d.eps)?;
     let (dh1, dw_qkv, db_qkv) = linear_grads(&h1, &dqkv, w, QKV, cd)?;
     let (d_ln1, dw_ln1, db_ln1) = layer_norm_grads(x, &w[LN1], &dh1, d.eps)?;

@@ -210,7 +210,7 @@ pub(crate) fn with_backward(
 fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let raw = q
         .contiguous()?
-        .matmul(&k.t()?.contiguous()?)?
+        .matmul(&k.contiguous()?.t()?)?
         .to_dtype(DType::F32)?;
     candle_nn::ops::softmax_last_dim(&raw.affine(scale, 0.0)?.broadcast_add(bias)?)
 }
@@ -259,15 +259,17 @@ pub(crate) fn attention_grads(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let g = g.contiguous()?;
     let p = probs(q, k, bias, scale)?;
-    let dv = p.to_dtype(v.dtype())?.t()?.contiguous()?.matmul(&g)?;
-    let dp = g.matmul(&v.t()?.contiguous()?)?.to_dtype(DType::F32)?;
+    // Transposed operands are read through their strides (no copies): the matmuls take a
+    // contiguous tensor's last two dimensions swapped.
+    let dv = p.to_dtype(v.dtype())?.t()?.matmul(&g)?;
+    let dp = g.matmul(&v.contiguous()?.t()?)?.to_dtype(DType::F32)?;
     // Softmax backward: p * (dp - sum_k p dp).
     let dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
     let ds = (p * dp.broadcast_sub(&dot)?)?
         .affine(scale, 0.0)?
         .to_dtype(q.dtype())?;
     let dq = ds.matmul(&k.contiguous()?)?;
-    let dk = ds.t()?.contiguous()?.matmul(&q.contiguous()?)?;
+    let dk = ds.t()?.matmul(&q.contiguous()?)?;
     Ok((dq, dk, dv))
 }
 
