@@ -24,8 +24,8 @@
 //! tests/gpt_neox_parity.rs compares log-probs and every gradient with the per-op graph.
 
 use super::recompute::{
-    attention_grads, attention_values, gelu_erf_grad_any, heads_part, layer_norm_grads,
-    layer_norm_values, rope_halves, rope_head_dims, with_backward,
+    attention_grads, attention_values, column_sums, gelu_erf_grad_any, heads_part,
+    layer_norm_grads, layer_norm_values, rope_halves, rope_head_dims, with_backward,
 };
 use candle_core::{D, DType, Result, Tensor};
 use std::sync::{Arc, Mutex};
@@ -291,7 +291,7 @@ fn linear_grads(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dx = g.matmul(&w[i].to_dtype(cd)?)?;
     let dw = g.t()?.matmul(&x.to_dtype(cd)?)?.to_dtype(w[i].dtype())?;
-    let db = g.sum(0)?.to_dtype(w[i + 1].dtype())?;
+    let db = column_sums(g)?.to_dtype(w[i + 1].dtype())?;
     Ok((dx, dw, db))
 }
 

@@ -206,6 +206,16 @@ pub(crate) fn with_backward(
     }
 }
 
+/// The sums over the rows of `x` (rows, cols), (cols), in the dtype of `x`: a product with a row
+/// of ones, which the matmul kernels accumulate in f32 (candle's CUDA `sum(0)` accumulates in
+/// the tensor's dtype, bf16 included, and reads the rows with a stride).
+pub(crate) fn column_sums(x: &Tensor) -> Result<Tensor> {
+    let (rows, _) = x.dims2()?;
+    Tensor::ones((1, rows), x.dtype(), x.device())?
+        .matmul(&x.contiguous()?)?
+        .squeeze(0)
+}
+
 /// The attention probabilities softmax(q k^T * scale + bias) in f32, (b, h, t, t_k).
 fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let raw = q
@@ -306,7 +316,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
             let g = g.reshape((rows, out_f))?.contiguous()?;
             let dx = g.matmul(&w.contiguous()?)?.reshape(x_dims.as_slice())?;
             let dw = g.t()?.matmul(&x)?;
-            let db = g.sum(0)?;
+            let db = column_sums(&g)?;
             Ok(vec![Some(dx), Some(dw), Some(db)])
         },
     )
@@ -642,8 +652,8 @@ pub(crate) fn layer_norm_grads(
     let dx = (gw.broadcast_sub(&mean_gw)? - xhat.broadcast_mul(&mean_gwx)?)?
         .broadcast_mul(&rstd)?
         .to_dtype(x.dtype())?;
-    let dw = (&g32 * &xhat)?.reshape((rows, n))?.sum(0)?;
-    let db = g32.reshape((rows, n))?.sum(0)?;
+    let dw = column_sums(&(&g32 * &xhat)?.reshape((rows, n))?)?;
+    let db = column_sums(&g32.reshape((rows, n))?)?;
     Ok((dx, dw, db))
 }
 
@@ -733,6 +743,36 @@ int main() {
   return 0;
 }
 "#;
+
+    /// Column sums of a bf16 matrix with many rows are the exact (f64) sums rounded once, as
+    /// an f32 accumulation gives: within 2^-8 relative (one bf16 rounding) of the largest sum.
+    /// candle's `sum(0)` accumulates in bf16 and is printed for comparison.
+    #[test]
+    fn column_sums_accumulate_in_f32() {
+        let dev = Device::Cpu;
+        let (rows, cols) = (8192, 24);
+        let x32 = (Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap() + 0.25).unwrap();
+        let x = x32.to_dtype(DType::BF16).unwrap();
+        let exact: Vec<f64> = {
+            let v = x.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            (0..cols)
+                .map(|c| v.iter().map(|r| r[c] as f64).sum())
+                .collect()
+        };
+        let scale = exact.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = |t: Tensor| -> f64 {
+            let got = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            got.iter()
+                .zip(&exact)
+                .fold(0f64, |m, (g, e)| m.max((*g as f64 - e).abs()))
+                / scale
+        };
+        let ours = err(column_sums(&x).unwrap());
+        let candle = err(x.sum(0).unwrap());
+        eprintln!("column sums of {rows} bf16 rows: ours {ours:.2e}, candle sum(0) {candle:.2e}");
+        assert!(ours <= 1.0 / 256.0, "column sums off by {ours} relative");
+        assert_eq!(column_sums(&x).unwrap().dims(), [cols]);
+    }
 
     /// The CUDA kernels of the GELU gradient, compiled for the CPU, against the CPU op: f32
     /// within 1e-6 (their erf and exp are the C library's, the loop's are the fused kernels'
