@@ -48,6 +48,10 @@ if [ $comp = 1 ]; then
   echo "COMPONENT impl=overopt name=add ms=1.000 tflops=0 gbps=2000.0"
   exit 0
 fi
+if [ "$shape" = 1b ] && [ $op = differentiable ] && [ -n "${FAKE_FAIL_DEFAULT:-}" ]; then
+  echo "RESULT impl=overopt shape=$shape ok=0 oom=0 error=CUDA_ERROR_ILLEGAL_ADDRESS op_path=$op checkpoint=$ck cuda_alloc=$alloc"
+  exit 2
+fi
 if [ "$shape" = 6.9b ]; then
   echo "RESULT impl=overopt shape=$shape ok=0 oom=1 error=CUDA_ERROR_OUT_OF_MEMORY op_path=$op checkpoint=$ck cuda_alloc=$alloc"
   exit 2
@@ -71,9 +75,10 @@ else:
 """
 
 
-def run_script(binary=None):
+def run_script(binary=None, env_extra=None):
     """bench/gpu.sh in a temporary layout with the stand-in torch script, against `binary`
-    (default: the stand-in bench binary); its output and the stand-in binary's calls."""
+    (default: the stand-in bench binary), with `env_extra` in its environment; its output and
+    the stand-in binary's calls."""
     d = pathlib.Path(tempfile.mkdtemp(prefix="gpu-sh-"))
     try:
         (d / "bench").mkdir()
@@ -82,7 +87,7 @@ def run_script(binary=None):
         fake = d / "fake-bench"
         fake.write_text(FAKE_BENCH)
         fake.chmod(0o755)
-        env = dict(os.environ, OUT=str(d / "out"), PYTHON=sys.executable)
+        env = dict(os.environ, OUT=str(d / "out"), PYTHON=sys.executable, **(env_extra or {}))
         p = subprocess.run(["bash", "bench/gpu.sh", str(binary or fake)], cwd=d, env=env,
                            capture_output=True, text=True, timeout=120)
         calls = d / "calls.txt"
@@ -134,6 +139,21 @@ def test_summary_and_parts():
     assert any("--op-path recompute" in c for c in calls), calls
 
 
+def test_failed_default_path_falls_back_to_a_node_per_op():
+    p, calls = run_script(env_extra={"FAKE_FAIL_DEFAULT": "1"})
+    out = p.stdout
+    assert p.returncode == 0, out + p.stderr
+    # Run right after the failed default step, with the same step counts, and only once.
+    fallback = [c for c in calls if "--op-path recompute" in c]
+    assert len(fallback) == 1 and "--warmup 2 --steps 4" in fallback[0], calls
+    assert calls.index(fallback[0]) == 2, calls
+    assert "the default op path failed (CUDA_ERROR_ILLEGAL_ADDRESS); P3 below is the step " \
+        "with --op-path recompute" in out, out
+    assert out.splitlines()[-2:] == ["P3 ratio=0.3571", "P3 mfu=0.1806"], out[-600:]
+    # The larger shapes still run (they take the checkpointed graph).
+    assert [c.split()[1] for c in calls if "--checkpoint" in c] == ["1.4b", "2.8b", "6.9b"], calls
+
+
 def test_missing_binary_is_reported():
     p, calls = run_script(binary="/nonexistent/overopt-gpu-bench")
     assert not calls, calls
@@ -142,7 +162,8 @@ def test_missing_binary_is_reported():
     assert p.stdout.splitlines()[-2] == "P3 ratio=na", p.stdout[-800:]
 
 
-TESTS = [test_summary_and_parts, test_missing_binary_is_reported]
+TESTS = [test_summary_and_parts, test_failed_default_path_falls_back_to_a_node_per_op,
+         test_missing_binary_is_reported]
 
 
 def main():
