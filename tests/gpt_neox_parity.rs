@@ -858,37 +858,41 @@ fn assert_close_grads(
     }
 }
 
-/// The graph of the CUDA training path (bf16 autocast, f32 master weights), run on the CPU:
-/// the recomputing ops give the log-probs and gradients of the composite of basic ops, in the
-/// shared-prefix scoring of DPO's pairs, for both residual layouts.
+/// The graph of the CUDA training path (bf16 or f16 autocast, f32 master weights), run on the
+/// CPU: the recomputing ops give the log-probs and gradients of the composite of basic ops, in
+/// the shared-prefix scoring of DPO's pairs, for both residual layouts.
 #[test]
 fn recompute_path_equals_composite_under_bf16_autocast() {
     use overopt::model::score::shared_prefix_logps_via;
     let (prompts, conts) = prompts_and_responses();
     let (p_refs, r_refs) = as_refs(&prompts, &conts);
     let w = row_weights(conts.len(), 0.15);
-    for name in NAMES {
-        let lm = fixture_model(name);
-        let run = |path: OpPath| {
-            let model = lm
-                .model
-                .clone()
-                .with_compute_dtype(DType::BF16)
-                .with_op_path(path);
-            let (lp, _) =
-                shared_prefix_logps_via(&model, &p_refs, &r_refs, Some(0), 1, false).unwrap();
-            let grads = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            (lp, grads)
-        };
-        let (lp_r, g_r) = run(OpPath::Recompute);
-        let (lp_c, g_c) = run(OpPath::Composite);
-        let d = max_abs_diff(&lp_r, &lp_c);
-        assert!(
-            d < 1e-3 * (1.0 + max_abs(&lp_c)),
-            "{name}: log-probs differ by {d}"
-        );
-        // bf16 matmuls: one rounding of 2^-8 can flip between the two summation orders.
-        assert_close_grads(name, &lm, &g_r, &g_c, 2e-2);
+    // bf16 matmuls: one rounding of 2^-8 can flip between the two summation orders; f16 keeps
+    // 11 bits.
+    for (compute, tol) in [(DType::BF16, 2e-2), (DType::F16, 5e-3)] {
+        for name in NAMES {
+            let lm = fixture_model(name);
+            let run = |path: OpPath| {
+                let model = lm
+                    .model
+                    .clone()
+                    .with_compute_dtype(compute)
+                    .with_op_path(path);
+                let (lp, _) =
+                    shared_prefix_logps_via(&model, &p_refs, &r_refs, Some(0), 1, false).unwrap();
+                let grads = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                (lp, grads)
+            };
+            let tag = format!("{name} {compute:?}");
+            let (lp_r, g_r) = run(OpPath::Recompute);
+            let (lp_c, g_c) = run(OpPath::Composite);
+            let d = max_abs_diff(&lp_r, &lp_c);
+            assert!(
+                d < 1e-3 * (1.0 + max_abs(&lp_c)),
+                "{tag}: log-probs differ by {d}"
+            );
+            assert_close_grads(&tag, &lm, &g_r, &g_c, tol);
+        }
     }
 }
 
@@ -977,7 +981,11 @@ fn layer_nodes_give_the_values_and_gradients_of_the_per_op_graph() {
         let lm = fixture_model(name);
         // bf16: the node runs each linear layer once over both streams, the graph once per
         // stream, so weight gradients are summed in another order (and rounding).
-        for (compute, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 2e-2)] {
+        for (compute, tol) in [
+            (DType::F32, 2e-5f32),
+            (DType::BF16, 2e-2),
+            (DType::F16, 5e-3),
+        ] {
             let model = |path: OpPath| {
                 lm.model
                     .clone()

@@ -433,18 +433,15 @@ pub(crate) fn rope_head_dims(x: &Tensor, c: &Tensor, s: &Tensor, nd: usize) -> R
 }
 
 /// The exact GELU, `x (1 + erf(x / sqrt 2)) / 2`, in the dtype of `x` (candle's kernel). The
-/// graph keeps `x`, as the composite did; the backward pass is one op, [`gelu_erf_grad`], where
-/// candle's backward of its GELU makes about a dozen buffers as large as `x`.
+/// graph keeps `x`, as the composite did; the backward pass is [`gelu_erf_grad_any`]: one op
+/// where its kernel runs, where candle's backward of its GELU makes about a dozen buffers as
+/// large as `x`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !super::nvrtc::ready(x.device(), &GELU_SOURCE) {
-        // A CUDA device where NVRTC failed (reported once), or another device.
-        return x.gelu_erf();
-    }
     with_backward(
         "recompute-gelu-erf",
         &[x],
         |a| a[0].gelu_erf(),
-        |a, g| Ok(vec![Some(gelu_erf_grad(&a[0], g)?)]),
+        |a, g| Ok(vec![Some(gelu_erf_grad_any(&a[0], g)?)]),
     )
 }
 
@@ -465,10 +462,13 @@ pub fn gelu_erf_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
         .apply_op2_no_bwd(&g.contiguous()?, &GeluErfGrad)
 }
 
-/// [`gelu_erf_grad`] where its kernel can run (the CPU, or CUDA when NVRTC compiled it);
-/// elsewhere the same formula with candle ops, in f32 (rounded once to the dtype of `g`).
+/// [`gelu_erf_grad`] where its kernel can run (f32 or bf16, on the CPU, or on CUDA when NVRTC
+/// compiled it); elsewhere (f16, another device, NVRTC failed) the same formula with candle
+/// ops, in f32 (rounded once to the dtype of `g`).
 pub(crate) fn gelu_erf_grad_any(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    if super::nvrtc::ready(x.device(), &GELU_SOURCE) {
+    if matches!(x.dtype(), DType::F32 | DType::BF16)
+        && super::nvrtc::ready(x.device(), &GELU_SOURCE)
+    {
         return gelu_erf_grad(x, g);
     }
     let u = x.to_dtype(DType::F32)?;
