@@ -141,8 +141,12 @@ pub fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)
 /// binary is built, not on a lent GPU.
 #[cfg(feature = "cuda")]
 pub fn compile_cuda_kernels() -> anyhow::Result<Vec<(&'static str, usize)>> {
-    [model::recompute::GELU_SOURCE, train::rmsprop_fused::SOURCE]
-        .iter()
-        .map(|s| Ok((s.module, model::nvrtc::compile(s)?.len())))
-        .collect()
+    [
+        model::recompute::GELU_SOURCE,
+        model::layer_norm_grad::SOURCE,
+        train::rmsprop_fused::SOURCE,
+    ]
+    .iter()
+    .map(|s| Ok((s.module, model::nvrtc::compile(s)?.len())))
+    .collect()
 }

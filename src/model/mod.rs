@@ -6,6 +6,7 @@ pub mod generate;
 pub mod gpt_neox;
 pub mod hand;
 pub(crate) mod layer_node;
+pub(crate) mod layer_norm_grad;
 pub mod load;
 pub(crate) mod nvrtc;
 pub mod recompute;

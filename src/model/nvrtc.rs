@@ -31,22 +31,56 @@ __device__ __forceinline__ unsigned short overopt_f32_to_bf16(float f) {
 "#;
 
 /// A C++ program for the CPU made of [`PRELUDE`], `src` and `driver` (a `main`), with
-/// stand-ins for what CUDA C provides: the thread indices (set by the driver before each call,
-/// one call per index), `__global__`, `__device__`, `__forceinline__` and the bit casts. Compile
-/// it with `-ffp-contract=off` to round as the kernels do.
+/// stand-ins for what CUDA C provides: the thread indices, `__global__`, `__device__`,
+/// `__forceinline__`, the bit casts, and for kernels whose threads cooperate, `__shared__`
+/// (one static array, which the threads of a block share) and `__syncthreads()` (a barrier of
+/// the block's threads). The driver either sets the indices itself before each call (one call
+/// per index, for kernels whose threads do not cooperate) or runs a block with
+/// `overopt_run_block(block, threads, [&] { kernel(...); })`, each thread of the block a
+/// thread of the CPU. Compile it with `-ffp-contract=off` to round as the kernels do.
 #[cfg(test)]
 pub(crate) fn host_program(src: &Source, driver: &str) -> String {
     format!(
         "#include <cmath>\n#include <cstdio>\n#include <cstring>\n#include <vector>\n\
+         #include <thread>\n#include <mutex>\n#include <condition_variable>\n\
          struct Index {{ unsigned int x; }};\n\
-         static Index blockIdx, blockDim, threadIdx;\n\
+         static Index blockIdx, blockDim;\nstatic thread_local Index threadIdx;\n\
          #define __global__\n#define __device__\n#define __forceinline__ inline\n\
+         #define __shared__ static\n\
          static inline float __uint_as_float(unsigned int b) {{ float x; std::memcpy(&x, &b, 4); return x; }}\n\
          static inline unsigned int __float_as_uint(float x) {{ unsigned int b; std::memcpy(&b, &x, 4); return b; }}\n\
-         {PRELUDE}\n{}\n{driver}\n",
+         {BLOCKS}\n{PRELUDE}\n{}\n{driver}\n",
         src.text
     )
 }
+
+/// The host stand-ins of a block's shared barrier and of a block's launch (see
+/// [`host_program`]).
+#[cfg(test)]
+const BLOCKS: &str = r#"
+static std::mutex overopt_m;
+static std::condition_variable overopt_cv;
+static unsigned int overopt_waiting = 0, overopt_generation = 0, overopt_threads = 1;
+static void __syncthreads() {
+  std::unique_lock<std::mutex> l(overopt_m);
+  unsigned int gen = overopt_generation;
+  if (++overopt_waiting == overopt_threads) {
+    overopt_waiting = 0;
+    overopt_generation++;
+    overopt_cv.notify_all();
+  } else {
+    overopt_cv.wait(l, [&] { return gen != overopt_generation; });
+  }
+}
+template <class F> static void overopt_run_block(unsigned int block, unsigned int threads, F f) {
+  blockIdx.x = block;
+  blockDim.x = threads;
+  overopt_threads = threads;
+  std::vector<std::thread> ts;
+  for (unsigned int t = 0; t < threads; t++) ts.emplace_back([=] { threadIdx.x = t; f(); });
+  for (auto &t : ts) t.join();
+}
+"#;
 
 /// Compile `program` (from [`host_program`]) with the C++ compiler (`$CXX`, else `c++`) into
 /// `dir` and run it with `input` on its standard input; its standard output.
@@ -57,7 +91,7 @@ pub(crate) fn run_host_program(dir: &std::path::Path, program: &str, input: &str
     std::fs::write(&src, program).unwrap();
     let cc = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = Command::new(&cc)
-        .args(["-std=c++17", "-O2", "-ffp-contract=off", "-o"])
+        .args(["-std=c++17", "-O2", "-ffp-contract=off", "-pthread", "-o"])
         .arg(&exe)
         .arg(&src)
         .output()

@@ -630,8 +630,23 @@ pub(crate) fn layer_norm_values(
 }
 
 /// The gradients of [`layer_norm`] for the output gradient `g`, the normalized rows
-/// recomputed: dx (the dtype of `x`), and the f32 gradients of the weight and the bias.
+/// recomputed: dx (the dtype of `x`), and the f32 gradients of the weight and the bias. One op
+/// ([`super::layer_norm_grad`]) where it applies (f32 input and weight, an f32 or bf16
+/// gradient), candle ops otherwise.
 pub(crate) fn layer_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if super::layer_norm_grad::usable(x, w, g) {
+        return super::layer_norm_grad::grads(x, w, g, eps);
+    }
+    layer_norm_grads_composite(x, w, g, eps)
+}
+
+/// [`layer_norm_grads`] with candle ops (any dtype and device).
+pub(crate) fn layer_norm_grads_composite(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
