@@ -811,11 +811,11 @@ fn prompts_and_responses() -> (Vec<Vec<u32>>, Responses) {
     (prompts, conts)
 }
 
+/// Prompts and responses as the slices that shared-prefix scoring takes.
+type Refs<'a> = (Vec<&'a [u32]>, Vec<(usize, &'a [u32])>);
+
 /// `prompts` and `conts` as the slices that shared-prefix scoring takes.
-fn as_refs<'a>(
-    prompts: &'a [Vec<u32>],
-    conts: &'a Responses,
-) -> (Vec<&'a [u32]>, Vec<(usize, &'a [u32])>) {
+fn as_refs<'a>(prompts: &'a [Vec<u32>], conts: &'a Responses) -> Refs<'a> {
     (
         prompts.iter().map(|p| p.as_slice()).collect(),
         conts.iter().map(|(i, c)| (*i, c.as_slice())).collect(),

@@ -12,7 +12,7 @@ use super::nvrtc::Source;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// The threads of a block: one block per row (a power of two, for the tree sums).
-#[cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const THREADS: u32 = 256;
 
 /// The CUDA kernels, per row (`blockIdx.x`): x f32, g f32 or bf16 (as its 16 bits), w f32;
