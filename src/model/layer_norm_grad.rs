@@ -11,10 +11,6 @@
 use super::nvrtc::Source;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// The threads of a block: one block per row (a power of two, for the tree sums).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const THREADS: u32 = 256;
-
 /// The CUDA kernels, per row (`blockIdx.x`): x f32, g f32 or bf16 (as its 16 bits), w f32;
 /// writes dx to `out[row n ..]` and g * xhat to `out[rows n + row n ..]`. Mean and variance in
 /// two passes over the row; every sum is a tree over the block's threads.
@@ -200,8 +196,7 @@ impl CustomOp3 for LayerNormGrad {
         use super::nvrtc;
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::CudaStorageSlice as S;
-        use candle_core::cuda_backend::WrapErr;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         let r = |l: &Layout| super::fused::contiguous_range(l, self.name());
         let (r1, r2, r3) = (r(l1)?, r(l2)?, r(l3)?);
         let n = nvrtc::len(self.name(), r3.1 - r3.0)?;
@@ -214,11 +209,6 @@ impl CustomOp3 for LayerNormGrad {
         // SAFETY: the kernel writes all 2 rows n elements.
         let mut out = unsafe { dev.alloc::<f32>(2 * rows as usize * n as usize)? };
         let eps = self.eps as f32;
-        let cfg = LaunchConfig {
-            grid_dim: (rows, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let stream = dev.cuda_stream();
         // One launch: the kernel for the gradient's dtype, `g` its view.
         macro_rules! launch {
@@ -233,9 +223,7 @@ impl CustomOp3 for LayerNormGrad {
                 args.arg(&rows);
                 args.arg(&n);
                 args.arg(&eps);
-                // SAFETY: the arguments are in the kernel's order; x and g hold rows n
-                // elements, w n, out 2 rows n.
-                unsafe { args.launch(cfg) }.w()?;
+                nvrtc::launch_rows(args, rows)?;
             }};
         }
         match &s2.slice {

@@ -1,4 +1,5 @@
 //! Models: the GPT-NeoX (Pythia) architecture, loading, scoring and sampling.
+pub(crate) mod attention_softmax;
 pub mod config;
 pub mod fused;
 pub mod gemm;

@@ -117,7 +117,12 @@ pub(crate) fn run_host_program(dir: &std::path::Path, program: &str, input: &str
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{compile, func, launch, len};
+pub(crate) use cuda::{compile, func, launch, launch_rows, len};
+
+/// The threads of a block of the kernels that give each row a block (a power of two, for their
+/// tree reductions, and at most the 1024 of their shared arrays).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) const ROW_THREADS: u32 = 256;
 
 /// Whether the kernels of `src` can run on `dev`: always on the CPU (where their loops run); on
 /// CUDA when NVRTC compiles `src` (tried once per process; a failure is reported once on
@@ -198,6 +203,19 @@ mod cuda {
         unsafe { args.launch(LaunchConfig::for_num_elems(n)) }
             .w()
             .map(|_| ())
+    }
+
+    /// Launch with one block of [`super::ROW_THREADS`] threads per row, for kernels whose
+    /// threads reduce a row together.
+    pub fn launch_rows(mut args: LaunchArgs<'_>, rows: u32) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (super::ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller passed the arguments in the kernel's order, with views holding
+        // the elements of `rows` rows that each kernel reads or writes.
+        unsafe { args.launch(cfg) }.w().map(|_| ())
     }
 }
 

@@ -216,12 +216,14 @@ pub(crate) fn column_sums(x: &Tensor) -> Result<Tensor> {
         .squeeze(0)
 }
 
-/// The attention probabilities softmax(q k^T * scale + bias) in f32, (b, h, t, t_k).
+/// The attention probabilities softmax(q k^T * scale + bias) in f32, (b, h, t, t_k): one op
+/// after the product ([`super::attention_softmax`]) where it applies, candle ops otherwise.
 fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    let raw = q
-        .contiguous()?
-        .matmul(&k.contiguous()?.t()?)?
-        .to_dtype(DType::F32)?;
+    let raw = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
+    if super::attention_softmax::probs_usable(&raw, bias) {
+        return super::attention_softmax::probs(&raw, bias, scale);
+    }
+    let raw = raw.to_dtype(DType::F32)?;
     candle_nn::ops::softmax_last_dim(&raw.affine(scale, 0.0)?.broadcast_add(bias)?)
 }
 
@@ -272,12 +274,17 @@ pub(crate) fn attention_grads(
     // Transposed operands are read through their strides (no copies): the matmuls take a
     // contiguous tensor's last two dimensions swapped.
     let dv = p.to_dtype(v.dtype())?.t()?.matmul(&g)?;
-    let dp = g.matmul(&v.contiguous()?.t()?)?.to_dtype(DType::F32)?;
-    // Softmax backward: p * (dp - sum_k p dp).
-    let dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
-    let ds = (p * dp.broadcast_sub(&dot)?)?
-        .affine(scale, 0.0)?
-        .to_dtype(q.dtype())?;
+    let dp = g.matmul(&v.contiguous()?.t()?)?;
+    // Softmax backward: p * (dp - sum_k p dp), scaled; one op where it applies.
+    let ds = if super::attention_softmax::grad_usable(&p, &dp) && dp.dtype() == q.dtype() {
+        super::attention_softmax::grad(&p, &dp, scale)?
+    } else {
+        let dp = dp.to_dtype(DType::F32)?;
+        let dot = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+        (p * dp.broadcast_sub(&dot)?)?
+            .affine(scale, 0.0)?
+            .to_dtype(q.dtype())?
+    };
     let dq = ds.matmul(&k.contiguous()?)?;
     let dk = ds.t()?.matmul(&q.contiguous()?)?;
     Ok((dq, dk, dv))
