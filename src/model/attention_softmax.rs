@@ -186,11 +186,21 @@ fn probs_row(s: impl Fn(usize) -> f32, bias: &[f32], scale: f32, p: &mut [f32]) 
 }
 
 /// The CPU twin of a row of the gradient kernel.
-fn grad_row(p: &[f32], dp: impl Fn(usize) -> f32, scale: f32, mut out: impl FnMut(usize, f32)) {
+/// `T` values are the f32 results rounded once (through f64, exactly; nearest even for bf16).
+fn grad_row<T: WithDType>(p: &[f32], dp: impl Fn(usize) -> f32, scale: f32, out: &mut [T]) {
     let dot: f32 = p.iter().enumerate().map(|(i, &pi)| pi * dp(i)).sum();
-    for (i, &pi) in p.iter().enumerate() {
-        out(i, pi * (dp(i) - dot) * scale);
+    for (i, (o, &pi)) in out.iter_mut().zip(p).enumerate() {
+        *o = T::from_f64((pi * (dp(i) - dot) * scale) as f64);
     }
+}
+
+/// [`grad_row`] over every row of `p` (rows of `n`).
+fn grad_rows<T: WithDType>(p: &[f32], n: usize, dp: &dyn Fn(usize) -> f32, scale: f32) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); p.len()];
+    for (r, (pr, o)) in p.chunks(n).zip(out.chunks_mut(n)).enumerate() {
+        grad_row(pr, |i| dp(r * n + i), scale, o);
+    }
+    out
 }
 
 impl CustomOp2 for Probs {
@@ -206,22 +216,15 @@ impl CustomOp2 for Probs {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let bias = super::fused::slice(s2, l2, self.name())?;
-        let (a, b) = super::fused::contiguous_range(l1, self.name())?;
         let n = *l1.shape().dims().last().unwrap_or(&1);
-        let rows = (b - a) / n.max(1);
         let ht = self.heads * self.t_len;
-        let mut out = vec![0f32; rows * n];
-        for (r, p) in out.chunks_mut(n).enumerate() {
-            let br = ((r / ht) * self.t_len + r % self.t_len) * n;
-            let bias = &bias[br..br + n];
-            match s1 {
-                CpuStorage::F32(s) => probs_row(|i| s[a + r * n + i], bias, self.scale, p),
-                CpuStorage::BF16(s) => {
-                    probs_row(|i| s[a + r * n + i].to_f32(), bias, self.scale, p)
-                }
-                _ => candle_core::bail!("{}: expects f32 or bf16 scores", self.name()),
+        let mut out = vec![0f32; l1.shape().elem_count()];
+        super::fused::with_f32_reader(s1, l1, self.name(), |s| {
+            for (r, p) in out.chunks_mut(n).enumerate() {
+                let br = ((r / ht) * self.t_len + r % self.t_len) * n;
+                probs_row(|i| s(r * n + i), &bias[br..br + n], self.scale, p);
             }
-        }
+        })?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -293,33 +296,12 @@ impl CustomOp2 for Grad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let p = super::fused::slice(s1, l1, self.name())?;
-        let (a, _) = super::fused::contiguous_range(l2, self.name())?;
         let n = *l1.shape().dims().last().unwrap_or(&1);
-        let out = match s2 {
-            CpuStorage::F32(dp) => {
-                let mut out = vec![0f32; p.len()];
-                for (r, (pr, o)) in p.chunks(n).zip(out.chunks_mut(n)).enumerate() {
-                    let d = &dp[a + r * n..a + (r + 1) * n];
-                    grad_row(pr, |i| d[i], self.scale, |i, v| o[i] = v);
-                }
-                CpuStorage::F32(out)
-            }
-            CpuStorage::BF16(dp) => {
-                // bf16 values from f32 ones, rounded to nearest even (through f64, exactly).
-                let mut out = vec![WithDType::from_f64(0.0); p.len()];
-                for (r, (pr, o)) in p.chunks(n).zip(out.chunks_mut(n)).enumerate() {
-                    let d = &dp[a + r * n..a + (r + 1) * n];
-                    grad_row(
-                        pr,
-                        |i| d[i].to_f32(),
-                        self.scale,
-                        |i, v| o[i] = WithDType::from_f64(v as f64),
-                    );
-                }
-                CpuStorage::BF16(out)
-            }
-            _ => candle_core::bail!("{}: expects an f32 or bf16 gradient", self.name()),
-        };
+        // dS in the dtype of dP.
+        let out = super::fused::with_f32_reader(s2, l2, self.name(), |dp| match s2 {
+            CpuStorage::BF16(_) => CpuStorage::BF16(grad_rows(p, n, dp, self.scale)),
+            _ => CpuStorage::F32(grad_rows(p, n, dp, self.scale)),
+        })?;
         Ok((out, l1.shape().clone()))
     }
 

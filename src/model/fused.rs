@@ -39,6 +39,29 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
+/// `f` given a reader of the contiguous elements of an f32 or bf16 storage as f32 (element i of
+/// the layout's range), without a widened copy: for the CPU twins of the crate's CUDA kernels,
+/// which read either dtype.
+pub(crate) fn with_f32_reader<R>(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    f: impl FnOnce(&dyn Fn(usize) -> f32) -> R,
+) -> Result<R> {
+    let (a, b) = contiguous_range(l, op)?;
+    match s {
+        CpuStorage::F32(v) => {
+            let v = &v[a..b];
+            Ok(f(&|i| v[i]))
+        }
+        CpuStorage::BF16(v) => {
+            let v = &v[a..b];
+            Ok(f(&|i| v[i].to_f32()))
+        }
+        _ => candle_core::bail!("{op}: expects an f32 or bf16 tensor"),
+    }
+}
+
 /// The element range of a contiguous layout, or an error naming `op`.
 pub(crate) fn contiguous_range(l: &Layout, op: &str) -> Result<(usize, usize)> {
     l.contiguous_offsets()

@@ -162,24 +162,15 @@ impl CustomOp3 for LayerNormGrad {
         let w = super::fused::slice(s3, l3, self.name())?;
         let n = w.len();
         let rows = x.len() / n;
-        let (a, b) = super::fused::contiguous_range(l2, self.name())?;
         let mut out = vec![0f32; 2 * rows * n];
         let (dx, gx) = out.split_at_mut(rows * n);
-        for r in 0..rows {
-            let span = r * n..(r + 1) * n;
-            let (dxr, gxr) = (&mut dx[span.clone()], &mut gx[span.clone()]);
-            match s2 {
-                CpuStorage::F32(g) => {
-                    let g = &g[a..b][span.clone()];
-                    row_grad(&x[span], |i| g[i], w, self.eps, dxr, gxr)
-                }
-                CpuStorage::BF16(g) => {
-                    let g = &g[a..b][span.clone()];
-                    row_grad(&x[span], |i| g[i].to_f32(), w, self.eps, dxr, gxr)
-                }
-                _ => candle_core::bail!("{}: expects an f32 or bf16 gradient", self.name()),
+        super::fused::with_f32_reader(s2, l2, self.name(), |g| {
+            for r in 0..rows {
+                let span = r * n..(r + 1) * n;
+                let (dxr, gxr) = (&mut dx[span.clone()], &mut gx[span.clone()]);
+                row_grad(&x[span], |i| g(r * n + i), w, self.eps, dxr, gxr);
             }
-        }
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((2, rows * n))))
     }
 
