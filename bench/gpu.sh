@@ -18,6 +18,8 @@
 #    module), then larger Pythia shapes one step each until one does not fit.
 # 4. overopt-gpu-bench on the larger shapes (1.4b, 2.8b, 6.9b) with activation checkpointing,
 #    one step each, while time is left.
+# 4b. When time is left, both sides' 1B step profiled (`--profile`): overopt's named sections
+#    between device synchronisations, torch.profiler's ops with the most GPU time.
 # 5. When time is left, A/B runs of the 1B step: with `--cuda-alloc default` (the driver's
 #    memory pool returning freed memory at every synchronisation, as before the crate kept it),
 #    with `--op-path recompute` (one graph node per recomputing op instead of one per layer),
@@ -140,6 +142,18 @@ if cat "$LOG"/overopt-1b*.log | grep -q 'RESULT impl=overopt shape=1b ok=1'; the
   done
 fi
 
+# Part 3b: where the time goes inside the step: overopt's named sections (layer norms, linear
+# layers, attention, ... of the layer nodes; head; log-probs; optimizer), each timed between
+# device synchronisations, and torch.profiler's ops with the most GPU time in one torch step.
+if [ "$(left)" -ge 45 ]; then
+  run_part profile-overopt "$(cap 50)" "$BIN" --shape 1b --batch 16 --seq 512 --warmup 1 --steps 1 \
+    --profile
+fi
+if [ "$(left)" -ge 45 ]; then
+  run_part profile-torch "$(cap 50)" "$PY" bench/gpu_torch.py --shape 1b --batch 16 --seq 512 \
+    --warmup 1 --steps 1 --profile
+fi
+
 # Part 4a: the 1B step with the driver's default memory pool (freed memory handed back at every
 # synchronisation, the setting of the 2026-11-29 run), an A/B of `overopt::cuda_device`'s pool.
 if [ "$(left)" -ge 45 ]; then
@@ -162,14 +176,16 @@ if [ "$(left)" -ge 45 ]; then
 fi
 
 echo "== summary (after $(elapsed)s)"
-cat "$LOG"/*.log | grep -E '^(RESULT|SMI|COMPONENT|PARITY) ' >"$LOG/results.txt"
+cat "$LOG"/*.log | grep -E '^(RESULT|SMI|COMPONENT|PARITY|PROFILE) ' >"$LOG/results.txt"
 "$PY" - "$LOG/results.txt" <<'EOF'
 import sys
-rows, smi, comps, parity = [], {}, {}, []
+rows, smi, comps, parity, prof = [], {}, {}, [], {}
 for line in open(sys.argv[1]):
     kv = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
     if line.startswith("PARITY"):
         parity.append(kv)
+    elif line.startswith("PROFILE"):
+        prof.setdefault(kv.get("impl"), []).append(kv)
     elif line.startswith("RESULT"):
         rows.append(kv)
     elif line.startswith("COMPONENT"):
@@ -190,6 +206,13 @@ if comps:
         except (KeyError, ValueError, ZeroDivisionError):
             r = "na"
         print(f"  {name:22}{cell(o_):>26}{cell(t_):>26}   ratio {r}")
+for impl, top, what in [("overopt", 40, "sections of the step, own time between device syncs"),
+                        ("torch", 15, "ops with the most GPU self time in one step")]:
+    if impl in prof:
+        print(f"profile {impl} ({what}):")
+        for p in prof[impl][:top]:
+            print(f"  {p.get('name', '?'):44}{p.get('ms_per_step', 'na'):>12} ms{p.get('share', 'na'):>9}"
+                  f"  x{p.get('calls_per_step', '?')}")
 if parity:
     bad = [p for p in parity if p.get("ok") != "1"]
     print(f"parity on {parity[0].get('device')} against the CPU (f32, basic ops): "
@@ -211,7 +234,9 @@ def get(impl, shape, variant=None):
             return r
     return {}
 for r in rows:  # overopt's default settings are the ones compared; others are A/B rows
-    if r.get("op_path", "differentiable") != "differentiable":
+    if r.get("profile", "0") == "1":  # slowed by the profile's synchronisations
+        r["variant"] = "profile"
+    elif r.get("op_path", "differentiable") != "differentiable":
         r["variant"] = r["op_path"]
     elif r.get("cuda_alloc", "keep") != "keep":
         r["variant"] = "alloc-" + r["cuda_alloc"]

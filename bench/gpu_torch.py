@@ -159,9 +159,7 @@ def run(shape, args, device, impl, steps, warmup):
         f"device {device}, autocast bf16, batch {batch} pairs x seq {seq} = {tokens} tokens/step",
         flush=True,
     )
-    times = []
-    loss_v = float("nan")
-    for s in range(warmup + steps):
+    def step():
         sync()
         t0 = time.perf_counter()
         with amp:
@@ -183,6 +181,12 @@ def run(shape, args, device, impl, steps, warmup):
         opt.zero_grad(set_to_none=True)
         sync()
         t3 = time.perf_counter()
+        return (t0, t1, t2, t3), loss, gn
+
+    times = []
+    loss_v = float("nan")
+    for s in range(warmup + steps):
+        (t0, t1, t2, t3), loss, gn = step()
         loss_v = loss.item()
         kind = "warmup" if s < warmup else "timed"
         print(
@@ -194,6 +198,8 @@ def run(shape, args, device, impl, steps, warmup):
             raise RuntimeError(f"non-finite loss {loss_v}")
         if s >= warmup:
             times.append(t3 - t0)
+    if args.profile:
+        profile_step(step, use_cuda)
     step_s = sum(times) / len(times) if times else float("nan")
     ex_s = batch / step_s
     tflops = flops / step_s / 1e12
@@ -211,11 +217,45 @@ def run(shape, args, device, impl, steps, warmup):
     print(
         f"RESULT impl=torch shape={shape} ok=1 batch={batch} seq={seq} step_s={step_s:.4f} "
         f"examples_per_s={ex_s:.3f} tflops={tflops:.2f} mfu={mfu:.4f} mfu_attn={mfu_attn:.4f} "
-        f"peak_mem_gib={reserved:.2f} peak_alloc_gib={alloc:.2f} loss={loss_v:.4f}",
+        f"peak_mem_gib={reserved:.2f} peak_alloc_gib={alloc:.2f} loss={loss_v:.4f} "
+        f"profile={int(args.profile)}",
         flush=True,
     )
     del model, opt, fwd
     return True
+
+
+def profile_step(step, use_cuda, top=30):
+    """One more step under torch.profiler: the ops (kernels on a GPU) with the most self time,
+    as `PROFILE impl=torch name=... ms_per_step=... calls_per_step=... share=...` lines (share
+    of the step's summed self time), the counterpart of `overopt-gpu-bench --profile`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
+    with profile(activities=acts) as prof:
+        step()
+
+    def own(e):  # microseconds
+        if use_cuda:
+            t = getattr(e, "self_device_time_total", None)
+            return t if t is not None else getattr(e, "self_cuda_time_total", 0.0)
+        return e.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if own(e) > 0]
+    if use_cuda:  # the kernels themselves, not also the ops that launched them
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+        events = kernels or events
+    total = sum(own(e) for e in events) or 1.0
+    print(f"profile of one step ({'device' if use_cuda else 'CPU'} self time by op), top {top} "
+          f"of {len(events)}, summed {total / 1e3:.1f} ms:", flush=True)
+    for e in sorted(events, key=own, reverse=True)[:top]:
+        name = "".join(c if c.isalnum() or c in "._:-" else "_" for c in e.key)[:80]
+        print(f"PROFILE impl=torch name={name} ms_per_step={own(e) / 1e3:.3f} "
+              f"calls_per_step={e.count} share={own(e) / total:.4f}", flush=True)
+    print(f"PROFILE impl=torch name=step_total ms_per_step={total / 1e3:.3f} calls_per_step=0 "
+          f"share=1.0000", flush=True)
 
 
 def components(args, device):
@@ -322,6 +362,8 @@ def main():
     ap.add_argument("--fit", action="store_true", help="then try larger shapes, one step each")
     ap.add_argument("--fit-budget-s", type=float, default=120.0, help="stop starting fit tries after this")
     ap.add_argument("--tiny", action="store_true", help="--device cpu --shape tiny --batch 2 --seq 32")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, one more under torch.profiler: PROFILE lines")
     ap.add_argument("--components", action="store_true",
                     help="time the step's parts one by one (as overopt-gpu-bench --components)")
     args = ap.parse_args()

@@ -601,6 +601,59 @@ fn shared_prefix_scoring_handles_a_prompt_that_fills_the_context() {
     assert!(lp.to_vec1::<f32>().unwrap()[0].is_finite());
 }
 
+/// Tokens beyond the vocabulary are refused on the host with the row and position named, on
+/// both implementations (a GPU's embedding lookup and log-prob op do not check them).
+#[test]
+fn shared_prefix_scoring_names_tokens_beyond_the_vocabulary() {
+    use overopt::model::score::shared_prefix_logps_via;
+    let lm = fixture_model("parallel");
+    let vocab = lm.model.config().vocab_size as u32;
+    let ok = [3u32, 4, 5];
+    let bad = [3u32, vocab, 5];
+    for hand in [true, false] {
+        // The message's first line (a backtrace may follow).
+        let score = |prompts: &[&[u32]], resp: &[u32], eos: u32| {
+            shared_prefix_logps_via(
+                &lm.model,
+                prompts,
+                &[(0, &ok), (1, resp)],
+                Some(eos),
+                1,
+                hand,
+            )
+            .unwrap_err()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap()
+            .to_string()
+        };
+        let e = score(&[&ok, &ok], &bad, 0);
+        assert_eq!(
+            e,
+            format!("row 1: token {vocab} at position 1 is beyond the vocabulary of {vocab}")
+        );
+        // The appended EOS is a target too.
+        let e = score(&[&ok, &ok], &ok, vocab + 3);
+        assert!(
+            e.starts_with("row 0: token") && e.contains("at position 3"),
+            "{e}"
+        );
+        let e = score(&[&ok, &bad], &ok, 0);
+        assert!(
+            e.starts_with(&format!("prompt 1: token {vocab} at position 1")),
+            "{e}"
+        );
+    }
+    // The model's own entry point checks too.
+    let e = lm
+        .model
+        .forward_shared_prefix(&[&ok], &[(0, &bad)], 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("continuation 0: token"), "{e}");
+}
+
 /// Pairs of continuations of shared prompts, scored with each prompt run once, give the
 /// log-probs and parameter gradients of scoring every `prompt ++ continuation` row on its
 /// own (both residual layouts; training op path and inference copy).

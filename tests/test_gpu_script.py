@@ -23,9 +23,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 FAKE_BENCH = r"""#!/usr/bin/env bash
 echo "$*" >> "$(dirname "$0")/calls.txt"
-shape=1b op=differentiable alloc=keep ck=0 comp=0 par=0
+shape=1b op=differentiable alloc=keep ck=0 comp=0 par=0 prof=0
 while [ $# -gt 0 ]; do
   case $1 in
+    --profile) prof=1 ;;
     --shape) shape=$2; shift ;;
     --op-path) op=$2; shift ;;
     --cuda-alloc) alloc=$2; shift ;;
@@ -57,16 +58,24 @@ if [ "$shape" = 6.9b ]; then
   exit 2
 fi
 step=0.500; ex=32.000
+if [ $prof = 1 ]; then
+  echo "PROFILE impl=overopt name=bwd.layer.attention ms_per_step=300.000 calls_per_step=16 share=0.3750"
+  echo "PROFILE impl=overopt name=step_total ms_per_step=800.000 calls_per_step=0 share=1.0000"
+  step=0.800; ex=20.000
+fi
 [ $alloc = default ] && step=0.900 && ex=17.778
 [ $op = composite ] && step=1.200 && ex=13.333
 [ $op = recompute ] && step=0.700 && ex=22.857
-echo "RESULT impl=overopt shape=$shape ok=1 batch=16 seq=512 step_s=$step examples_per_s=$ex tflops=178.60 mfu=0.1806 mfu_attn=0.2000 peak_mem_gib=60.00 graph_gib=30.000000 loss=0.6931 op_path=$op checkpoint=$ck cuda_alloc=$alloc"
+echo "RESULT impl=overopt shape=$shape ok=1 batch=16 seq=512 step_s=$step examples_per_s=$ex tflops=178.60 mfu=0.1806 mfu_attn=0.2000 peak_mem_gib=60.00 graph_gib=30.000000 loss=0.6931 op_path=$op checkpoint=$ck cuda_alloc=$alloc profile=$prof"
 """
 
 FAKE_TORCH = r"""import sys
 if "--components" in sys.argv:
     print("COMPONENT impl=torch name=matmul ms=1.000 tflops=700.0 gbps=0")
     print("COMPONENT impl=torch name=add ms=0.500 tflops=0 gbps=3000.0")
+elif "--profile" in sys.argv:
+    print("PROFILE impl=torch name=aten::mm ms_per_step=120.000 calls_per_step=200 share=0.5000")
+    print("RESULT impl=torch shape=1b ok=1 step_s=0.260 examples_per_s=61.538 profile=1")
 else:
     print("RESULT impl=torch shape=1b ok=1 step_s=0.250 examples_per_s=64.000 tflops=376.0 "
           "mfu=0.3800 mfu_attn=0.4000 peak_mem_gib=38.70 loss=0.6931")
@@ -113,8 +122,14 @@ def test_summary_and_parts():
             "op): step_s 0.500 vs 0.700") in out, out
     assert ("A/B overopt 1b, op path differentiable (layer nodes) vs composite "
             "(basic ops): step_s 0.500 vs 1.200") in out, out
+    # The profiled runs (slowed by their synchronisations) are not the compared ones.
     row = next(l for l in lines if l.startswith("s/step"))
     assert row.split()[1:] == ["0.500", "0.250"], row
+    assert any(c.endswith("--warmup 1 --steps 1 --profile") for c in calls), calls
+    i = lines.index("profile overopt (sections of the step, own time between device syncs):")
+    assert lines[i + 1].split() == ["bwd.layer.attention", "300.000", "ms", "0.3750", "x16"], lines[i + 1]
+    assert "profile torch (ops with the most GPU self time in one step):" in lines, out
+    assert any(l.split()[:2] == ["aten::mm", "120.000"] for l in lines), out
     # Components: torch's time over overopt's.
     comp = next(l for l in lines if l.strip().startswith("matmul"))
     assert comp.rstrip().endswith("ratio 0.50"), comp

@@ -155,7 +155,7 @@ fn sft_then_dpo_from_toml_configs() {
 /// (on the CPU the recomputing ops only with `--op-path recompute`, layer nodes with `layer` and
 /// under autocast) and with activation
 /// checkpointing, with the memory the forward pass left for the backward counted by its
-/// allocator; its `--components` timings; its `--parity` check; an unknown op path or CUDA
+/// allocator; its `--components` timings; its `--profile` sections; its `--parity` check; an unknown op path or CUDA
 /// allocation mode is a usage error (status 1) naming it.
 #[test]
 fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
@@ -270,6 +270,95 @@ fn gpu_bench_runs_a_tiny_step_on_every_op_path() {
             "{line}"
         );
     }
+    // Named sections of the step, on the ops of the CUDA step (layer nodes, the recomputing
+    // log-probs).
+    let out = bench_ok(&["--op-path", "layer", "--profile"]);
+    let sections: Vec<(String, f64, f64)> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROFILE impl=overopt "))
+        .map(|l| {
+            let get = |k: &str| {
+                l.split(' ')
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                    .unwrap_or_else(|| panic!("{k} missing: {l}"))
+                    .to_string()
+            };
+            let num = |k: &str| get(k).parse::<f64>().unwrap();
+            (get("name"), num("ms_per_step"), num("calls_per_step"))
+        })
+        .collect();
+    let find = |n: &str| {
+        sections
+            .iter()
+            .find(|s| s.0 == n)
+            .unwrap_or_else(|| panic!("no section {n}: {out}"))
+    };
+    // Four linear layers per layer, two layer norms, one attention per layer (tiny: 2 layers).
+    assert_eq!(find("fwd.layer.linear").2, 8.0, "{out}");
+    assert_eq!(find("bwd.layer.linear").2, 8.0, "{out}");
+    assert_eq!(find("fwd.layer.layer_norm").2, 4.0, "{out}");
+    assert_eq!(find("bwd.layer.attention").2, 2.0, "{out}");
+    for n in [
+        "fwd.layer.attention",
+        "fwd.head",
+        "fwd.logps",
+        "fwd.other",
+        "bwd.logps",
+        "bwd.layer.layer_norm_grad",
+        "bwd.other",
+        "optim.grad_norm",
+        "optim.update",
+    ] {
+        assert!(find(n).2 >= 1.0, "{n}: {out}");
+    }
+    // Each phase's total is the sum of its sections, the step's the sum of the phases', and no
+    // more than the profiled step took.
+    let sum = |prefix: &str| -> f64 {
+        sections
+            .iter()
+            .filter(|s| s.0.starts_with(prefix) && !s.0.ends_with("_total"))
+            .map(|s| s.1)
+            .sum()
+    };
+    for phase in ["fwd", "bwd", "optim"] {
+        let total = find(&format!("{phase}_total")).1;
+        assert!(
+            (total - sum(&format!("{phase}."))).abs() < 0.01,
+            "{phase}: {out}"
+        );
+    }
+    let total = find("step_total").1;
+    assert!((total - sum("")).abs() < 0.01 && total > 0.0, "{out}");
+    let step_ms: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("profiled step "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        total <= step_ms + 0.1,
+        "sections {total} ms, step {step_ms} ms: {out}"
+    );
+    assert!(out.contains(" profile=1\n"), "{out}");
+    // On the CPU the sections also count their buffers: together, those of the whole step.
+    let field = |line: &str, k: &str| -> f64 {
+        line.split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing: {line}"))
+            .parse()
+            .unwrap()
+    };
+    let result = out.lines().find(|l| l.starts_with("RESULT ")).unwrap();
+    let step = out
+        .lines()
+        .find(|l| l.contains(" name=step_total "))
+        .unwrap();
+    assert!(
+        (field(step, "buffers") - field(result, "buffers")).abs() <= 1.0,
+        "{step}\n{result}"
+    );
+    assert!(field(step, "buffer_mib") > 0.0, "{step}");
     usage_error(&["--op-path", "flash"], "unknown op path \"flash\"");
     // The step's values on every op path, with checkpointing and bf16 autocast, against the
     // CPU f32 composite step (on a GPU machine: the CUDA step against the CPU's).

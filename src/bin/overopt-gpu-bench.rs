@@ -20,7 +20,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, Optimizer, VarBuilder, VarMap};
 use clap::Parser;
 use overopt::data::PrefExample;
-use overopt::model::{GptNeoX, GptNeoXConfig, OpPath};
+use overopt::model::{GptNeoX, GptNeoXConfig, OpPath, profile};
 use overopt::train::SpecialTokens;
 use overopt::train::daa::{DaaConfig, ReferenceSource, daa_micro};
 use overopt::train::loss::Objective;
@@ -79,6 +79,14 @@ struct Args {
     /// total first (which tensors the step writes most).
     #[arg(long)]
     buffer_sizes: bool,
+    /// Also time named sections of the timed steps (`overopt::model::profile`: layer norms,
+    /// linear layers, attention, ... of the layer nodes, the head, the log-probs, the
+    /// optimizer), each between two device synchronisations, and print one `PROFILE` line per
+    /// section: its own time per step (nested sections excluded) and its share of the profiled
+    /// step. The synchronisations slow the step: its RESULT line carries `profile=1` and is
+    /// not a P3 measurement.
+    #[arg(long)]
+    profile: bool,
     /// Fewer (or more) layers than the shape has, e.g. to measure one layer's memory on the CPU.
     #[arg(long)]
     layers: Option<usize>,
@@ -461,6 +469,16 @@ fn run(a: &Args) -> Result<()> {
         tokens_per_step
     );
     println!("init {init_s:.2}s");
+    profile::set_enabled(a.profile);
+    if dev.is_cpu() {
+        profile::set_counter(|| {
+            let (buffers, bytes) = HEAP.buffers();
+            profile::Allocated {
+                buffers: buffers as u64,
+                bytes: bytes as u64,
+            }
+        });
+    }
 
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     let total = a.warmup + a.steps;
@@ -475,7 +493,7 @@ fn run(a: &Args) -> Result<()> {
         let before = mem_used(&dev);
         let b0 = HEAP.buffers();
         let t0 = Instant::now();
-        let loss = dpo_loss(&model, &data, &refs)?;
+        let loss = profile::section("fwd.other", &dev, || dpo_loss(&model, &data, &refs))?;
         dev.synchronize()?;
         peak.sample(&dev);
         let t1 = Instant::now();
@@ -487,15 +505,16 @@ fn run(a: &Args) -> Result<()> {
             let kept = a.saturating_sub(b);
             graph_bytes = if s <= 1 { kept } else { graph_bytes.min(kept) };
         }
-        let grads = model.backward(&loss)?;
+        let grads = profile::section("bwd.other", &dev, || model.backward(&loss))?;
         dev.synchronize()?;
         peak.sample(&dev);
         let t2 = Instant::now();
         let b2 = HEAP.buffers();
-        let g = opt.grads_of(&grads);
-        drop(grads);
-        let info = opt.step_with(&g)?;
-        drop(g);
+        let info = profile::section("optim.other", &dev, || {
+            let g = opt.grads_of(&grads);
+            drop(grads);
+            opt.step_with(&g)
+        })?;
         dev.synchronize()?;
         peak.sample(&dev);
         let t3 = Instant::now();
@@ -533,6 +552,9 @@ fn run(a: &Args) -> Result<()> {
                 info.grad_norm
             );
         }
+        if s + 1 == a.warmup {
+            profile::take(); // the warm-up steps' sections
+        }
         if s >= a.warmup {
             t_fwd += (t1 - t0).as_secs_f64();
             t_bwd += (t2 - t1).as_secs_f64();
@@ -542,6 +564,9 @@ fn run(a: &Args) -> Result<()> {
     }
     let n = a.steps.max(1) as f64;
     let step_s = if a.steps == 0 { f64::NAN } else { t_step / n };
+    if a.profile {
+        print_profile(&profile::take(), n, step_s, dev.is_cpu());
+    }
     let ex_s = a.batch as f64 / step_s;
     let tflops = flops_6nt / step_s / 1e12;
     let mfu = tflops / a.peak_tflops;
@@ -573,7 +598,7 @@ fn run(a: &Args) -> Result<()> {
         gib(graph_bytes)
     );
     println!(
-        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} buffers={} buffer_gib={} loss={:.4} op_path={} checkpoint={} cuda_alloc={}",
+        "RESULT impl=overopt shape={} ok=1 batch={} seq={} step_s={:.4} examples_per_s={:.3} tflops={:.2} mfu={:.4} mfu_attn={:.4} peak_mem_gib={} graph_gib={:.6} buffers={} buffer_gib={} loss={:.4} op_path={} checkpoint={} cuda_alloc={} profile={}",
         a.shape,
         a.batch,
         a.seq,
@@ -597,9 +622,71 @@ fn run(a: &Args) -> Result<()> {
         last_loss,
         a.op_path,
         u8::from(a.checkpoint),
-        a.cuda_alloc
+        a.cuda_alloc,
+        u8::from(a.profile)
     );
     Ok(())
+}
+
+/// `--profile`'s table: per phase (forward, backward, optimizer), its sections by time, then
+/// each phase's and the whole step's total. `steps`: the timed steps the sections ran in.
+/// On the CPU (`counted`) also each section's buffers of at least [`BIG`] bytes and their MiB.
+fn print_profile(sections: &[profile::Section], steps: f64, step_s: f64, counted: bool) {
+    let ms = |t: std::time::Duration| t.as_secs_f64() * 1e3 / steps;
+    let total: f64 = sections.iter().map(|s| ms(s.time)).sum();
+    println!(
+        "profile of the timed steps: each section's own time per step (sections nested in it \
+         excluded), timed between device synchronisations{}; `*.other` is what its phase ran \
+         outside the named sections (on the default path: candle's graph of the embedding, \
+         the head's matmul and the loss, and its gradient bookkeeping)",
+        if counted {
+            ", and the buffers of at least 64 KiB it allocated (MiB)"
+        } else {
+            ""
+        }
+    );
+    let line = |name: &str, t: f64, calls: f64, alloc: (u64, u64)| {
+        let buffers = if counted {
+            format!(
+                " buffers={:.0} buffer_mib={:.1}",
+                alloc.0 as f64 / steps,
+                alloc.1 as f64 / steps / (1u64 << 20) as f64
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "PROFILE impl=overopt name={name} ms_per_step={t:.3} calls_per_step={calls:.0} share={:.4}{buffers}",
+            t / total.max(f64::MIN_POSITIVE)
+        )
+    };
+    let sum = |of: &[&profile::Section]| {
+        of.iter().fold((0.0, (0, 0)), |(t, (n, b)), s| {
+            (
+                t + ms(s.time),
+                (n + s.allocated.buffers, b + s.allocated.bytes),
+            )
+        })
+    };
+    for phase in ["fwd", "bwd", "optim"] {
+        let mut of_phase: Vec<_> = sections
+            .iter()
+            .filter(|s| s.name.split('.').next() == Some(phase))
+            .collect();
+        of_phase.sort_by_key(|s| std::cmp::Reverse(s.time));
+        for s in &of_phase {
+            let alloc = (s.allocated.buffers, s.allocated.bytes);
+            line(s.name, ms(s.time), s.calls as f64 / steps, alloc);
+        }
+        let (t, alloc) = sum(&of_phase);
+        line(&format!("{phase}_total"), t, 0.0, alloc);
+    }
+    let (_, alloc) = sum(&sections.iter().collect::<Vec<_>>());
+    line("step_total", total, 0.0, alloc);
+    println!(
+        "profiled step {:.1} ms; the sections add up to {total:.1} ms",
+        step_s * 1e3
+    );
 }
 
 /// `--nvrtc-check`: compile the crate's CUDA kernels, one `NVRTC module=... ptx_bytes=...` line

@@ -582,6 +582,24 @@ fn pack(ts: &[Tensor]) -> Result<Tensor> {
 /// layer's node to [`GptNeoX::backward`] (see [`Layer::checkpointed`]).
 type Stash = std::sync::Arc<std::sync::Mutex<Vec<(Tensor, Tensor)>>>;
 
+/// An error naming the first token of `rows` beyond the vocabulary: "`what` `row`: token ..
+/// at position ..". Checked on the host before tokens are uploaded: a GPU's embedding lookup
+/// and the log-probs' gather do not check their indices.
+pub(crate) fn check_tokens<'a>(
+    what: &str,
+    rows: impl Iterator<Item = &'a [u32]>,
+    vocab: usize,
+) -> Result<()> {
+    for (r, row) in rows.enumerate() {
+        if let Some((j, t)) = row.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+            candle_core::bail!(
+                "{what} {r}: token {t} at position {j} is beyond the vocabulary of {vocab}"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn lock(stash: &Stash) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>>> {
     stash
         .lock()
@@ -1013,13 +1031,16 @@ impl GptNeoX {
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         lock(&self.stash)?.clear();
         let mut grads = loss.backward()?;
-        for (p, g) in lock(&self.stash)?.drain(..) {
-            let sum = match grads.get(&p) {
-                Some(old) => (old + g)?,
-                None => g,
-            };
-            grads.insert(&p, sum);
-        }
+        super::profile::section("bwd.collect_stash", &self.device, || {
+            for (p, g) in lock(&self.stash)?.drain(..) {
+                let sum = match grads.get(&p) {
+                    Some(old) => (old + g)?,
+                    None => g,
+                };
+                grads.insert(&p, sum);
+            }
+            Ok::<_, candle_core::Error>(())
+        })?;
         Ok(grads)
     }
 
@@ -1361,6 +1382,15 @@ impl GptNeoX {
                 "shared-prefix forward: continuation of prompt {i}, only {n} prompts"
             );
         }
+        // On the host, where it is free (a GPU's embedding lookup does not check).
+        let vocab = self.cfg.vocab_size;
+        check_tokens(
+            "shared-prefix forward: prompt",
+            prompts.iter().copied(),
+            vocab,
+        )?;
+        let conts = continuations.iter().map(|(_, c)| *c);
+        check_tokens("shared-prefix forward: continuation", conts, vocab)?;
         let pm = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let rm = continuations
             .iter()
@@ -1477,13 +1507,15 @@ impl GptNeoX {
                 )?;
             }
         }
-        let hidden = xp
-            .reshape((n * pm, self.cfg.hidden_size))?
-            .index_select(&last, 0)?;
-        let embed_out = cast_linear(&self.embed_out, self.compute_dtype)?;
-        Ok((
-            self.head_with(&embed_out, &hidden)?,
-            Some(self.head_with(&embed_out, &xr)?),
-        ))
+        super::profile::section("fwd.head", dev, || {
+            let hidden = xp
+                .reshape((n * pm, self.cfg.hidden_size))?
+                .index_select(&last, 0)?;
+            let embed_out = cast_linear(&self.embed_out, self.compute_dtype)?;
+            Ok((
+                self.head_with(&embed_out, &hidden)?,
+                Some(self.head_with(&embed_out, &xr)?),
+            ))
+        })
     }
 }

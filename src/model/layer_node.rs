@@ -23,6 +23,7 @@
 //! (the model's stash, collected by [`super::GptNeoX::backward`], as with checkpointing).
 //! tests/gpt_neox_parity.rs compares log-probs and every gradient with the per-op graph.
 
+use super::profile;
 use super::recompute::{
     attention_grads, attention_values, column_sums, gelu_erf_grad_any, heads_part,
     layer_norm_grads, layer_norm_values, rope_halves, rope_head_dims, with_backward,
@@ -127,7 +128,9 @@ pub(crate) fn layer(
         "layer-node",
         &[x],
         |a| {
-            let (y, kept) = forward(&a[0], &w, streams, &dims)?;
+            let (y, kept) = sec("fwd.layer.other", &a[0], || {
+                forward(&a[0], &w, streams, &dims)
+            })?;
             *saved.lock().map_err(|_| poisoned())? = Some(kept);
             Ok(y)
         },
@@ -137,18 +140,27 @@ pub(crate) fn layer(
                 .map_err(|_| poisoned())?
                 .clone()
                 .ok_or_else(|| candle_core::Error::Msg("layer node: nothing saved".into()))?;
-            let (dx, dw) = backward(&a[0], &w_bwd, &s_bwd, &dims, &kept, g)?;
+            let (dx, dw) = sec("bwd.layer.other", g, || {
+                backward(&a[0], &w_bwd, &s_bwd, &dims, &kept, g)
+            })?;
             sink(dw)?;
             Ok(vec![Some(dx)])
         },
     )
 }
 
+/// [`profile::section`] on the device of `t`.
+fn sec<T>(name: &'static str, t: &Tensor, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    profile::section(name, t.device(), f)
+}
+
 /// `x @ w^T + b` over rows, in the compute dtype.
 fn linear(x: &Tensor, w: &Params, i: usize, cd: DType) -> Result<Tensor> {
-    x.to_dtype(cd)?
-        .matmul(&w[i].to_dtype(cd)?.t()?)?
-        .broadcast_add(&w[i + 1].to_dtype(cd)?)
+    sec("fwd.layer.linear", x, || {
+        x.to_dtype(cd)?
+            .matmul(&w[i].to_dtype(cd)?.t()?)?
+            .broadcast_add(&w[i + 1].to_dtype(cd)?)
+    })
 }
 
 /// Queries, keys and values (b, heads, t, head_size) of one stream's QKV rows (b x t, 3
@@ -211,22 +223,30 @@ fn scale(d: &Dims) -> f64 {
 
 fn forward(x: &Tensor, w: &Params, s: &Streams, d: &Dims) -> Result<(Tensor, Saved)> {
     let (md, cd) = (x.dtype(), d.compute);
-    let h1 = layer_norm_values(x, &w[LN1], &w[LN1 + 1], d.eps)?;
+    let ln = |x: &Tensor, i: usize| {
+        sec("fwd.layer.layer_norm", x, || {
+            layer_norm_values(x, &w[i], &w[i + 1], d.eps)
+        })
+    };
+    let h1 = ln(x, LN1)?;
     let qkv = linear(&h1, w, QKV, cd)?;
-    let heads = attention_inputs(&qkv, s, d)?;
+    let heads = sec("fwd.layer.qkv_heads_rope", x, || {
+        attention_inputs(&qkv, s, d)
+    })?;
     let [[qp, kp, vp], [qr, kr, vr]] = &heads;
-    let att = Tensor::cat(
-        &[
-            &merge_heads(&attention_values(qp, kp, vp, &s.bias[0], scale(d))?)?,
-            &merge_heads(&attention_values(qr, kr, vr, &s.bias[1], scale(d))?)?,
-        ],
-        0,
-    )?;
+    let values = sec("fwd.layer.attention", x, || {
+        Ok([
+            attention_values(qp, kp, vp, &s.bias[0], scale(d))?,
+            attention_values(qr, kr, vr, &s.bias[1], scale(d))?,
+        ])
+    })?;
+    let att = Tensor::cat(&[&merge_heads(&values[0])?, &merge_heads(&values[1])?], 0)?;
     let o = linear(&att, w, DENSE, cd)?.to_dtype(md)?;
     let mid = (!d.parallel).then(|| x + &o).transpose()?;
-    let h2 = layer_norm_values(mid.as_ref().unwrap_or(x), &w[LN2], &w[LN2 + 1], d.eps)?;
+    let h2 = ln(mid.as_ref().unwrap_or(x), LN2)?;
     let pre = linear(&h2, w, FC_IN, cd)?;
-    let mlp = linear(&pre.gelu_erf()?, w, FC_OUT, cd)?.to_dtype(md)?;
+    let act = sec("fwd.layer.gelu", x, || pre.gelu_erf())?;
+    let mlp = linear(&act, w, FC_OUT, cd)?.to_dtype(md)?;
     let y = match &mid {
         None => ((x + o)? + mlp)?,
         Some(h) => (h + mlp)?,
@@ -251,8 +271,12 @@ fn qkv_grad(heads: &[[Tensor; 3]; 2], datt: &Tensor, s: &Streams, d: &Dims) -> R
     let np = s.prompt_rows();
     let gp = split_heads(datt, 0, (s.n, s.pm), d)?;
     let gr = split_heads(datt, np, (s.m, s.rm), d)?;
-    let (dqp, dkp, dvp) = attention_grads(qp, kp, vp, &s.bias[0], scale(d), &gp)?;
-    let (dqr, dk_all, dv_all) = attention_grads(qr, k_all, v_all, &s.bias[1], scale(d), &gr)?;
+    let ((dqp, dkp, dvp), (dqr, dk_all, dv_all)) = sec("bwd.layer.attention", datt, || {
+        Ok((
+            attention_grads(qp, kp, vp, &s.bias[0], scale(d), &gp)?,
+            attention_grads(qr, k_all, v_all, &s.bias[1], scale(d), &gr)?,
+        ))
+    })?;
     let to_prompts = |own: &Tensor, all: &Tensor| {
         own.index_add(&s.rows, &all.narrow(2, 0, s.pm)?.contiguous()?, 0)
     };
@@ -289,10 +313,12 @@ fn linear_grads(
     i: usize,
     cd: DType,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let dx = g.matmul(&w[i].to_dtype(cd)?)?;
-    let dw = g.t()?.matmul(&x.to_dtype(cd)?)?.to_dtype(w[i].dtype())?;
-    let db = column_sums(g)?.to_dtype(w[i + 1].dtype())?;
-    Ok((dx, dw, db))
+    sec("bwd.layer.linear", g, || {
+        let dx = g.matmul(&w[i].to_dtype(cd)?)?;
+        let dw = g.t()?.matmul(&x.to_dtype(cd)?)?.to_dtype(w[i].dtype())?;
+        let db = column_sums(g)?.to_dtype(w[i + 1].dtype())?;
+        Ok((dx, dw, db))
+    })
 }
 
 fn backward(
@@ -307,12 +333,23 @@ fn backward(
     let param = |t: Tensor, i: usize| t.to_dtype(w[i].dtype());
     // MLP: y = .. + fc_out(gelu(fc_in(ln2(.))))
     let g_c = g.to_dtype(cd)?;
-    let (df, dw_out, db_out) = linear_grads(&kept.pre.gelu_erf()?, &g_c, w, FC_OUT, cd)?;
-    let dpre = gelu_erf_grad_any(&kept.pre, &df)?;
+    let act = sec("bwd.layer.gelu", g, || kept.pre.gelu_erf())?;
+    let (df, dw_out, db_out) = linear_grads(&act, &g_c, w, FC_OUT, cd)?;
+    let dpre = sec("bwd.layer.gelu", g, || gelu_erf_grad_any(&kept.pre, &df))?;
     let ln2_in = kept.mid.as_ref().unwrap_or(x);
-    let h2 = layer_norm_values(ln2_in, &w[LN2], &w[LN2 + 1], d.eps)?;
+    let ln_values = |x: &Tensor, i: usize| {
+        sec("bwd.layer.layer_norm_recompute", g, || {
+            layer_norm_values(x, &w[i], &w[i + 1], d.eps)
+        })
+    };
+    let ln_grads = |x: &Tensor, i: usize, dh: &Tensor| {
+        sec("bwd.layer.layer_norm_grad", g, || {
+            layer_norm_grads(x, &w[i], dh, d.eps)
+        })
+    };
+    let h2 = ln_values(ln2_in, LN2)?;
     let (dh2, dw_in, db_in) = linear_grads(&h2, &dpre, w, FC_IN, cd)?;
-    let (d_ln2, dw_ln2, db_ln2) = layer_norm_grads(ln2_in, &w[LN2], &dh2, d.eps)?;
+    let (d_ln2, dw_ln2, db_ln2) = ln_grads(ln2_in, LN2, &dh2)?;
     // The attention branch's output gradient: that of y (parallel residual) or of the stream
     // between the two halves (sequential).
     let (d_res, g_att) = if d.parallel {
@@ -323,10 +360,12 @@ fn backward(
         (dh, g_att)
     };
     let (datt, dw_dense, db_dense) = linear_grads(&kept.att, &g_att, w, DENSE, cd)?;
-    let dqkv = qkv_grad(&kept.heads, &datt, s, d)?;
-    let h1 = layer_norm_values(x, &w[LN1], &w[LN1 + 1], d.eps)?;
+    let dqkv = sec("bwd.layer.qkv_heads_rope", g, || {
+        qkv_grad(&kept.heads, &datt, s, d)
+    })?;
+    let h1 = ln_values(x, LN1)?;
     let (dh1, dw_qkv, db_qkv) = linear_grads(&h1, &dqkv, w, QKV, cd)?;
-    let (d_ln1, dw_ln1, db_ln1) = layer_norm_grads(x, &w[LN1], &dh1, d.eps)?;
+    let (d_ln1, dw_ln1, db_ln1) = ln_grads(x, LN1, &dh1)?;
     let dx = (d_res + d_ln1)?.to_dtype(md)?;
     let grads = vec![
         param(dw_ln1, LN1)?,

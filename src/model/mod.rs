@@ -10,6 +10,7 @@ pub(crate) mod layer_node;
 pub(crate) mod layer_norm_grad;
 pub mod load;
 pub(crate) mod nvrtc;
+pub mod profile;
 pub mod recompute;
 pub mod score;
 

@@ -681,7 +681,9 @@ pub(crate) fn layer_norm_grads_composite(
 
 /// Log-probabilities of `targets` (.., u32) under `logits` (.., vocab): log_softmax in f32,
 /// picked at the targets, (..) f32. The graph keeps the logits only; the backward pass
-/// recomputes the softmax over the vocabulary.
+/// recomputes the softmax over the vocabulary. Targets beyond the vocabulary are an error on
+/// the CPU; on other devices the caller checks them on the host before they are uploaded
+/// (as [`super::score`] does), since reading them back would wait for the device.
 pub fn label_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let vocab = logits.dim(D::Minus1)?;
     if targets.dims() != &logits.dims()[..logits.rank() - 1] {
@@ -691,11 +693,13 @@ pub fn label_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             logits.dims()
         );
     }
-    if let Some(&bad) = targets
-        .flatten_all()?
-        .to_vec1::<u32>()?
-        .iter()
-        .find(|&&t| t as usize >= vocab)
+    // Read back only where that is free: on a GPU it would wait for all queued work.
+    if targets.device().is_cpu()
+        && let Some(&bad) = targets
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&t| t as usize >= vocab)
     {
         candle_core::bail!("label log-probs: target {bad} is beyond the vocabulary of {vocab}");
     }
@@ -716,14 +720,16 @@ pub fn label_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             (x.gather(&idx, D::Minus1)? - lse)?.squeeze(D::Minus1)
         },
         move |a, g| {
-            let x = a[0].to_dtype(DType::F32)?.contiguous()?;
-            let p = candle_nn::ops::softmax_last_dim(&x)?;
-            let g1 = g.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.contiguous()?;
-            // d/dx of x[t] - logsumexp(x) is onehot(t) - softmax(x).
-            let d = p
-                .broadcast_mul(&g1.neg()?)?
-                .scatter_add(&idx_b, &g1, D::Minus1)?;
-            Ok(vec![Some(d.to_dtype(a[0].dtype())?)])
+            super::profile::section("bwd.logps", g.device(), || {
+                let x = a[0].to_dtype(DType::F32)?.contiguous()?;
+                let p = candle_nn::ops::softmax_last_dim(&x)?;
+                let g1 = g.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.contiguous()?;
+                // d/dx of x[t] - logsumexp(x) is onehot(t) - softmax(x).
+                let d = p
+                    .broadcast_mul(&g1.neg()?)?
+                    .scatter_add(&idx_b, &g1, D::Minus1)?;
+                Ok(vec![Some(d.to_dtype(a[0].dtype())?)])
+            })
         },
     )
 }

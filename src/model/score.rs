@@ -4,7 +4,7 @@
 //! the log-prob of token t+1 is read at position t (shift by one); prompt tokens and padding
 //! are masked, so only response tokens (and the appended EOS) are scored.
 
-use super::gpt_neox::{GptNeoX, OpPath};
+use super::gpt_neox::{GptNeoX, OpPath, check_tokens};
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 
@@ -120,6 +120,12 @@ pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
 /// composite ops on [`OpPath::Composite`]; elsewhere [`super::recompute::label_logps`], whose
 /// graph node keeps the logits only.
 fn label_logps(logits: &Tensor, targets: &Tensor, path: OpPath) -> Result<Tensor> {
+    super::profile::section("fwd.logps", logits.device(), || {
+        label_logps_on(logits, targets, path)
+    })
+}
+
+fn label_logps_on(logits: &Tensor, targets: &Tensor, path: OpPath) -> Result<Tensor> {
     let pick = |logp: Tensor| -> Result<Tensor> {
         Ok(logp
             .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
@@ -184,6 +190,10 @@ pub fn shared_prefix_logps_via(
             Some(p) => check_row(r, p.len(), s.len())?,
         }
     }
+    // The responses with EOS are the targets too.
+    let vocab = model.config().vocab_size;
+    check_tokens("prompt", prompts.iter().copied(), vocab)?;
+    check_tokens("row", full.iter().map(|s| s.as_slice()), vocab)?;
     let lens = full.iter().map(|s| s.len()).collect();
     if hand {
         let rows: Vec<(usize, &[u32])> = full

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 use super::rmsprop_fused::{self, Coeffs};
+use crate::model::profile;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,7 +123,9 @@ impl RmsProp {
                 self.vars.len()
             );
         }
-        let norm = Self::grad_norm(grads)?;
+        let dev = self.vars.first().map(|v| v.device().clone());
+        let dev = dev.unwrap_or(candle_core::Device::Cpu);
+        let norm = profile::section("optim.grad_norm", &dev, || Self::grad_norm(grads))?;
         let clip = match self.cfg.max_grad_norm {
             Some(m) => (m / (norm + 1e-6)).min(1.0),
             None => 1.0,
@@ -132,15 +135,19 @@ impl RmsProp {
             .unwrap_or_else(|| scheduled_lr(self.cfg.lr, self.cfg.warmup_steps, self.step));
         let clip = (clip < 1.0).then_some(clip);
         let k = Coeffs::new(clip, self.cfg.alpha, self.cfg.eps, lr);
-        for ((var, sq), g) in self.vars.iter().zip(self.square_avg.iter_mut()).zip(grads) {
-            let Some(g) = g else { continue };
-            // Two in-place passes where they apply (f32 on the CPU or CUDA): the same values.
-            if rmsprop_fused::usable(var.as_tensor(), sq, g) {
-                rmsprop_fused::update(var.as_tensor(), sq, g, k)?;
-            } else {
-                composite_update(var, sq, g, clip, self.cfg.alpha, self.cfg.eps, lr)?;
+        let (alpha, eps) = (self.cfg.alpha, self.cfg.eps);
+        profile::section("optim.update", &dev, || {
+            for ((var, sq), g) in self.vars.iter().zip(self.square_avg.iter_mut()).zip(grads) {
+                let Some(g) = g else { continue };
+                // Two in-place passes where they apply (f32 on the CPU or CUDA): the same values.
+                if rmsprop_fused::usable(var.as_tensor(), sq, g) {
+                    rmsprop_fused::update(var.as_tensor(), sq, g, k)?;
+                } else {
+                    composite_update(var, sq, g, clip, alpha, eps, lr)?;
+                }
             }
-        }
+            Ok::<_, candle_core::Error>(())
+        })?;
         self.step += 1;
         Ok(StepInfo {
             grad_norm: norm,
