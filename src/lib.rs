@@ -145,6 +145,7 @@ pub fn compile_cuda_kernels() -> anyhow::Result<Vec<(&'static str, usize)>> {
         model::recompute::GELU_SOURCE,
         model::layer_norm_grad::SOURCE,
         model::attention_softmax::SOURCE,
+        model::bias_add::SOURCE,
         train::rmsprop_fused::SOURCE,
     ]
     .iter()

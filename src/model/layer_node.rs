@@ -23,6 +23,7 @@
 //! (the model's stash, collected by [`super::GptNeoX::backward`], as with checkpointing).
 //! tests/gpt_neox_parity.rs compares log-probs and every gradient with the per-op graph.
 
+use super::bias_add::matmul_bias;
 use super::profile;
 use super::recompute::{
     attention_grads, attention_values, column_sums, gelu_erf_grad_any, heads_part,
@@ -157,9 +158,8 @@ fn sec<T>(name: &'static str, t: &Tensor, f: impl FnOnce() -> Result<T>) -> Resu
 /// `x @ w^T + b` over rows, in the compute dtype.
 fn linear(x: &Tensor, w: &Params, i: usize, cd: DType) -> Result<Tensor> {
     sec("fwd.layer.linear", x, || {
-        x.to_dtype(cd)?
-            .matmul(&w[i].to_dtype(cd)?.t()?)?
-            .broadcast_add(&w[i + 1].to_dtype(cd)?)
+        let wt = w[i].to_dtype(cd)?;
+        matmul_bias(&x.to_dtype(cd)?, &wt.t()?, &w[i + 1].to_dtype(cd)?)
     })
 }
 

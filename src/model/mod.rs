@@ -1,5 +1,6 @@
 //! Models: the GPT-NeoX (Pythia) architecture, loading, scoring and sampling.
 pub(crate) mod attention_softmax;
+pub(crate) mod bias_add;
 pub mod config;
 pub mod fused;
 pub mod gemm;

@@ -313,9 +313,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         "recompute-linear",
         &[x, weight, bias],
         |a| {
-            a[0].reshape((rows, in_f))?
-                .matmul(&a[1].t()?)?
-                .broadcast_add(&a[2])?
+            super::bias_add::matmul_bias(&a[0].reshape((rows, in_f))?, &a[1].t()?, &a[2])?
                 .reshape(out_dims)
         },
         move |a, g| {
