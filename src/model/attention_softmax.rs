@@ -375,8 +375,8 @@ impl CustomOp2 for Grad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::nvrtc::{HostKernels, value_bits};
     use candle_core::{D, Device};
-    use std::fmt::Write as _;
 
     /// Reads `kind` (f32 or bf16), b, h, t, n, threads, scale, then the scores (f32 or bf16
     /// bits), the bias (f32 bits) and dP (f32 or bf16 bits); runs the probabilities kernel and
@@ -419,20 +419,6 @@ int main() {
 }
 "#;
 
-    fn bits(t: &Tensor) -> Vec<u32> {
-        let v = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let half = t.dtype() == DType::BF16;
-        v.iter()
-            .map(|x| if half { x.to_bits() >> 16 } else { x.to_bits() })
-            .collect()
-    }
-
     fn f32s(t: &Tensor) -> Vec<f32> {
         t.to_dtype(DType::F32)
             .unwrap()
@@ -468,8 +454,7 @@ int main() {
         let bias = Tensor::from_vec(bias, (b, 1, t, n), &dev).unwrap();
         let s32 = Tensor::randn(0f32, 6.0, (b, h, t, n), &dev).unwrap();
         let dp32 = Tensor::randn(0f32, 1.0, (b, h, t, n), &dev).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let program = super::super::nvrtc::host_program(&SOURCE, DRIVER);
+        let kernels = HostKernels::new(&SOURCE, DRIVER);
         for dt in [DType::F32, DType::BF16] {
             let (s, dp) = (s32.to_dtype(dt).unwrap(), dp32.to_dtype(dt).unwrap());
             assert!(probs_usable(&s, &bias));
@@ -506,15 +491,8 @@ int main() {
             assert!(d <= tol * scale_ds, "{dt:?}: dS off the composite by {d}");
 
             let kind = if dt == DType::F32 { "f32" } else { "bf16" };
-            let mut input = format!("{kind} {b} {h} {t} {n} {threads} {scale}\n");
-            for v in bits(&s).into_iter().chain(bits(&bias)).chain(bits(&dp)) {
-                writeln!(input, "{v:x}").unwrap();
-            }
-            let out = super::super::nvrtc::run_host_program(dir.path(), &program, &input);
-            let lines: Vec<u32> = out
-                .lines()
-                .map(|l| u32::from_str_radix(l, 16).unwrap())
-                .collect();
+            let values = [&s, &bias, &dp].into_iter().flat_map(value_bits);
+            let lines = kernels.run(&format!("{kind} {b} {h} {t} {n} {threads} {scale}"), values);
             let m = b * h * t * n;
             assert_eq!(lines.len(), 2 * m);
             let hp: Vec<f32> = lines[..m].iter().map(|&x| f32::from_bits(x)).collect();

@@ -159,21 +159,8 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nvrtc;
+    use crate::model::nvrtc::{self, value_bits};
     use candle_core::Device;
-    use std::fmt::Write as _;
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect()
-    }
 
     /// The in-place add gives `broadcast_add`'s values bit for bit (f32 and bf16, a column
     /// count that is not a power of two); f16 and tracked products take `broadcast_add`.
@@ -189,7 +176,7 @@ mod tests {
             let want = x.matmul(&wt).unwrap().broadcast_add(&b).unwrap();
             let got = matmul_bias(&x, &wt, &b).unwrap();
             assert_eq!(got.dims(), [37, 13]);
-            assert_eq!(bits(&got), bits(&want), "{dt:?}");
+            assert_eq!(value_bits(&got), value_bits(&want), "{dt:?}");
             assert_eq!(
                 usable(&x.matmul(&wt).unwrap(), &b),
                 dt != DType::F16,
@@ -234,40 +221,27 @@ int main() {
     /// The CUDA kernels, compiled for the CPU, give the CPU op's values bit for bit.
     #[test]
     fn cuda_kernels_compute_the_cpu_loop_bit_for_bit() {
-        let dir = tempfile::tempdir().unwrap();
-        let program = nvrtc::host_program(&SOURCE, DRIVER);
+        let kernels = nvrtc::HostKernels::new(&SOURCE, DRIVER);
         let dev = Device::Cpu;
         let (rows, cols) = (19, 11);
         for dt in [DType::F32, DType::BF16] {
-            let y = Tensor::randn(0f32, 3.0, (rows, cols), &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
-            let b = Tensor::randn(0f32, 50.0, cols, &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
-            let hex = |t: &Tensor| -> Vec<u32> {
-                match dt {
-                    DType::F32 => bits(t),
-                    _ => bits(t).into_iter().map(|u| u >> 16).collect(),
-                }
+            let draw = |std: f32, shape: &[usize]| {
+                let t = Tensor::randn(0f32, std, shape, &dev).unwrap();
+                t.to_dtype(dt).unwrap()
             };
+            let (y, b) = (draw(3.0, &[rows, cols]), draw(50.0, &[cols]));
             let kind = if dt == DType::F32 { "f32" } else { "bf16" };
-            let mut input = format!("{kind} {} {cols}\n", rows * cols);
-            for u in hex(&y).into_iter().chain(hex(&b)) {
-                writeln!(input, "{u:x}").unwrap();
-            }
-            let out = nvrtc::run_host_program(dir.path(), &program, &input);
-            let host: Vec<u32> = out
-                .lines()
-                .map(|l| u32::from_str_radix(l, 16).unwrap())
-                .collect();
+            let values = value_bits(&y).into_iter().chain(value_bits(&b));
+            let host = kernels.run(&format!("{kind} {} {cols}", rows * cols), values);
             let want = y.copy().unwrap();
             want.inplace_op2(&b, &BiasAdd).unwrap();
-            assert_eq!(host, hex(&want), "{kind}");
+            assert_eq!(host, value_bits(&want), "{kind}");
             // And the CPU op is the broadcast add.
-            assert_eq!(bits(&want), bits(&y.broadcast_add(&b).unwrap()), "{kind}");
+            assert_eq!(
+                value_bits(&want),
+                value_bits(&y.broadcast_add(&b).unwrap()),
+                "{kind}"
+            );
         }
     }
 }

@@ -233,8 +233,8 @@ impl CustomOp3 for LayerNormGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::nvrtc::{HostKernels, value_bits};
     use candle_core::Device;
-    use std::fmt::Write as _;
 
     /// Runs the kernel named by the first input word (`f32` or `bf16`) on `rows` x `n` values,
     /// one block of `threads` per row: reads eps, x, g (as hexadecimal bits, 32 or 16 per
@@ -265,29 +265,6 @@ int main() {
 }
 "#;
 
-    fn bits(t: &Tensor) -> Vec<u32> {
-        match t.dtype() {
-            DType::BF16 => t
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits() >> 16)
-                .collect(),
-            _ => t
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect(),
-        }
-    }
-
     fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
@@ -308,8 +285,7 @@ int main() {
         let g32 = (Tensor::randn(0f32, 1.0, (rows, n), &dev).unwrap()
             + ((&x - 30.0).unwrap() * 0.5).unwrap())
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let program = super::super::nvrtc::host_program(&SOURCE, DRIVER);
+        let kernels = HostKernels::new(&SOURCE, DRIVER);
         for gd in [DType::F32, DType::BF16] {
             let g = g32.to_dtype(gd).unwrap();
             assert!(usable(&x, &w, &g));
@@ -322,15 +298,9 @@ int main() {
                 assert!(d < 1e-4, "{gd:?} {what}: CPU op vs composite {d}");
             }
             let kind = if gd == DType::F32 { "f32" } else { "bf16" };
-            let mut input = format!("{kind} {rows} {n} {threads} {eps}\n");
-            for b in bits(&x).into_iter().chain(bits(&g)).chain(bits(&w)) {
-                writeln!(input, "{b:x}").unwrap();
-            }
-            let out = super::super::nvrtc::run_host_program(dir.path(), &program, &input);
-            let host: Vec<f32> = out
-                .lines()
-                .map(|l| f32::from_bits(u32::from_str_radix(l, 16).unwrap()))
-                .collect();
+            let values = [&x, &g, &w].into_iter().flat_map(value_bits);
+            let out = kernels.run(&format!("{kind} {rows} {n} {threads} {eps}"), values);
+            let host: Vec<f32> = out.into_iter().map(f32::from_bits).collect();
             assert_eq!(host.len(), 2 * rows * n);
             let cpu = x
                 .apply_op3_no_bwd(&g, &w, &LayerNormGrad { eps })

@@ -82,6 +82,52 @@ template <class F> static void overopt_run_block(unsigned int block, unsigned in
 }
 "#;
 
+/// The bits of the values of `t` as the kernels' test drivers read and print them: the 16 of
+/// each bf16, the 32 of each f32 (other dtypes: of their f32 values).
+#[cfg(test)]
+pub(crate) fn value_bits(t: &candle_core::Tensor) -> Vec<u32> {
+    let v = t
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .unwrap();
+    let bf16 = t.dtype() == candle_core::DType::BF16;
+    v.iter()
+        .map(|x| if bf16 { x.to_bits() >> 16 } else { x.to_bits() })
+        .collect()
+}
+
+/// The kernels of a source compiled for the CPU with a test driver (see [`host_program`]),
+/// run on inputs written as its drivers read them.
+#[cfg(test)]
+pub(crate) struct HostKernels {
+    dir: tempfile::TempDir,
+    program: String,
+}
+
+#[cfg(test)]
+impl HostKernels {
+    pub fn new(src: &Source, driver: &str) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            program: host_program(src, driver),
+        }
+    }
+
+    /// The driver's output for a first line `header` followed by `values`, one hexadecimal
+    /// number per line, each output line read as one hexadecimal number.
+    pub fn run(&self, header: &str, values: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        use std::fmt::Write as _;
+        let mut input = format!("{header}\n");
+        for v in values {
+            writeln!(input, "{v:x}").unwrap();
+        }
+        run_host_program(self.dir.path(), &self.program, &input)
+            .lines()
+            .map(|l| u32::from_str_radix(l.trim(), 16).unwrap())
+            .collect()
+    }
+}
+
 /// Compile `program` (from [`host_program`]) with the C++ compiler (`$CXX`, else `c++`) into
 /// `dir` and run it with `input` on its standard input; its standard output.
 #[cfg(test)]

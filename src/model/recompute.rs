@@ -735,8 +735,8 @@ pub fn label_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::nvrtc::{HostKernels, value_bits};
     use candle_core::Device;
-    use std::fmt::Write as _;
 
     /// Runs the kernel of [`GELU_SOURCE`] named by the first input word (`f32` or `bf16`) for
     /// every index on `n`, then `x` and `g` as hexadecimal bits (32 or 16 per value); prints
@@ -811,40 +811,15 @@ int main() {
             .contiguous()
             .unwrap();
         let g = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let program = super::super::nvrtc::host_program(&GELU_SOURCE, DRIVER);
+        let kernels = HostKernels::new(&GELU_SOURCE, DRIVER);
         for dtype in [DType::F32, DType::BF16] {
             let (x, g) = (x.to_dtype(dtype).unwrap(), g.to_dtype(dtype).unwrap());
-            let bits = |t: &Tensor| -> Vec<u32> {
-                match dtype {
-                    DType::F32 => t
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect(),
-                    _ => t
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits() >> 16)
-                        .collect(),
-                }
-            };
             let kind = if dtype == DType::F32 { "f32" } else { "bf16" };
-            let mut input = format!("{kind} {n}\n");
-            for v in bits(&x).into_iter().chain(bits(&g)) {
-                writeln!(input, "{v:x}").unwrap();
-            }
-            let out = super::super::nvrtc::run_host_program(dir.path(), &program, &input);
-            let host: Vec<f32> = out
-                .lines()
-                .map(|l| {
-                    let b = u32::from_str_radix(l, 16).unwrap();
-                    f32::from_bits(if dtype == DType::F32 { b } else { b << 16 })
-                })
+            let values = [&x, &g].into_iter().flat_map(value_bits);
+            let host: Vec<f32> = kernels
+                .run(&format!("{kind} {n}"), values)
+                .into_iter()
+                .map(|b| f32::from_bits(if dtype == DType::F32 { b } else { b << 16 }))
                 .collect();
             let cpu = gelu_erf_grad(&x, &g)
                 .unwrap()

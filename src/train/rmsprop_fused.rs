@@ -281,8 +281,7 @@ int main() {
     /// NVRTC is told), give the CPU loops' values bit for bit, with and without clipping.
     #[test]
     fn cuda_kernels_compute_the_cpu_loops_bit_for_bit() {
-        let dir = tempfile::tempdir().unwrap();
-        let program = nvrtc::host_program(&SOURCE, DRIVER);
+        let kernels = nvrtc::HostKernels::new(&SOURCE, DRIVER);
         let dev = Device::Cpu;
         let n = 1000;
         let draw = |std: f32| {
@@ -299,7 +298,7 @@ int main() {
             let sq0: Vec<f32> = draw(1.0).iter().map(|x| x.abs()).collect();
             let (g, p0) = (draw(1.0), draw(0.1));
             let k = Coeffs::new(clip, 0.99, 1e-8, 2e-3);
-            let mut input = format!("{n} {} ", u32::from(k.clip.is_some()));
+            let mut header = format!("{n} {}", u32::from(k.clip.is_some()));
             for x in [
                 k.clip.unwrap_or(1.0),
                 k.alpha,
@@ -307,18 +306,10 @@ int main() {
                 k.eps,
                 k.lr,
             ] {
-                write!(input, "{:x} ", x.to_bits()).unwrap();
+                write!(header, " {:x}", x.to_bits()).unwrap();
             }
-            for v in [&sq0, &g, &p0] {
-                for x in v.iter() {
-                    writeln!(input, "{:x}", x.to_bits()).unwrap();
-                }
-            }
-            let out = nvrtc::run_host_program(dir.path(), &program, &input);
-            let host: Vec<u32> = out
-                .lines()
-                .map(|l| u32::from_str_radix(l, 16).unwrap())
-                .collect();
+            let values = [&sq0, &g, &p0].into_iter().flatten().map(|x| x.to_bits());
+            let host = kernels.run(&header, values);
             let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), n, &dev).unwrap();
             let (p, sq, g) = (t(&p0), t(&sq0), t(&g));
             update(&p, &sq, &g, k).unwrap();
