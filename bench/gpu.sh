@@ -68,7 +68,8 @@ if [ ! -x "$BIN" ]; then
 fi
 echo "-- ldd $BIN (CUDA libraries, and any not found):"
 ldd "$BIN" 2>&1 | grep -E 'not found|cuda|cublas|curand|nvrtc|cudart' | sed 's/^/   /'
-# The crate's own kernels (GELU gradient, RMSProp update) compile here with this machine's
+# The crate's own kernels (one line per NVRTC module: GELU gradient, layer-norm gradient,
+# attention softmax, bias add, QKV heads, RMSProp update) compile here with this machine's
 # NVRTC; when they do not, the step uses candle's composite ops instead (and says so).
 echo "-- $BIN --nvrtc-check:"
 "$BIN" --nvrtc-check 2>&1 | grep -E '^(NVRTC|warning)' | sed 's/^/   /' || true

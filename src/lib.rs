@@ -146,6 +146,7 @@ pub fn compile_cuda_kernels() -> anyhow::Result<Vec<(&'static str, usize)>> {
         model::layer_norm_grad::SOURCE,
         model::attention_softmax::SOURCE,
         model::bias_add::SOURCE,
+        model::qkv_heads::SOURCE,
         train::rmsprop_fused::SOURCE,
     ]
     .iter()

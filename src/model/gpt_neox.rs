@@ -1465,8 +1465,8 @@ impl GptNeoX {
                 row[pm..pm + q + 1].fill(0.0);
             }
         }
-        let rows: Vec<u32> = continuations.iter().map(|(i, _)| *i as u32).collect();
-        let rows = Tensor::from_vec(rows, m, dev)?;
+        let rows_host: Vec<u32> = continuations.iter().map(|(i, _)| *i as u32).collect();
+        let rows = Tensor::from_vec(rows_host.clone(), m, dev)?;
         let bias_r = Tensor::from_vec(bias, (m, 1, rm, pm + rm), dev)?;
         let cs_r = self.rotary_tables(&Tensor::from_vec(pos, (m, rm), dev)?)?;
         let mut xr = self
@@ -1474,6 +1474,18 @@ impl GptNeoX {
             .forward(&Tensor::from_vec(ids, (m, rm), dev)?)?;
         if self.shared_as_nodes(xp.track_op() || xr.track_op()) {
             self.check_stash()?;
+            let plan = super::qkv_heads::Plan::new(
+                (n, pm, m, rm),
+                &rows_host,
+                (
+                    self.cfg.num_attention_heads,
+                    self.cfg.head_size(),
+                    self.rotary.ndims,
+                ),
+                [&cs_p, &cs_r],
+                self.compute_dtype.unwrap_or(self.dtype),
+                dev,
+            )?;
             let streams = std::sync::Arc::new(super::layer_node::Streams {
                 n,
                 pm,
@@ -1482,6 +1494,7 @@ impl GptNeoX {
                 rows,
                 cos_sin: [cs_p, cs_r],
                 bias: [bias_p, bias_r],
+                plan,
             });
             (xp, xr) = self.shared_layers_as_nodes(&xp, &xr, &streams)?;
         } else if self.checkpoint {

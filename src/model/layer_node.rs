@@ -74,6 +74,9 @@ pub(crate) struct Streams {
     pub rows: Tensor,
     pub cos_sin: [(Tensor, Tensor); 2],
     pub bias: [Tensor; 2],
+    /// The one-op data movement around the attention ([`super::qkv_heads`]), where it applies
+    /// (made for this pass's streams and the layers' dims and compute dtype).
+    pub plan: Option<super::qkv_heads::Plan>,
 }
 
 impl Streams {
@@ -230,8 +233,9 @@ fn forward(x: &Tensor, w: &Params, s: &Streams, d: &Dims) -> Result<(Tensor, Sav
     };
     let h1 = ln(x, LN1)?;
     let qkv = linear(&h1, w, QKV, cd)?;
-    let heads = sec("fwd.layer.qkv_heads_rope", x, || {
-        attention_inputs(&qkv, s, d)
+    let heads = sec("fwd.layer.qkv_heads_rope", x, || match &s.plan {
+        Some(plan) => super::qkv_heads::split(&qkv, plan),
+        None => attention_inputs(&qkv, s, d),
     })?;
     let [[qp, kp, vp], [qr, kr, vr]] = &heads;
     let values = sec("fwd.layer.attention", x, || {
@@ -277,6 +281,17 @@ fn qkv_grad(heads: &[[Tensor; 3]; 2], datt: &Tensor, s: &Streams, d: &Dims) -> R
             attention_grads(qr, k_all, v_all, &s.bias[1], scale(d), &gr)?,
         ))
     })?;
+    let grads = [[dqp, dkp, dvp], [dqr, dk_all, dv_all]];
+    match &s.plan {
+        Some(plan) => super::qkv_heads::join_grads(&grads, plan),
+        None => join_head_grads(grads, s, d),
+    }
+}
+
+/// [`super::qkv_heads::join_grads`] with candle ops: the gradient (rows, 3 hidden) of the QKV
+/// projection from those of the attention's inputs.
+fn join_head_grads(grads: [[Tensor; 3]; 2], s: &Streams, d: &Dims) -> Result<Tensor> {
+    let [[dqp, dkp, dvp], [dqr, dk_all, dv_all]] = grads;
     let to_prompts = |own: &Tensor, all: &Tensor| {
         own.index_add(&s.rows, &all.narrow(2, 0, s.pm)?.contiguous()?, 0)
     };
@@ -382,4 +397,106 @@ fn backward(
         db_out,
     ];
     Ok((dx, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::qkv_heads::{Plan, join_grads, split};
+    use candle_core::Device;
+
+    /// Streams of 3 prompts (5 rows) and 4 responses (3 rows; prompt 1 has none, prompt 2
+    /// two), random rotary tables whose halves are equal (as the model's), heads of 6 dims
+    /// with `nd` rotated, in `dtype`; with the one-op plan.
+    fn streams(dtype: DType, nd: usize) -> (Streams, Dims) {
+        let dev = Device::Cpu;
+        let (n, pm, m, rm, heads, hs) = (3, 5, 4, 3, 2, 6);
+        let rows = vec![0u32, 2, 2, 0];
+        let table = |b: usize, t: usize| {
+            let half = Tensor::randn(0f32, 1.0, (b, 1, t, nd.max(2) / 2), &dev).unwrap();
+            Tensor::cat(&[&half, &half], 3)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let cos_sin = [(table(n, pm), table(n, pm)), (table(m, rm), table(m, rm))];
+        let plan = Plan::new(
+            (n, pm, m, rm),
+            &rows,
+            (heads, hs, nd),
+            [&cos_sin[0], &cos_sin[1]],
+            dtype,
+            &dev,
+        )
+        .unwrap();
+        let bias =
+            |b: usize, q: usize, k: usize| Tensor::zeros((b, 1, q, k), DType::F32, &dev).unwrap();
+        let s = Streams {
+            n,
+            pm,
+            m,
+            rm,
+            rows: Tensor::from_vec(rows, m, &dev).unwrap(),
+            cos_sin,
+            bias: [bias(n, pm, pm), bias(m, rm, pm + rm)],
+            plan,
+        };
+        let d = Dims {
+            n_heads: heads,
+            head_size: hs,
+            rotary: (nd > 0).then_some(nd),
+            eps: 1e-5,
+            parallel: true,
+            compute: dtype,
+        };
+        (s, d)
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        crate::model::nvrtc::value_bits(t)
+    }
+
+    /// The one-op split of the QKV projection and the one-op join of the attention's input
+    /// gradients give the candle ops' values bit for bit: f32 and bf16, with 4 of 6 dims
+    /// rotated and without a rotation.
+    #[test]
+    fn one_op_data_movement_is_the_candle_ops_bit_for_bit() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            for nd in [4, 0] {
+                let (plain, d) = streams(dtype, nd);
+                let plan = plain.plan.as_ref().expect("the plan applies on the CPU");
+                let rows = plain.n * plain.pm + plain.m * plain.rm;
+                let width = 3 * d.n_heads * d.head_size;
+                let qkv = (Tensor::randn(0f32, 1.0, (rows, width), &dev).unwrap() * 3.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let want = attention_inputs(&qkv, &plain, &d).unwrap();
+                let got = split(&qkv, plan).unwrap();
+                for (i, (w, g)) in want.iter().flatten().zip(got.iter().flatten()).enumerate() {
+                    assert_eq!(g.dims(), w.dims(), "{dtype:?} nd {nd}: input {i}");
+                    assert_eq!(bits(g), bits(w), "{dtype:?} nd {nd}: input {i}");
+                }
+                let grads = want.clone().map(|s| {
+                    s.map(|t| {
+                        Tensor::randn(0f32, 1.0, t.dims(), &dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap()
+                    })
+                });
+                let want = join_head_grads(grads.clone(), &plain, &d).unwrap();
+                let got = join_grads(&grads, plan).unwrap();
+                assert_eq!(got.dims(), [rows, width]);
+                assert_eq!(bits(&got), bits(&want), "{dtype:?} nd {nd}: gradient");
+            }
+        }
+    }
+
+    /// f16 (no kernel) gets no plan: the layer nodes keep the candle ops.
+    #[test]
+    fn no_plan_for_f16() {
+        assert!(streams(DType::F16, 4).0.plan.is_none());
+    }
 }

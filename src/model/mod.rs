@@ -12,6 +12,7 @@ pub(crate) mod layer_norm_grad;
 pub mod load;
 pub(crate) mod nvrtc;
 pub mod profile;
+pub(crate) mod qkv_heads;
 pub mod recompute;
 pub mod score;
 
