@@ -602,7 +602,8 @@ fn shared_prefix_scoring_handles_a_prompt_that_fills_the_context() {
 }
 
 /// Tokens beyond the vocabulary are refused on the host with the row and position named, on
-/// both implementations (a GPU's embedding lookup and log-prob op do not check them).
+/// both implementations of shared-prefix scoring and on full rows (a GPU's embedding lookup
+/// and log-prob op do not check them).
 #[test]
 fn shared_prefix_scoring_names_tokens_beyond_the_vocabulary() {
     use overopt::model::score::shared_prefix_logps_via;
@@ -645,6 +646,16 @@ fn shared_prefix_scoring_names_tokens_beyond_the_vocabulary() {
             "{e}"
         );
     }
+    // So does scoring full rows (the largest token is named).
+    let batch = collate(&[&ok, &ok], &[&ok, &bad], Some(0), 1, &Device::Cpu).unwrap();
+    assert_eq!(batch.max_token, (vocab, 1, 4));
+    let e = sequence_logps(&lm.model, &batch).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "row 1: token {vocab} at position 4 is beyond the vocabulary"
+        )),
+        "{e}"
+    );
     // The model's own entry point checks too.
     let e = lm
         .model

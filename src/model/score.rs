@@ -21,6 +21,9 @@ pub struct SeqBatch {
     pub label_mask: Tensor,
     /// Number of scored (response) tokens per row.
     pub n_response_tokens: Vec<usize>,
+    /// The largest token id of the batch, its row and position: checked against the model's
+    /// vocabulary on the host before scoring (a GPU's embedding lookup and gather do not check).
+    pub max_token: (u32, usize, usize),
 }
 
 /// A scored row needs a prompt token (the first response token is predicted from it) and a
@@ -92,18 +95,28 @@ pub fn collate(
         }
         n_resp.push(s.len() - pl);
     }
+    let max_token = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (s, _))| s.iter().enumerate().map(move |(j, &t)| (t, i, j)))
+        .fold((0, 0, 0), |m, x| if x.0 > m.0 { x } else { m });
     Ok(SeqBatch {
         input_ids: Tensor::from_vec(ids, (b, t), device)?,
         attention_mask: Tensor::from_vec(mask, (b, t), device)?,
         targets: Tensor::from_vec(targets, (b, t - 1), device)?,
         label_mask: Tensor::from_vec(lmask, (b, t - 1), device)?,
         n_response_tokens: n_resp,
+        max_token,
     })
 }
 
 /// Per-position log-probs of the targets, (b, T-1) f32, zero outside the response.
 /// Differentiable when the model is.
 pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
+    let ((t, r, j), vocab) = (batch.max_token, model.config().vocab_size);
+    if t as usize >= vocab {
+        bail!("row {r}: token {t} at position {j} is beyond the vocabulary of {vocab}");
+    }
     let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None)?;
     let t = logits.dim(1)?;
     let picked = label_logps(
