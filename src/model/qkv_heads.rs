@@ -7,7 +7,7 @@
 //! was about 28 tensors per layer (split, transposed copies, rotations and their
 //! concatenations, the prompts' keys and values gathered per response, joined): at the P3 shape
 //! 963 MiB written per layer (`overopt-gpu-bench --profile`, `fwd.layer.qkv_heads_rope`). Here
-//! one op writes the six tensors once, into one buffer.
+//! one op per output writes each of the six tensors once.
 //!
 //! Backward ([`join_grads`]): from the attention's input gradients back to the QKV
 //! projection's (rows, 3 hidden): the rotations undone, the gradients of a prompt's keys and
@@ -17,7 +17,7 @@
 //! Both round as the candle ops they replace, so the values are theirs bit for bit (unit tests
 //! in `layer_node`): f32 as f32 arithmetic; bf16 rounding to bf16 after each product, sum and
 //! difference, as candle's bf16 ops do; the prompt's key and value gradients summed in the
-//! order of the responses, as `index_add` does. On the CPU loops, on CUDA one kernel each
+//! order of the responses, as `index_add` does. On the CPU loops, on CUDA a kernel each way
 //! ([`SOURCE`], compiled by NVRTC; one thread per output element). Where neither applies (f16,
 //! NVRTC failed, `OVEROPT_NO_FUSED=1`) the layer nodes keep their candle ops.
 
