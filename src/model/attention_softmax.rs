@@ -240,9 +240,8 @@ impl CustomOp2 for Probs {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::CudaStorageSlice as S;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let r = |l: &Layout| super::fused::contiguous_range(l, self.name());
-        let (r1, r2) = (r(l1)?, r(l2)?);
-        let (rows, n) = rows_and_len(l1, self.name())?;
+        let name = self.name();
+        let (rows, n) = rows_and_len(l1, name)?;
         let (heads, t_len) = (
             nvrtc::len(self.name(), self.heads)?,
             nvrtc::len(self.name(), self.t_len)?,
@@ -251,7 +250,7 @@ impl CustomOp2 for Probs {
         let S::F32(bias) = &s2.slice else {
             candle_core::bail!("{}: expects an f32 bias", self.name())
         };
-        let bias = bias.slice(r2.0..r2.1);
+        let bias = nvrtc::view(bias, l2, name)?;
         // SAFETY: the kernel writes all rows n elements.
         let mut out = unsafe { dev.alloc::<f32>(rows as usize * n as usize)? };
         let stream = dev.cuda_stream();
@@ -271,8 +270,8 @@ impl CustomOp2 for Probs {
             }};
         }
         match &s1.slice {
-            S::F32(s) => launch!("overopt_attention_probs_f32", s.slice(r1.0..r1.1)),
-            S::BF16(s) => launch!("overopt_attention_probs_bf16", s.slice(r1.0..r1.1)),
+            S::F32(s) => launch!("overopt_attention_probs_f32", nvrtc::view(s, l1, name)?),
+            S::BF16(s) => launch!("overopt_attention_probs_bf16", nvrtc::view(s, l1, name)?),
             _ => candle_core::bail!("{}: expects f32 or bf16 scores", self.name()),
         }
         let storage = candle_core::CudaStorage {
@@ -317,14 +316,13 @@ impl CustomOp2 for Grad {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::CudaStorageSlice as S;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let r = |l: &Layout| super::fused::contiguous_range(l, self.name());
-        let (r1, r2) = (r(l1)?, r(l2)?);
-        let (rows, n) = rows_and_len(l1, self.name())?;
+        let name = self.name();
+        let (rows, n) = rows_and_len(l1, name)?;
         let dev = s1.device();
         let S::F32(p) = &s1.slice else {
-            candle_core::bail!("{}: expects f32 probabilities", self.name())
+            candle_core::bail!("{name}: expects f32 probabilities")
         };
-        let p = p.slice(r1.0..r1.1);
+        let p = nvrtc::view(p, l1, name)?;
         /// `kernel` on p and `dp` (rows n elements each): a new buffer of the dtype of dp.
         fn launch<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             dev: &candle_core::CudaDevice,
@@ -353,13 +351,13 @@ impl CustomOp2 for Grad {
             S::F32(d) => S::F32(launch(
                 dev,
                 "overopt_attention_softmax_grad_f32",
-                (&p, &d.slice(r2.0..r2.1)),
+                (&p, &nvrtc::view(d, l2, name)?),
                 dims,
             )?),
             S::BF16(d) => S::BF16(launch(
                 dev,
                 "overopt_attention_softmax_grad_bf16",
-                (&p, &d.slice(r2.0..r2.1)),
+                (&p, &nvrtc::view(d, l2, name)?),
                 dims,
             )?),
             _ => candle_core::bail!("{}: expects an f32 or bf16 gradient", self.name()),

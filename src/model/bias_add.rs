@@ -122,23 +122,19 @@ mod cuda {
         (y, yl): (&mut CudaStorage, &Layout),
         (b, bl): (&CudaStorage, &Layout),
     ) -> Result<()> {
-        let ((a, e), (ba, be)) = (
-            super::contiguous_range(yl, name)?,
-            super::contiguous_range(bl, name)?,
-        );
         let dev = y.device().clone();
-        /// `kernel` on the elements a..e of `y` and ba..be of `b`.
+        /// `kernel` on the elements of `y` and `b` that their layouts cover.
         fn go<T: DeviceRepr>(
             dev: &candle_core::CudaDevice,
             kernel: &str,
             (y, b): (&mut CudaSlice<T>, &CudaSlice<T>),
-            ((a, e), (ba, be)): ((usize, usize), (usize, usize)),
+            (yl, bl): (&Layout, &Layout),
         ) -> Result<()> {
-            let n = nvrtc::len(kernel, e - a)?;
-            let cols = nvrtc::len(kernel, (be - ba).max(1))?;
+            let mut out = nvrtc::view_mut(y, yl, kernel)?;
+            let bias = nvrtc::view(b, bl, kernel)?;
+            let n = nvrtc::len(kernel, out.len())?;
+            let cols = nvrtc::len(kernel, bias.len().max(1))?;
             let func = nvrtc::func(dev, &super::SOURCE, kernel)?;
-            let mut out = y.slice_mut(a..e);
-            let bias = b.slice(ba..be);
             let stream = dev.cuda_stream();
             let mut args = stream.launch_builder(&func);
             args.arg(&mut out);
@@ -147,7 +143,7 @@ mod cuda {
             args.arg(&cols);
             nvrtc::launch(args, n)
         }
-        let r = ((a, e), (ba, be));
+        let r = (yl, bl);
         match (&mut y.slice, &b.slice) {
             (S::F32(y), S::F32(b)) => go(&dev, "overopt_bias_add_f32", (y, b), r),
             (S::BF16(y), S::BF16(b)) => go(&dev, "overopt_bias_add_bf16", (y, b), r),

@@ -1476,7 +1476,7 @@ impl GptNeoX {
             self.check_stash()?;
             let plan = super::qkv_heads::Plan::new(
                 (n, pm, m, rm),
-                &rows_host,
+                (&rows_host, &rows),
                 (
                     self.cfg.num_attention_heads,
                     self.cfg.head_size(),

@@ -420,9 +420,10 @@ mod tests {
                 .unwrap()
         };
         let cos_sin = [(table(n, pm), table(n, pm)), (table(m, rm), table(m, rm))];
+        let rows = Tensor::from_vec(rows, m, &dev).unwrap();
         let plan = Plan::new(
             (n, pm, m, rm),
-            &rows,
+            (&rows.to_vec1::<u32>().unwrap(), &rows),
             (heads, hs, nd),
             [&cos_sin[0], &cos_sin[1]],
             dtype,
@@ -436,7 +437,7 @@ mod tests {
             pm,
             m,
             rm,
-            rows: Tensor::from_vec(rows, m, &dev).unwrap(),
+            rows,
             cos_sin,
             bias: [bias(n, pm, pm), bias(m, rm, pm + rm)],
             plan,

@@ -188,15 +188,14 @@ impl CustomOp3 for LayerNormGrad {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::CudaStorageSlice as S;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let r = |l: &Layout| super::fused::contiguous_range(l, self.name());
-        let (r1, r2, r3) = (r(l1)?, r(l2)?, r(l3)?);
-        let n = nvrtc::len(self.name(), r3.1 - r3.0)?;
-        let rows = nvrtc::len(self.name(), (r1.1 - r1.0) / n as usize)?;
+        let name = self.name();
         let dev = s1.device();
         let (S::F32(x), S::F32(w)) = (&s1.slice, &s3.slice) else {
-            candle_core::bail!("{}: expects f32 input and weight", self.name())
+            candle_core::bail!("{name}: expects f32 input and weight")
         };
-        let (x, w) = (x.slice(r1.0..r1.1), w.slice(r3.0..r3.1));
+        let (x, w) = (nvrtc::view(x, l1, name)?, nvrtc::view(w, l3, name)?);
+        let n = nvrtc::len(name, w.len())?;
+        let rows = nvrtc::len(name, x.len() / n as usize)?;
         // SAFETY: the kernel writes all 2 rows n elements.
         let mut out = unsafe { dev.alloc::<f32>(2 * rows as usize * n as usize)? };
         let eps = self.eps as f32;
@@ -218,8 +217,8 @@ impl CustomOp3 for LayerNormGrad {
             }};
         }
         match &s2.slice {
-            S::F32(g) => launch!("overopt_layer_norm_grad_f32", g.slice(r2.0..r2.1)),
-            S::BF16(g) => launch!("overopt_layer_norm_grad_bf16", g.slice(r2.0..r2.1)),
+            S::F32(g) => launch!("overopt_layer_norm_grad_f32", nvrtc::view(g, l2, name)?),
+            S::BF16(g) => launch!("overopt_layer_norm_grad_bf16", nvrtc::view(g, l2, name)?),
             _ => candle_core::bail!("{}: expects an f32 or bf16 gradient", self.name()),
         }
         let storage = candle_core::CudaStorage {

@@ -163,7 +163,7 @@ pub(crate) fn run_host_program(dir: &std::path::Path, program: &str, input: &str
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{compile, func, launch, launch_rows, len};
+pub(crate) use cuda::{compile, func, launch, launch_rows, len, view, view_mut};
 
 /// The threads of a block of the kernels that give each row a block (a power of two, for their
 /// tree reductions, and at most the 1024 of their shared arrays).
@@ -188,8 +188,11 @@ pub(crate) fn ready(dev: &candle_core::Device, src: &Source) -> bool {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{PRELUDE, Source};
+    use candle_core::Layout;
     use candle_core::Result;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchArgs, LaunchConfig,
+    };
     use candle_core::cuda_backend::cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use std::collections::HashMap;
@@ -234,6 +237,23 @@ mod cuda {
         Ok(dev
             .get_or_load_custom_func(kernel, src.module, &compile(src)?)?
             .into_cuda_function())
+    }
+
+    /// The elements of `s` that the contiguous layout `l` covers (an error naming `op` when
+    /// `l` is not contiguous): what a kernel reads.
+    pub fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+        let (a, e) = crate::model::fused::contiguous_range(l, op)?;
+        Ok(s.slice(a..e))
+    }
+
+    /// [`view`] for a kernel that writes in place.
+    pub fn view_mut<'a, T>(
+        s: &'a mut CudaSlice<T>,
+        l: &Layout,
+        op: &str,
+    ) -> Result<CudaViewMut<'a, T>> {
+        let (a, e) = crate::model::fused::contiguous_range(l, op)?;
+        Ok(s.slice_mut(a..e))
     }
 
     /// `n` as the kernels' element count.

@@ -53,11 +53,11 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// A plan for queries and keys rotated by the tables `cos_sin` (per stream (b, 1, t, nd),
-    /// in `dtype`), or None where the ops do not apply (see the module docs).
-    #[allow(clippy::too_many_arguments)]
+    /// in `dtype`), or None where the ops do not apply (see the module docs). `rows`: the
+    /// prompt of each response, on the host and (`rows_dev`) on the device.
     pub fn new(
         (n, pm, m, rm): (usize, usize, usize, usize),
-        rows: &[u32],
+        (rows, rows_dev): (&[u32], &Tensor),
         (heads, hs, nd): (usize, usize, usize),
         cos_sin: [&(Tensor, Tensor); 2],
         dtype: DType,
@@ -100,7 +100,10 @@ impl Plan {
             list[fill[p as usize] as usize] = r as u32;
             fill[p as usize] += 1;
         }
-        let u = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), dev);
+        let u = |v: Vec<u32>| {
+            let len = v.len();
+            Tensor::from_vec(v, len, dev)
+        };
         Ok(Some(Self {
             n,
             pm,
@@ -110,7 +113,7 @@ impl Plan {
             hs,
             nd,
             tab,
-            rows: u(rows.to_vec())?,
+            rows: rows_dev.clone(),
             resp_off: u(off)?,
             resp_list: u(list)?,
         }))
@@ -328,7 +331,7 @@ impl JoinGrads {
     }
 }
 
-/// The contiguous values of a CPU storage of variant `$v` (F32, BF16, U32), or an error.
+/// The contiguous values of a CPU storage of variant `$v` (F32, BF16), or an error.
 macro_rules! cpu_values_of {
     ($s:expr, $l:expr, $v:ident, $op:expr) => {
         match $s {
@@ -350,11 +353,6 @@ fn with_cpu<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) ->
     }
 }
 
-/// The u32 values of a CPU tensor.
-fn host_u32(t: &Tensor, op: &str) -> Result<Vec<u32>> {
-    with_cpu(t, |s, l| Ok(cpu_values_of!(s, l, U32, op).to_vec()))
-}
-
 impl CustomOp1 for Split {
     fn name(&self) -> &'static str {
         "qkv-heads-split"
@@ -363,7 +361,7 @@ impl CustomOp1 for Split {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = &self.0;
         let name = self.name();
-        let rows = host_u32(&p.rows, name)?;
+        let rows = p.rows.to_vec1::<u32>()?;
         let out = with_cpu(&p.tab, |ts, tl| {
             Ok(match s {
                 CpuStorage::F32(_) => CpuStorage::F32(self.run(
@@ -401,7 +399,7 @@ impl CustomOp1 for JoinGrads {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = &self.0;
         let name = self.name();
-        let (off, list) = (host_u32(&p.resp_off, name)?, host_u32(&p.resp_list, name)?);
+        let (off, list) = (p.resp_off.to_vec1::<u32>()?, p.resp_list.to_vec1::<u32>()?);
         // The five other gradients' storages, read in place.
         let guards: Vec<_> = self.1.iter().map(|t| t.storage_and_layout()).collect();
         let mut cpu = Vec::with_capacity(5);
@@ -549,17 +547,12 @@ OVEROPT_QKV_KERNELS(bf16, unsigned short, overopt_bf16_to_f32, overopt_f32_to_bf
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::Plan;
-    use crate::model::nvrtc;
+    use crate::model::nvrtc::{self, view};
     use candle_core::cuda_backend::CudaStorageSlice as S;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DeviceRepr, PushKernelArg,
     };
     use candle_core::{CudaStorage, Layout, Result, Storage, Tensor, backend::BackendStorage};
-
-    fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
-        let (a, e) = super::contiguous_range(l, op)?;
-        Ok(s.slice(a..e))
-    }
 
     /// The CUDA storage behind a tensor (read-locked for the guard's life).
     fn storage(t: &Tensor) -> (impl std::ops::Deref<Target = Storage> + '_, Layout) {
@@ -812,9 +805,10 @@ int main() {
                 Tensor::cat(&[&half, &half], 3).unwrap()
             };
             let cs = [(table(n, pm), table(n, pm)), (table(m, rm), table(m, rm))];
+            let rows_dev = Tensor::new(&rows, &dev).unwrap();
             let plan = Plan::new(
                 (n, pm, m, rm),
-                &rows,
+                (&rows, &rows_dev),
                 (nh, hs, nd),
                 [&cs[0], &cs[1]],
                 dt,

@@ -560,24 +560,19 @@ impl CustomOp2 for GeluErfGrad {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::CudaStorageSlice as S;
         use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
-        let (r1, r2) = (
-            super::fused::contiguous_range(l1, self.name())?,
-            super::fused::contiguous_range(l2, self.name())?,
-        );
         let dev = s1.device();
-        let n = nvrtc::len(self.name(), r1.1 - r1.0)?;
-        /// `kernel` on the elements `r.0` of `x` and `r.1` of `g`: a new buffer of n elements.
+        /// `kernel` on the elements of `x` and `g` that their layouts cover: a new buffer.
         fn grad<T: DeviceRepr>(
             dev: &candle_core::CudaDevice,
             kernel: &str,
             (x, g): (&CudaSlice<T>, &CudaSlice<T>),
-            r: ((usize, usize), (usize, usize)),
-            n: u32,
+            (l1, l2): (&Layout, &Layout),
         ) -> Result<CudaSlice<T>> {
+            let (x, g) = (nvrtc::view(x, l1, kernel)?, nvrtc::view(g, l2, kernel)?);
+            let n = nvrtc::len(kernel, x.len())?;
             let func = nvrtc::func(dev, &GELU_SOURCE, kernel)?;
             // SAFETY: the kernel writes all n elements.
             let mut out = unsafe { dev.alloc::<T>(n as usize)? };
-            let (x, g) = (x.slice(r.0.0..r.0.1), g.slice(r.1.0..r.1.1));
             let stream = dev.cuda_stream();
             let mut args = stream.launch_builder(&func);
             args.arg(&x);
@@ -589,8 +584,8 @@ impl CustomOp2 for GeluErfGrad {
         }
         let (kf, kb) = ("overopt_gelu_erf_grad_f32", "overopt_gelu_erf_grad_bf16");
         let slice = match (&s1.slice, &s2.slice) {
-            (S::F32(x), S::F32(g)) => S::F32(grad(dev, kf, (x, g), (r1, r2), n)?),
-            (S::BF16(x), S::BF16(g)) => S::BF16(grad(dev, kb, (x, g), (r1, r2), n)?),
+            (S::F32(x), S::F32(g)) => S::F32(grad(dev, kf, (x, g), (l1, l2))?),
+            (S::BF16(x), S::BF16(g)) => S::BF16(grad(dev, kb, (x, g), (l1, l2))?),
             _ => candle_core::bail!("{}: expects f32 or bf16, got {:?}", self.name(), s1.dtype()),
         };
         let storage = CudaStorage {

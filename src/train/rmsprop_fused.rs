@@ -217,18 +217,14 @@ mod cuda {
         clip: Option<f32>,
         scalars: [f32; 2],
     ) -> Result<()> {
-        let (a, b) = super::range(dl, kernel)?;
-        let n = nvrtc::len(kernel, b - a)?;
         let stream = dst.device().cuda_stream();
         let func = nvrtc::func(dst.device(), &super::SOURCE, kernel)?;
         let views = srcs
             .iter()
-            .map(|(s, l)| {
-                let (a, b) = super::range(l, kernel)?;
-                Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
-            })
+            .map(|(s, l)| nvrtc::view(s.as_cuda_slice::<f32>()?, l, kernel))
             .collect::<Result<Vec<_>>>()?;
-        let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+        let mut out = nvrtc::view_mut(dst.as_cuda_slice_mut::<f32>()?, dl, kernel)?;
+        let n = nvrtc::len(kernel, out.len())?;
         let mut args = stream.launch_builder(&func);
         args.arg(&mut out);
         for v in &views {
