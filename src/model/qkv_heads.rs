@@ -344,6 +344,17 @@ macro_rules! cpu_values_of {
     };
 }
 
+/// `$go!(F32)` or `$go!(BF16)`, by the variant of the CPU storage `$s`, or an error.
+macro_rules! by_cpu_dtype {
+    ($s:expr, $op:expr, $go:ident) => {
+        match $s {
+            CpuStorage::F32(_) => $go!(F32),
+            CpuStorage::BF16(_) => $go!(BF16),
+            _ => candle_core::bail!("{}: expects f32 or bf16", $op),
+        }
+    };
+}
+
 /// `f` with the CPU storage and layout of `t`.
 fn with_cpu<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> Result<R> {
     let (s, l) = t.storage_and_layout();
@@ -363,19 +374,16 @@ impl CustomOp1 for Split {
         let name = self.name();
         let rows = p.rows.to_vec1::<u32>()?;
         let out = with_cpu(&p.tab, |ts, tl| {
-            Ok(match s {
-                CpuStorage::F32(_) => CpuStorage::F32(self.run(
-                    cpu_values_of!(s, l, F32, name),
-                    cpu_values_of!(ts, tl, F32, name),
-                    &rows,
-                )),
-                CpuStorage::BF16(_) => CpuStorage::BF16(self.run(
-                    cpu_values_of!(s, l, BF16, name),
-                    cpu_values_of!(ts, tl, BF16, name),
-                    &rows,
-                )),
-                _ => candle_core::bail!("{name}: expects f32 or bf16"),
-            })
+            macro_rules! go {
+                ($v:ident) => {
+                    CpuStorage::$v(self.run(
+                        cpu_values_of!(s, l, $v, name),
+                        cpu_values_of!(ts, tl, $v, name),
+                        &rows,
+                    ))
+                };
+            }
+            Ok(by_cpu_dtype!(s, name, go))
         })?;
         Ok((out, Shape::from(p.shapes()[self.1])))
     }
@@ -419,11 +427,7 @@ impl CustomOp1 for JoinGrads {
                     CpuStorage::$v(self.run(g, cpu_values_of!(ts, tl, $v, name), &off, &list))
                 }};
             }
-            Ok(match s {
-                CpuStorage::F32(_) => go!(F32),
-                CpuStorage::BF16(_) => go!(BF16),
-                _ => candle_core::bail!("{name}: expects f32 or bf16"),
-            })
+            Ok(by_cpu_dtype!(s, name, go))
         })?;
         Ok((out, Shape::from((p.prompt_rows() + p.m * p.rm, p.width()))))
     }
