@@ -526,8 +526,16 @@ fn api_key_stays_in_the_authorization_header() {
         "--price-prompt-per-1k".into(),
         "0.01".into(),
     ];
-    let cli = <overopt::cli::Cli as clap::Parser>::try_parse_from(argv).unwrap();
-    overopt::cli::run(cli).unwrap();
+    let cli = <overopt::cli::Cli as clap::Parser>::try_parse_from(argv.clone()).unwrap();
+    // One comparison fails (HTTP 400): the command fails, naming it, after writing everything.
+    let e = format!("{:#}", overopt::cli::run(cli).unwrap_err());
+    assert!(
+        e.contains("1 of 4 comparisons failed")
+            && e.contains("item err")
+            && e.contains("--allow-failed"),
+        "{e}"
+    );
+    assert!(out.exists());
 
     // Every request was authorized, and the key travelled only in the header.
     assert_eq!(server.request_count(), 4);
@@ -587,21 +595,301 @@ fn api_key_stays_in_the_authorization_header() {
     let judge = OpenAiJudge::new(cfg).unwrap();
     assert!(!format!("{judge:?}{judge:#?}").contains(KEY));
 
-    // Without the key: 401, recorded as failed with its status, not retried.
+    // With --allow-failed the same command succeeds, all from the cache but the failed one.
+    let before = server.request_count();
+    let mut argv = argv.to_vec();
+    argv.push("--allow-failed".into());
+    let cli = <overopt::cli::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+    overopt::cli::run(cli).unwrap();
+    assert_eq!(server.request_count(), before + 1);
+
+    // Without the key: 401, recorded as failed with its status, not retried, and fatal for the
+    // batch: the next comparison is not requested.
     let before = server.request_count();
     let cfg = OpenAiJudgeConfig {
         api_key: None,
+        concurrency: 1,
         ..test_config(&server)
     };
     let report = OpenAiJudge::new(cfg)
         .unwrap()
         .judge(&[item("plain"), item("echo")])
         .unwrap();
-    assert_eq!(server.request_count(), before + 2);
-    for v in &report.verdicts {
+    assert_eq!(server.request_count(), before + 1);
+    let [first, second] = &report.verdicts[..] else {
+        panic!()
+    };
+    assert_eq!(
+        (first.status, first.http_status, first.requests),
+        (VerdictStatus::Failed, Some(401), 1)
+    );
+    assert_eq!(
+        (second.status, second.http_status, second.requests),
+        (VerdictStatus::Failed, None, 0)
+    );
+    let e = second.error.as_deref().unwrap();
+    assert!(e.contains("not requested") && e.contains("HTTP 401"), "{e}");
+}
+
+/// A judge with the server's replies chosen per item id.
+fn server_by_id(f: impl Fn(&str, &Request) -> Reply + Send + Sync + 'static) -> LoopbackServer {
+    LoopbackServer::start(move |_, req| f(&marker(req), req))
+}
+
+fn chat_reply(content: serde_json::Value, finish: &str, model: &str) -> Reply {
+    let body = serde_json::json!({
+        "model": model,
+        "choices": [{"index": 0, "message": content, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 7},
+    });
+    Reply::status(200, &body.to_string())
+}
+
+#[test]
+fn fatal_errors_stop_the_batch() {
+    let no_credit = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+    for (reply, status, hint) in [
+        (Reply::status(429, no_credit), 429, "current quota"),
+        (
+            Reply::status(403, r#"{"error":{"message":"forbidden"}}"#),
+            403,
+            "forbidden",
+        ),
+        (
+            Reply::status(404, "no such route"),
+            404,
+            "/chat/completions: is the base URL right?",
+        ),
+    ] {
+        let reply = Arc::new(Mutex::new(Some(reply)));
+        let server = LoopbackServer::start(move |_, _| {
+            reply
+                .lock()
+                .unwrap()
+                .take()
+                .unwrap_or_else(|| Reply::chat("Comparison: x.\nPreferred: A"))
+        });
+        let cfg = OpenAiJudgeConfig {
+            concurrency: 1,
+            ..test_config(&server)
+        };
+        let items: Vec<JudgeItem> = (0..5).map(|i| item(&format!("q{i}"))).collect();
+        let report = OpenAiJudge::new(cfg)
+            .unwrap()
+            .with_sleeper(|_| {})
+            .judge(&items)
+            .unwrap();
         assert_eq!(
-            (v.status, v.http_status, v.requests),
-            (VerdictStatus::Failed, Some(401), 1)
+            server.request_count(),
+            1,
+            "HTTP {status}: one request, no retry"
         );
+        let v = &report.verdicts[0];
+        assert_eq!(
+            (v.status, v.http_status),
+            (VerdictStatus::Failed, Some(status))
+        );
+        assert!(v.error.as_deref().unwrap().contains(hint), "{v:?}");
+        for v in &report.verdicts[1..] {
+            assert_eq!((v.status, v.requests), (VerdictStatus::Failed, 0), "{v:?}");
+        }
+        assert_eq!(report.summary.failed, 5);
     }
+}
+
+#[test]
+fn refusals_and_cut_replies_fail_uncached_with_their_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let healed = Arc::new(AtomicBool::new(false));
+    let server = {
+        let healed = healed.clone();
+        server_by_id(move |id, _| {
+            if healed.load(Ordering::SeqCst) {
+                return Reply::chat("Comparison: fine.\nPreferred: B");
+            }
+            match id {
+                "refused" => chat_reply(
+                    serde_json::json!({"role": "assistant", "content": null, "refusal": "I can't help with that."}),
+                    "stop",
+                    "judge-2024",
+                ),
+                "cut" => chat_reply(
+                    serde_json::json!({"role": "assistant", "content": "Comparison: Summary A covers the"}),
+                    "length",
+                    "judge-2024",
+                ),
+                "cut_late" => chat_reply(
+                    serde_json::json!({"role": "assistant", "content": "Comparison: A.\nPreferred: A\nBecause"}),
+                    "length",
+                    "judge-2024",
+                ),
+                _ => chat_reply(
+                    serde_json::json!({"role": "assistant", "content": "Comparison: A.\nPreferred: A"}),
+                    "stop",
+                    "judge-2024-b",
+                ),
+            }
+        })
+    };
+    let cfg = OpenAiJudgeConfig {
+        cache_dir: Some(dir.path().join("cache")),
+        ..test_config(&server)
+    };
+    let items: Vec<JudgeItem> = ["refused", "cut", "cut_late", "plain"].map(item).to_vec();
+    let report = OpenAiJudge::new(cfg.clone())
+        .unwrap()
+        .judge(&items)
+        .unwrap();
+    let v = &report.verdicts;
+    assert_eq!(v[0].status, VerdictStatus::Failed);
+    assert!(
+        v[0].error
+            .as_deref()
+            .unwrap()
+            .contains("refused: I can't help"),
+        "{:?}",
+        v[0]
+    );
+    assert_eq!(v[1].status, VerdictStatus::Failed);
+    let e = v[1].error.as_deref().unwrap();
+    assert!(
+        e.contains("token limit") && e.contains("max_tokens = 64"),
+        "{e}"
+    );
+    assert_eq!(
+        v[2].status,
+        VerdictStatus::Decided,
+        "a cut reply that already chose counts"
+    );
+    assert_eq!(v[3].status, VerdictStatus::Decided);
+    for v in v {
+        assert_eq!(
+            (v.usage.prompt_tokens, v.usage.completion_tokens),
+            (50, 7),
+            "{v:?}"
+        );
+        assert_eq!(v.requests, 1);
+    }
+    assert_eq!(
+        report.summary.prompt_tokens, 200,
+        "failed replies were billed too"
+    );
+    assert_eq!(
+        report.summary.response_models,
+        vec!["judge-2024".to_string(), "judge-2024-b".to_string()]
+    );
+
+    // A re-run asks the refused and the cut comparison again; the others come from the cache.
+    healed.store(true, Ordering::SeqCst);
+    let before = server.request_count();
+    let again = OpenAiJudge::new(cfg).unwrap().judge(&items).unwrap();
+    assert_eq!(server.request_count(), before + 2);
+    assert_eq!((again.summary.decided, again.summary.cache_hits), (4, 2));
+}
+
+#[test]
+fn timeouts_and_conflicts_are_retried_with_the_servers_wait() {
+    let per_item: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let server = {
+        let per_item = per_item.clone();
+        server_by_id(move |id, _| {
+            let n = {
+                let mut m = per_item.lock().unwrap();
+                let c = m.entry(id.to_string()).or_insert(0);
+                *c += 1;
+                *c - 1
+            };
+            match (id, n) {
+                ("t408", 0) => Reply::status(408, "request timeout"),
+                ("t409", 0) => Reply::status(409, "conflict"),
+                ("ms", 0) => Reply::status(
+                    429,
+                    r#"{"error":{"message":"rate limit","code":"rate_limit_exceeded"}}"#,
+                )
+                .with_header("retry-after-ms", "1250")
+                .with_header("retry-after", "2"),
+                _ => Reply::chat("Comparison: x.\nPreferred: A"),
+            }
+        })
+    };
+    let sleeps: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let judge = {
+        let sleeps = sleeps.clone();
+        OpenAiJudge::new(test_config(&server))
+            .unwrap()
+            .with_sleeper(move |d| sleeps.lock().unwrap().push(d))
+    };
+    let report = judge.judge(&["t408", "t409", "ms"].map(item)).unwrap();
+    assert_eq!(report.summary.decided, 3);
+    assert_eq!(server.request_count(), 6);
+    let sleeps = sleeps.lock().unwrap().clone();
+    assert_eq!(sleeps.len(), 3);
+    assert_eq!(
+        sleeps
+            .iter()
+            .filter(|d| **d == Duration::from_millis(1250))
+            .count(),
+        1,
+        "retry-after-ms is honoured before retry-after: {sleeps:?}"
+    );
+}
+
+#[test]
+fn requests_go_through_a_configured_proxy() {
+    // The loopback server plays an HTTP proxy: a client that uses it sends the absolute URL of
+    // a host that does not resolve.
+    let server = LoopbackServer::start(|_, _| Reply::chat("Comparison: x.\nPreferred: B"));
+    let cfg = OpenAiJudgeConfig {
+        base_url: Some("http://judge.invalid/v1".into()),
+        proxy: Some(server.root_url()),
+        ..test_config(&server)
+    };
+    let judge = OpenAiJudge::new(cfg).unwrap();
+    assert_eq!(
+        judge.proxy().map(|(u, _)| u.to_string()),
+        Some(server.root_url())
+    );
+    let report = judge.judge(&[item("viaproxy")]).unwrap();
+    assert_eq!(report.summary.decided, 1);
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].path, "http://judge.invalid/v1/chat/completions");
+}
+
+#[test]
+fn a_prompt_template_replaces_the_wording() {
+    let server = LoopbackServer::start(|_, _| Reply::chat("Comparison: x.\nPreferred: Summary A"));
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("prompt.txt");
+    std::fs::write(
+        &template,
+        "Judge these.\nPOST >>> {post}\nSummary A:\n{summary_a}\nSummary B:\n{summary_b}\nPreferred: A or B",
+    )
+    .unwrap();
+    let cfg = OpenAiJudgeConfig {
+        prompt_template: Some(template.clone()),
+        ..test_config(&server)
+    };
+    let report = OpenAiJudge::new(cfg.clone())
+        .unwrap()
+        .judge(&[item("t1"), item("t2")])
+        .unwrap();
+    assert_eq!(report.summary.decided, 2);
+    for req in server.requests() {
+        let p = req.prompt();
+        assert!(
+            p.starts_with("Judge these.\nPOST >>> SUBREDDIT: r/test"),
+            "{p}"
+        );
+        assert!(
+            !p.contains("TL;DR:") && !p.contains("most important points"),
+            "{p}"
+        );
+        // The order is still drawn per comparison.
+        let id = marker(&req);
+        assert_eq!(candidate_shown_as_a(&req), !flip_for(11, &id));
+    }
+    std::fs::write(&template, "no placeholders").unwrap();
+    let e = OpenAiJudge::new(cfg).unwrap_err().to_string();
+    assert!(e.contains("prompt.txt") && e.contains("{post}"), "{e}");
 }

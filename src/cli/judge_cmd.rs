@@ -1,7 +1,7 @@
 //! `overopt judge`: win rates of candidate summaries against reference summaries.
 
-use crate::eval::judge::{Judge, JudgeItem, OpenAiJudge, OpenAiJudgeConfig};
-use anyhow::{Context, Result, anyhow};
+use crate::eval::judge::{Judge, JudgeItem, OpenAiJudge, OpenAiJudgeConfig, VerdictStatus};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -27,13 +27,33 @@ pub struct JudgeArgs {
     /// $OPENAI_BASE_URL, else https://api.openai.com/v1.
     #[arg(long)]
     pub base_url: Option<String>,
-    /// Judge model (default gpt-4-turbo).
+    /// Judge model (default gpt-4-turbo-2024-04-09, the paper's).
     #[arg(long)]
     pub model: Option<String>,
     /// Folder of cached replies; a re-run with the same folder makes no request for a cached
-    /// comparison.
-    #[arg(long)]
+    /// comparison. Default: the config's `cache_dir`, else the output path with its extension
+    /// replaced by `.cache` (so an interrupted or partly failed run resumes without paying twice).
+    #[arg(long, conflicts_with = "no_cache")]
     pub cache_dir: Option<PathBuf>,
+    /// Keep no cache of replies.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Text file with the judging prompt in your own wording (e.g. the DPO paper's, word for
+    /// word), with the placeholders {post}, {summary_a} and {summary_b}; default: the crate's.
+    #[arg(long)]
+    pub prompt_template: Option<PathBuf>,
+    /// Proxy URL for the requests; "none" for none. Default: the config's `proxy`, else the
+    /// environment's https_proxy / http_proxy / all_proxy (not for loopback hosts or no_proxy).
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// The request field of the reply's token limit: max_tokens (GPT-4, most servers) or
+    /// max_completion_tokens (OpenAI's newer models).
+    #[arg(long)]
+    pub token_limit_param: Option<String>,
+    /// Finish with success even when comparisons failed. Without it, the verdicts and the
+    /// summary are still written, then the command fails, naming the first error.
+    #[arg(long)]
+    pub allow_failed: bool,
     /// Requests in flight at most.
     #[arg(long)]
     pub concurrency: Option<usize>,
@@ -61,6 +81,10 @@ fn summary_path(output: &Path) -> PathBuf {
     output.with_extension("summary.json")
 }
 
+fn default_cache_dir(output: &Path) -> PathBuf {
+    output.with_extension("cache")
+}
+
 pub fn run(args: JudgeArgs) -> Result<()> {
     let mut cfg: OpenAiJudgeConfig = match &args.config {
         Some(p) => {
@@ -78,6 +102,20 @@ pub fn run(args: JudgeArgs) -> Result<()> {
     }
     if let Some(v) = &args.cache_dir {
         cfg.cache_dir = Some(v.clone());
+    }
+    if args.no_cache {
+        cfg.cache_dir = None;
+    } else if cfg.cache_dir.is_none() {
+        cfg.cache_dir = Some(default_cache_dir(&args.output));
+    }
+    if let Some(v) = &args.prompt_template {
+        cfg.prompt_template = Some(v.clone());
+    }
+    if let Some(v) = &args.proxy {
+        cfg.proxy = Some(v.clone());
+    }
+    if let Some(v) = &args.token_limit_param {
+        cfg.token_limit_param = v.clone();
     }
     if let Some(v) = args.concurrency {
         cfg.concurrency = v;
@@ -136,6 +174,10 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         "seed": judge.config().seed,
         "temperature": judge.config().temperature,
         "max_tokens": judge.config().max_tokens,
+        "token_limit_param": judge.config().token_limit_param,
+        "prompt_template": judge.config().prompt_template,
+        "proxy": judge.proxy().map(|(url, from)| serde_json::json!({"url": url, "from": from})),
+        "cache_dir": judge.config().cache_dir,
         "summary": s,
     });
     let text = serde_json::to_string_pretty(&out)?;
@@ -145,15 +187,41 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         .unwrap_or_else(|| summary_path(&args.output));
     crate::util::write_atomic(&spath, format!("{text}\n").as_bytes())?;
     println!("{text}");
-    if s.failed > 0 || s.unparseable > 0 {
+    if s.unparseable > 0 {
         eprintln!(
-            "warning: {} failed and {} unparseable comparisons out of {} (see {}); a re-run with the same \
-             cache retries the failed ones",
-            s.failed,
+            "warning: {} of {} replies had no readable `Preferred:` line; they are left out of the \
+             win rate (their texts are in {})",
             s.unparseable,
             s.n,
             args.output.display()
         );
+    }
+    if s.failed > 0 {
+        let first = report
+            .verdicts
+            .iter()
+            .find(|v| v.status == VerdictStatus::Failed)
+            .map(|v| format!("item {}: {}", v.id, v.error.as_deref().unwrap_or("")))
+            .unwrap_or_default();
+        let retry = match &judge.config().cache_dir {
+            Some(d) => format!(
+                "a re-run with the same cache ({}) asks only these again",
+                d.display()
+            ),
+            None => "without a cache, a re-run asks every comparison again".to_string(),
+        };
+        let msg = format!(
+            "{} of {} comparisons failed (first: {first}); they are left out of the win rate; \
+             verdicts and summary are written to {} and {}; {retry}",
+            s.failed,
+            s.n,
+            args.output.display(),
+            spath.display()
+        );
+        if !args.allow_failed {
+            bail!("{msg} (--allow-failed accepts a partial result)");
+        }
+        eprintln!("warning: {msg}");
     }
     Ok(())
 }
@@ -171,6 +239,10 @@ mod tests {
         assert_eq!(
             summary_path(Path::new("v")),
             PathBuf::from("v.summary.json")
+        );
+        assert_eq!(
+            default_cache_dir(Path::new("out/v.jsonl")),
+            PathBuf::from("out/v.cache")
         );
     }
 }

@@ -3,9 +3,10 @@
 //! Layout: one JSON file per key, `<dir>/<key[0..2]>/<key>.json`, written atomically (a uniquely
 //! named temporary file in the same folder, then a rename), so concurrent writers and crashes
 //! never leave a half-written entry; the last complete write of a key wins. The key is a
-//! SHA-256 over the judge model, the sampling settings, the full prompt text and the order
-//! (see [`cache_key`]). Only replies are cached (decided or unparseable), never failures, so a
-//! re-run retries failed comparisons. Nothing secret is stored: no headers, no API key.
+//! SHA-256 over the server's base URL, the judge model, the sampling settings, the full prompt
+//! text and the order (see [`cache_key`]). Only complete replies are cached (decided or
+//! unparseable), never failures (nor refusals or replies cut at the token limit), so a re-run
+//! asks those again. Nothing secret is stored: no headers, no API key.
 
 use super::Usage;
 use anyhow::{Context, Result, anyhow};
@@ -14,8 +15,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Format version of the entries (part of the key).
-pub const CACHE_VERSION: u32 = 1;
+/// Format version of the entries (part of the key). Version 2 added the server's base URL to
+/// the key.
+pub const CACHE_VERSION: u32 = 2;
 
 /// One cached reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,10 +37,12 @@ pub struct CacheEntry {
     pub created_unix: u64,
 }
 
-/// The cache key of a comparison: hex SHA-256 over the cache version, the judge model, the
-/// temperature, the token limit, the order and the full prompt text (which already contains
-/// both summaries in their shown positions).
+/// The cache key of a comparison: hex SHA-256 over the cache version, the server's base URL (two
+/// servers may serve different models under one name), the judge model, the temperature, the
+/// token limit, the order and the full prompt text (which already contains both summaries in
+/// their shown positions).
 pub fn cache_key(
+    base_url: &str,
     model: &str,
     temperature: f64,
     max_tokens: u32,
@@ -48,6 +52,9 @@ pub fn cache_key(
     let mut h = crate::util::Hasher::new();
     h.update(b"overopt/judge/cache");
     h.update(&CACHE_VERSION.to_le_bytes());
+    h.update(&(base_url.len() as u64).to_le_bytes());
+    h.update(base_url.as_bytes());
+    h.update(&(model.len() as u64).to_le_bytes());
     h.update(model.as_bytes());
     h.update(&temperature.to_bits().to_le_bytes());
     h.update(&max_tokens.to_le_bytes());
@@ -171,14 +178,16 @@ mod tests {
 
     #[test]
     fn key_depends_on_every_part() {
-        let base = cache_key("m", 0.0, 64, false, "p");
-        assert_eq!(base, cache_key("m", 0.0, 64, false, "p"));
+        let base = cache_key("u", "m", 0.0, 64, false, "p");
+        assert_eq!(base, cache_key("u", "m", 0.0, 64, false, "p"));
         for other in [
-            cache_key("m2", 0.0, 64, false, "p"),
-            cache_key("m", 0.5, 64, false, "p"),
-            cache_key("m", 0.0, 65, false, "p"),
-            cache_key("m", 0.0, 64, true, "p"),
-            cache_key("m", 0.0, 64, false, "p "),
+            cache_key("u", "m2", 0.0, 64, false, "p"),
+            cache_key("v", "m", 0.0, 64, false, "p"),
+            cache_key("um", "", 0.0, 64, false, "p"),
+            cache_key("u", "m", 0.5, 64, false, "p"),
+            cache_key("u", "m", 0.0, 65, false, "p"),
+            cache_key("u", "m", 0.0, 64, true, "p"),
+            cache_key("u", "m", 0.0, 64, false, "p "),
         ] {
             assert_ne!(base, other);
         }
@@ -188,7 +197,7 @@ mod tests {
     fn put_get_roundtrip_and_corrupt_entry_is_a_miss() {
         let d = tempfile::tempdir().unwrap();
         let c = VerdictCache::open(&d.path().join("cache")).unwrap();
-        let k = cache_key("m", 0.0, 64, true, "prompt");
+        let k = cache_key("u", "m", 0.0, 64, true, "prompt");
         assert!(c.get(&k).is_none());
         c.put(&entry(&k)).unwrap();
         assert_eq!(c.get(&k), Some(entry(&k)));
@@ -203,7 +212,7 @@ mod tests {
         std::fs::write(c.path(&k), "{not json").unwrap();
         assert!(c.get(&k).is_none());
         // An entry stored under the wrong file name is not trusted.
-        let k2 = cache_key("m", 0.0, 64, false, "prompt");
+        let k2 = cache_key("u", "m", 0.0, 64, false, "prompt");
         std::fs::create_dir_all(c.path(&k2).parent().unwrap()).unwrap();
         std::fs::write(c.path(&k2), serde_json::to_string(&entry(&k)).unwrap()).unwrap();
         assert!(c.get(&k2).is_none());

@@ -71,6 +71,7 @@ impl Judge for GoldJudge {
                     usage: Usage::default(),
                     cached: false,
                     requests: 0,
+                    response_model: None,
                 },
                 Err(e) => Verdict::failed(&it.id, false, format!("item {}: {e}", it.id), None),
             })

@@ -105,6 +105,9 @@ pub struct Verdict {
     pub cached: bool,
     /// HTTP requests made for this verdict in this run (retries included).
     pub requests: u32,
+    /// The model name the server reported in its reply (e.g. the snapshot behind an alias).
+    #[serde(default)]
+    pub response_model: Option<String>,
 }
 
 impl Verdict {
@@ -136,6 +139,7 @@ impl Verdict {
             usage,
             cached: false,
             requests: 0,
+            response_model: None,
         }
     }
 
@@ -153,6 +157,7 @@ impl Verdict {
             usage: Usage::default(),
             cached: false,
             requests: 0,
+            response_model: None,
         }
     }
 }
@@ -216,6 +221,9 @@ pub struct JudgeSummary {
     pub requests: u64,
     pub cache_hits: usize,
     pub prices: Prices,
+    /// The distinct model names the server reported behind the replies, sorted.
+    #[serde(default)]
+    pub response_models: Vec<String>,
 }
 
 /// 1.959964: the two-sided 95% normal quantile.
@@ -281,6 +289,10 @@ impl JudgeSummary {
             }
             requests += u64::from(v.requests);
         }
+        let response_models: std::collections::BTreeSet<String> = verdicts
+            .iter()
+            .filter_map(|v| v.response_model.clone())
+            .collect();
         let decided = wins + losses + ties;
         let successes = wins as f64 + 0.5 * ties as f64;
         let rate = |s: f64, n: usize| (n > 0).then(|| s / n as f64);
@@ -318,6 +330,7 @@ impl JudgeSummary {
             requests,
             cache_hits,
             prices,
+            response_models: response_models.into_iter().collect(),
         }
     }
 }

@@ -5,21 +5,39 @@
 //! "max_tokens"}` with `Authorization: Bearer <key>` when a key is configured. Reply: the text
 //! of `choices[0].message.content`, and `usage.prompt_tokens` / `usage.completion_tokens`.
 //!
+//! The token limit is sent as `max_tokens`, or as `max_completion_tokens` for the newer models
+//! that reject the former (`token_limit_param`). The prompt is this crate's wording, or the
+//! user's own from a template file (`prompt_template`, see [`PromptTemplate`]).
+//!
 //! Failure handling, per comparison:
 //! * retried with exponential backoff (`backoff_base_ms * 2^k`, capped at `backoff_cap_ms`,
-//!   times a random factor in [0.5, 1]): timeouts, connection errors, HTTP 429 and 5xx; a
-//!   `Retry-After: <seconds>` header on those replaces the backoff (capped at
-//!   `max_retry_after_s`). After `max_retries` retries the comparison is recorded as failed.
-//! * not retried, recorded as failed with the status: other non-2xx statuses (e.g. 400, 401).
-//! * not retried, recorded as failed: a 2xx body that is not chat-completions JSON.
-//! * recorded as unparseable: a reply whose text has no readable `Preferred:` line.
+//!   times a random factor in [0.5, 1]): timeouts, connection errors, HTTP 408, 409, 429 and
+//!   5xx; a `retry-after-ms: <milliseconds>` or `Retry-After: <seconds>` header on those
+//!   replaces the backoff (capped at `max_retry_after_s`). After `max_retries` retries the
+//!   comparison is recorded as failed.
+//! * not retried, recorded as failed with the status: other non-2xx statuses (e.g. 400).
+//! * fatal for the batch: 401, 403, 404 and a 429 whose error is `insufficient_quota` (no
+//!   credit left). They would fail every other comparison the same way, so no further request is
+//!   started; the comparisons not yet asked are recorded as failed, naming the first error, and
+//!   a re-run (with the cache) asks them once the cause is fixed. A 404 says which URL was used,
+//!   as it usually means a base URL without its `/v1`.
+//! * not retried, recorded as failed: a 2xx body that is not chat-completions JSON, a refusal
+//!   (`message.refusal`, content null), and a reply cut at the token limit
+//!   (`finish_reason: "length"`) without a readable `Preferred:` line. Their billed tokens are
+//!   kept in the verdict, and they are not cached, so a re-run asks again.
+//! * recorded as unparseable: a complete reply whose text has no readable `Preferred:` line.
+//!
+//! Proxies: the request goes through `proxy` when set (`""` or `"none"`: never), else through
+//! the proxy the environment names for the URL's scheme (`https_proxy` / `HTTPS_PROXY`,
+//! `http_proxy` / `HTTP_PROXY`, then `all_proxy` / `ALL_PROXY`), unless the host is a loopback
+//! address or matches `no_proxy` / `NO_PROXY` (see [`proxy_for`]).
 //!
 //! The API key goes only into the `Authorization` header. It is never serialized
 //! ([`OpenAiJudgeConfig`] skips it), never shown by `Debug`, and any occurrence of it in a
 //! server's reply or error body is replaced by `<redacted>` before the text is kept anywhere.
 
 use super::cache::{CACHE_VERSION, CacheEntry, VerdictCache, cache_key};
-use super::prompt::{flip_for, post_text, render};
+use super::prompt::{PromptTemplate, flip_for, parse_preferred, post_text, render};
 use super::{
     Judge, JudgeItem, JudgeReport, JudgeSummary, Prices, Usage, Verdict, check_unique_ids,
 };
@@ -28,13 +46,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Base URL used when neither the config nor `OPENAI_BASE_URL` names one.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
-/// The paper's judge.
-pub const DEFAULT_MODEL: &str = "gpt-4-turbo";
+/// The paper's judge: the dated snapshot its section 5 names, not the moving alias.
+pub const DEFAULT_MODEL: &str = "gpt-4-turbo-2024-04-09";
 /// Environment variable read for the base URL when the config has none.
 pub const BASE_URL_ENV: &str = "OPENAI_BASE_URL";
 
@@ -81,6 +99,15 @@ pub struct OpenAiJudgeConfig {
     pub temperature: f64,
     /// Token limit of the judge's reply.
     pub max_tokens: u32,
+    /// The request field that carries `max_tokens`: `"max_tokens"` (GPT-4, most servers) or
+    /// `"max_completion_tokens"` (OpenAI's newer models reject `max_tokens`).
+    pub token_limit_param: String,
+    /// A text file with the judging prompt in the user's own wording, with the placeholders
+    /// `{post}`, `{summary_a}`, `{summary_b}`; unset: this crate's prompt.
+    pub prompt_template: Option<PathBuf>,
+    /// Proxy URL for the requests (e.g. `http://proxy:3128`); `""` or `"none"`: no proxy; unset:
+    /// the environment's proxy variables (see the module documentation).
+    pub proxy: Option<String>,
     /// Seed of the per-comparison order (combined with each item's id).
     pub seed: u64,
     /// Requests in flight at most (worker threads).
@@ -112,6 +139,9 @@ impl Default for OpenAiJudgeConfig {
             api_key_env: "OPENAI_API_KEY".to_string(),
             temperature: 0.0,
             max_tokens: 256,
+            token_limit_param: TOKEN_LIMIT_PARAMS[0].to_string(),
+            prompt_template: None,
+            proxy: None,
             seed: 0,
             concurrency: 4,
             max_retries: 6,
@@ -136,6 +166,85 @@ impl OpenAiJudgeConfig {
     }
 }
 
+/// The accepted values of [`OpenAiJudgeConfig::token_limit_param`].
+pub const TOKEN_LIMIT_PARAMS: [&str; 2] = ["max_tokens", "max_completion_tokens"];
+
+/// Whether `host` (as in a URL, IPv6 in brackets or not) is a loopback address.
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The scheme and host of an `http(s)://` URL.
+fn scheme_and_host(url: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if hostport.starts_with('[') {
+        hostport
+            .split_once(']')
+            .map_or(hostport, |(h, _)| &hostport[..h.len() + 1])
+    } else {
+        hostport.split(':').next().unwrap_or(hostport)
+    };
+    Some((scheme, host))
+}
+
+/// Whether a `no_proxy` list (comma-separated hosts or domain suffixes, `*` for all) covers
+/// `host`: `example.com` and `.example.com` both cover `example.com` and `api.example.com`.
+fn no_proxy_covers(list: &str, host: &str) -> bool {
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    list.split(',').map(str::trim).any(|entry| {
+        let entry = entry
+            .split(':')
+            .next()
+            .unwrap_or(entry)
+            .to_ascii_lowercase();
+        let domain = entry.trim_start_matches("*.").trim_start_matches('.');
+        entry == "*"
+            || (!domain.is_empty() && (host == domain || host.ends_with(&format!(".{domain}"))))
+    })
+}
+
+/// The proxy for requests to `base_url`, and where it came from (for errors): the configured
+/// one (`""` / `"none"`: none), else the environment's for the URL's scheme, unless the host is
+/// a loopback address or matches `no_proxy`.
+pub fn proxy_for(
+    base_url: &str,
+    configured: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<(String, String)> {
+    if let Some(p) = configured {
+        let p = p.trim();
+        return (!p.is_empty() && !p.eq_ignore_ascii_case("none"))
+            .then(|| (p.to_string(), "the judge config's `proxy`".to_string()));
+    }
+    let get = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let (scheme, host) = scheme_and_host(base_url)?;
+    if is_loopback_host(host) {
+        return None;
+    }
+    if ["no_proxy", "NO_PROXY"]
+        .iter()
+        .any(|n| get(n).is_some_and(|l| no_proxy_covers(&l, host)))
+    {
+        return None;
+    }
+    let names: &[&str] = if scheme.eq_ignore_ascii_case("https") {
+        &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
+    } else {
+        &["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+    };
+    names
+        .iter()
+        .find_map(|n| get(n).map(|v| (v.trim().to_string(), format!("${n}"))))
+}
+
 type Sleeper = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// The chat-completions judge. See the module documentation for the protocol.
@@ -145,6 +254,9 @@ pub struct OpenAiJudge {
     endpoint: String,
     api_key: Option<ApiKey>,
     agent: ureq::Agent,
+    /// The proxy in use and where it came from (for the summary and errors).
+    proxy: Option<(String, String)>,
+    template: Option<PromptTemplate>,
     sleeper: Sleeper,
 }
 
@@ -176,7 +288,23 @@ enum Fetched {
     Failed {
         error: String,
         http_status: Option<u16>,
+        /// Tokens billed for a 2xx reply that could not be used (a refusal, a cut reply).
+        usage: Usage,
+        /// The error would recur on every comparison (bad key, no credit, wrong URL): stop
+        /// starting requests.
+        fatal: bool,
     },
+}
+
+impl Fetched {
+    fn failed(error: String, http_status: Option<u16>) -> Fetched {
+        Fetched::Failed {
+            error,
+            http_status,
+            usage: Usage::default(),
+            fatal: false,
+        }
+    }
 }
 
 /// The result of one HTTP request.
@@ -231,26 +359,50 @@ impl OpenAiJudge {
         if config.model.trim().is_empty() {
             bail!("judge model name is empty");
         }
+        if base_url.contains(['?', '#']) {
+            bail!(
+                "judge base URL {base_url:?} has a query or fragment; give the URL that \
+                 `/chat/completions` is appended to (e.g. https://api.openai.com/v1)"
+            );
+        }
+        if !TOKEN_LIMIT_PARAMS.contains(&config.token_limit_param.as_str()) {
+            bail!(
+                "judge token_limit_param must be one of {TOKEN_LIMIT_PARAMS:?}, got {:?}",
+                config.token_limit_param
+            );
+        }
+        let template = config
+            .prompt_template
+            .as_deref()
+            .map(PromptTemplate::from_file)
+            .transpose()?;
         if config.max_retry_after_s.is_nan() || config.max_retry_after_s < 0.0 {
             bail!(
                 "judge max_retry_after_s must be >= 0, got {}",
                 config.max_retry_after_s
             );
         }
-        let agent = ureq::AgentBuilder::new()
+        let proxy = proxy_for(&base_url, config.proxy.as_deref(), &env);
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_millis(config.connect_timeout_ms.max(1)))
             .timeout_read(Duration::from_millis(config.read_timeout_ms.max(1)))
             .timeout_write(Duration::from_millis(config.read_timeout_ms.max(1)))
             .redirects(0)
-            .try_proxy_from_env(false)
-            .build();
+            .try_proxy_from_env(false);
+        if let Some((url, origin)) = &proxy {
+            let p = ureq::Proxy::new(url)
+                .map_err(|e| anyhow::anyhow!("judge proxy {url:?} (from {origin}): {e}"))?;
+            agent = agent.proxy(p);
+        }
         let endpoint = format!("{base_url}/chat/completions");
         Ok(Self {
             config,
             base_url,
             endpoint,
             api_key,
-            agent,
+            agent: agent.build(),
+            proxy,
+            template,
             sleeper: Arc::new(std::thread::sleep),
         })
     }
@@ -272,14 +424,23 @@ impl OpenAiJudge {
         &self.base_url
     }
 
+    /// The proxy the requests go through, if any, with where it was configured.
+    pub fn proxy(&self) -> Option<(&str, &str)> {
+        self.proxy.as_ref().map(|(u, o)| (u.as_str(), o.as_str()))
+    }
+
     /// The judging prompt of an item and its order (true: candidate shown as B).
     pub fn prompt_for(&self, item: &JudgeItem) -> (String, bool) {
         let flipped = flip_for(self.config.seed, &item.id);
         let post = post_text(&item.prompt);
-        let text = if flipped {
-            render(post, &item.reference, &item.candidate)
+        let (a, b) = if flipped {
+            (&item.reference, &item.candidate)
         } else {
-            render(post, &item.candidate, &item.reference)
+            (&item.candidate, &item.reference)
+        };
+        let text = match &self.template {
+            Some(t) => t.render(post, a, b),
+            None => render(post, a, b),
         };
         (text, flipped)
     }
@@ -317,10 +478,18 @@ impl OpenAiJudge {
         Duration::from_secs_f64(capped * jitter / 1000.0)
     }
 
-    fn retry_after(&self, value: Option<&str>) -> Option<Duration> {
-        let secs: f64 = value?.trim().parse().ok()?;
-        (secs.is_finite() && secs >= 0.0)
-            .then(|| Duration::from_secs_f64(secs.min(self.config.max_retry_after_s)))
+    /// The wait a server asks for: `retry-after-ms` (milliseconds, OpenAI's) if present and
+    /// valid, else `Retry-After` in seconds; capped at `max_retry_after_s`. (An HTTP-date
+    /// `Retry-After` is not read: the backoff applies.)
+    fn retry_after(&self, ms: Option<&str>, secs: Option<&str>) -> Option<Duration> {
+        let read = |v: Option<&str>, scale: f64| {
+            let x: f64 = v?.trim().parse().ok()?;
+            (x.is_finite() && x >= 0.0).then_some(x * scale)
+        };
+        let s = read(ms, 1e-3).or_else(|| read(secs, 1.0))?;
+        Some(Duration::from_secs_f64(
+            s.min(self.config.max_retry_after_s),
+        ))
     }
 
     fn send_once(&self, body: &str) -> Step {
@@ -343,28 +512,38 @@ impl OpenAiJudge {
                     Ok(text) if (200..300).contains(&status) => {
                         Step::Done(self.parse_response(&text))
                     }
-                    Ok(text) => Step::Done(Fetched::Failed {
-                        error: format!("HTTP {status}: {}", self.excerpt(&text)),
-                        http_status: Some(status),
-                    }),
+                    Ok(text) => Step::Done(Fetched::failed(
+                        format!("HTTP {status}: {}", self.excerpt(&text)),
+                        Some(status),
+                    )),
                 }
             }
             Err(ureq::Error::Status(code, resp)) => {
-                let wait = self.retry_after(resp.header("retry-after"));
+                let wait =
+                    self.retry_after(resp.header("retry-after-ms"), resp.header("retry-after"));
                 let text = resp.into_string().unwrap_or_default();
-                let error = format!("HTTP {code}: {}", self.excerpt(&text));
-                if code == 429 || (500..600).contains(&code) {
-                    Step::Retry {
+                let mut error = format!("HTTP {code}: {}", self.excerpt(&text));
+                let no_credit = code == 429 && error_code(&text) == Some("insufficient_quota");
+                if !no_credit && matches!(code, 408 | 409 | 429 | 500..=599) {
+                    return Step::Retry {
                         error,
                         http_status: Some(code),
                         wait,
-                    }
-                } else {
-                    Step::Done(Fetched::Failed {
-                        error,
-                        http_status: Some(code),
-                    })
+                    };
                 }
+                if code == 404 {
+                    error.push_str(&format!(
+                        " (the request went to {}: is the base URL right? OpenAI-compatible \
+                         servers usually serve under /v1)",
+                        self.endpoint
+                    ));
+                }
+                Step::Done(Fetched::Failed {
+                    error,
+                    http_status: Some(code),
+                    usage: Usage::default(),
+                    fatal: no_credit || matches!(code, 401 | 403 | 404),
+                })
             }
             Err(ureq::Error::Transport(t)) => {
                 use ureq::ErrorKind as K;
@@ -380,10 +559,7 @@ impl OpenAiJudge {
                         http_status: None,
                         wait: None,
                     },
-                    _ => Step::Done(Fetched::Failed {
-                        error,
-                        http_status: None,
-                    }),
+                    _ => Step::Done(Fetched::failed(error, None)),
                 }
             }
         }
@@ -393,31 +569,59 @@ impl OpenAiJudge {
         let v: serde_json::Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
-                return Fetched::Failed {
-                    error: format!("response body is not JSON ({e}): {}", self.excerpt(text)),
-                    http_status: None,
-                };
+                return Fetched::failed(
+                    format!("response body is not JSON ({e}): {}", self.excerpt(text)),
+                    None,
+                );
             }
         };
-        let Some(content) = v
-            .pointer("/choices/0/message/content")
-            .and_then(|c| c.as_str())
-        else {
-            return Fetched::Failed {
-                error: format!(
+        let tokens = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+        let usage = Usage {
+            prompt_tokens: tokens("/usage/prompt_tokens"),
+            completion_tokens: tokens("/usage/completion_tokens"),
+        };
+        let failed = |error: String| Fetched::Failed {
+            error,
+            http_status: None,
+            usage,
+            fatal: false,
+        };
+        let message = v.pointer("/choices/0/message");
+        let refusal = message
+            .and_then(|m| m.get("refusal"))
+            .and_then(|r| r.as_str())
+            .filter(|r| !r.trim().is_empty());
+        let content = message
+            .and_then(|m| m.get("content"))
+            .and_then(|c| c.as_str());
+        let content = match (content, refusal) {
+            (Some(c), None) => c,
+            (Some(c), Some(_)) if !c.trim().is_empty() => c,
+            (_, Some(r)) => {
+                return failed(format!("the judge refused: {}", self.excerpt(r)));
+            }
+            (None, None) => {
+                return failed(format!(
                     "response JSON has no choices[0].message.content: {}",
                     self.excerpt(text)
-                ),
-                http_status: None,
-            };
+                ));
+            }
         };
-        let tokens = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+        let finish = v
+            .pointer("/choices/0/finish_reason")
+            .and_then(|f| f.as_str());
+        if finish == Some("length") && parse_preferred(content).is_none() {
+            return failed(format!(
+                "the reply was cut at the token limit ({} = {}, finish_reason \"length\") before \
+                 a `Preferred:` line; raise max_tokens. The reply began: {}",
+                self.config.token_limit_param,
+                self.config.max_tokens,
+                self.excerpt(content)
+            ));
+        }
         Fetched::Reply {
             content: self.redact(content),
-            usage: Usage {
-                prompt_tokens: tokens("/usage/prompt_tokens"),
-                completion_tokens: tokens("/usage/completion_tokens"),
-            },
+            usage,
             response_model: v
                 .get("model")
                 .and_then(|m| m.as_str())
@@ -440,7 +644,7 @@ impl OpenAiJudge {
                     if requests > self.config.max_retries {
                         let error =
                             format!("gave up after {requests} requests; last error: {error}");
-                        return (Fetched::Failed { error, http_status }, requests);
+                        return (Fetched::failed(error, http_status), requests);
                     }
                     (self.sleeper)(wait.unwrap_or_else(|| self.backoff(requests - 1)));
                 }
@@ -449,14 +653,26 @@ impl OpenAiJudge {
     }
 
     fn request_body(&self, prompt: &str) -> String {
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "model": self.config.model,
             "messages": [{"role": "user", "content": prompt}],
             "temperature": self.config.temperature,
-            "max_tokens": self.config.max_tokens,
-        })
-        .to_string()
+        });
+        body[self.config.token_limit_param.as_str()] = self.config.max_tokens.into();
+        body.to_string()
     }
+}
+
+/// `error.code` (else `error.type`) of an OpenAI-style error body.
+fn error_code(body: &str) -> Option<&'static str> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let e = v.get("error")?;
+    let code = e
+        .get("code")
+        .and_then(|c| c.as_str())
+        .or_else(|| e.get("type").and_then(|c| c.as_str()))?;
+    // Only the codes this client acts on are returned (as static strings).
+    ["insufficient_quota"].into_iter().find(|k| *k == code)
 }
 
 impl Judge for OpenAiJudge {
@@ -477,6 +693,7 @@ impl Judge for OpenAiJudge {
         for item in items {
             let (prompt, flipped) = self.prompt_for(item);
             let key = cache_key(
+                &self.base_url,
                 &cfg.model,
                 cfg.temperature,
                 cfg.max_tokens,
@@ -512,17 +729,39 @@ impl Judge for OpenAiJudge {
         let pending: Vec<usize> = (0..jobs.len()).filter(|&j| results[j].is_none()).collect();
         let workers = cfg.concurrency.max(1).min(pending.len());
         let next = AtomicUsize::new(0);
+        // The first fatal error (bad key, no credit, wrong URL): no request starts after it.
+        let stop: Mutex<Option<String>> = Mutex::new(None);
         let (tx, rx) = mpsc::channel::<(usize, (Fetched, u32))>();
         std::thread::scope(|s| {
             for _ in 0..workers {
                 let tx = tx.clone();
-                let (next, pending, jobs, cache) = (&next, &pending, &jobs, &cache);
+                let (next, pending, jobs, cache, stop) = (&next, &pending, &jobs, &cache, &stop);
                 s.spawn(move || {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&j) = pending.get(i) else { break };
                         let job = &jobs[j];
-                        let (fetched, requests) = self.fetch(&job.body);
+                        let stopped = stop.lock().map_or(None, |g| g.clone());
+                        let (fetched, requests) = match stopped {
+                            Some(first) => (
+                                Fetched::failed(
+                                    format!(
+                                        "not requested: the batch stopped after a fatal error \
+                                         on another comparison ({first})"
+                                    ),
+                                    None,
+                                ),
+                                0,
+                            ),
+                            None => self.fetch(&job.body),
+                        };
+                        if let Fetched::Failed {
+                            error, fatal: true, ..
+                        } = &fetched
+                            && let Ok(mut g) = stop.lock()
+                        {
+                            g.get_or_insert_with(|| error.clone());
+                        }
                         if let (
                             Some(cache),
                             Fetched::Reply {
@@ -572,11 +811,24 @@ impl Judge for OpenAiJudge {
             };
             let flipped = jobs[j].flipped;
             let mut v = match fetched {
-                Fetched::Reply { content, usage, .. } => {
-                    Verdict::from_reply(&item.id, flipped, content.clone(), *usage)
+                Fetched::Reply {
+                    content,
+                    usage,
+                    response_model,
+                } => {
+                    let mut v = Verdict::from_reply(&item.id, flipped, content.clone(), *usage);
+                    v.response_model = response_model.clone();
+                    v
                 }
-                Fetched::Failed { error, http_status } => {
-                    Verdict::failed(&item.id, flipped, error.clone(), *http_status)
+                Fetched::Failed {
+                    error,
+                    http_status,
+                    usage,
+                    ..
+                } => {
+                    let mut v = Verdict::failed(&item.id, flipped, error.clone(), *http_status);
+                    v.usage = *usage;
+                    v
                 }
             };
             let first = !std::mem::replace(&mut charged[j], true);
@@ -678,16 +930,31 @@ mod tests {
                 "retry {retry}: {d} vs {full}"
             );
         }
-        assert_eq!(j.retry_after(Some(" 3 ")), Some(Duration::from_secs(3)));
         assert_eq!(
-            j.retry_after(Some("1.5")),
+            j.retry_after(None, Some(" 3 ")),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            j.retry_after(None, Some("1.5")),
             Some(Duration::from_millis(1500))
         );
-        assert_eq!(j.retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
-        assert_eq!(j.retry_after(Some("-1")), None);
         assert_eq!(
-            j.retry_after(Some("100000")),
+            j.retry_after(None, Some("Wed, 21 Oct 2015 07:28:00 GMT")),
+            None
+        );
+        assert_eq!(j.retry_after(None, Some("-1")), None);
+        assert_eq!(
+            j.retry_after(None, Some("100000")),
             Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            j.retry_after(Some("250"), Some("3")),
+            Some(Duration::from_millis(250)),
+            "retry-after-ms wins"
+        );
+        assert_eq!(
+            j.retry_after(Some("soon"), Some("3")),
+            Some(Duration::from_secs(3))
         );
     }
 
@@ -705,5 +972,121 @@ mod tests {
         assert_eq!(v["messages"][0]["content"], "hello");
         assert_eq!(v["temperature"], 0.0);
         assert_eq!(v["max_tokens"], 99);
+        assert!(v.get("max_completion_tokens").is_none());
+
+        let cfg = OpenAiJudgeConfig {
+            max_tokens: 99,
+            token_limit_param: "max_completion_tokens".into(),
+            ..Default::default()
+        };
+        let j = OpenAiJudge::with_env(cfg, env_of(&[])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&j.request_body("hello")).unwrap();
+        assert_eq!(v["max_completion_tokens"], 99);
+        assert!(v.get("max_tokens").is_none());
+        let cfg = OpenAiJudgeConfig {
+            token_limit_param: "max_new_tokens".into(),
+            ..Default::default()
+        };
+        let e = OpenAiJudge::with_env(cfg, env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("token_limit_param") && e.contains("max_new_tokens"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn proxies_from_config_or_environment() {
+        let env = env_of(&[
+            ("HTTPS_PROXY", "http://corp-proxy:3128"),
+            ("http_proxy", "http://plain-proxy:8080"),
+            ("NO_PROXY", "internal.example, .lab.example:8000"),
+        ]);
+        let p =
+            |url: &str, configured: Option<&str>| proxy_for(url, configured, &env).map(|(u, _)| u);
+        assert_eq!(
+            p("https://api.openai.com/v1", None).as_deref(),
+            Some("http://corp-proxy:3128")
+        );
+        assert_eq!(
+            p("http://vllm.example:8000/v1", None).as_deref(),
+            Some("http://plain-proxy:8080")
+        );
+        for direct in [
+            "http://127.0.0.1:9/v1",
+            "http://localhost:8000/v1",
+            "http://[::1]:8000/v1",
+            "https://internal.example/v1",
+            "https://judge.internal.example/v1",
+            "http://gpu.lab.example:8000/v1",
+            "https://user:pw@lab.example/v1",
+        ] {
+            assert_eq!(p(direct, None), None, "{direct}");
+        }
+        assert_eq!(
+            p("https://notinternal.example/v1", None).as_deref(),
+            Some("http://corp-proxy:3128")
+        );
+        assert_eq!(
+            p("http://127.0.0.1:9/v1", Some("http://explicit:1")).as_deref(),
+            Some("http://explicit:1")
+        );
+        assert_eq!(p("https://api.openai.com/v1", Some("none")), None);
+        assert_eq!(p("https://api.openai.com/v1", Some("")), None);
+        assert_eq!(
+            proxy_for(
+                "https://a.b/v1",
+                None,
+                env_of(&[("NO_PROXY", "*"), ("ALL_PROXY", "http://x:1")])
+            ),
+            None
+        );
+        let (url, origin) = proxy_for(
+            "https://a.b/v1",
+            None,
+            env_of(&[("ALL_PROXY", "http://x:1")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (url.as_str(), origin.as_str()),
+            ("http://x:1", "$ALL_PROXY")
+        );
+
+        let cfg = OpenAiJudgeConfig {
+            proxy: Some("bogus://proxy".into()),
+            ..Default::default()
+        };
+        let e = OpenAiJudge::with_env(cfg, env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus://proxy") && e.contains("`proxy`"), "{e}");
+        let cfg = OpenAiJudgeConfig {
+            base_url: Some("https://x.openai.azure.com/openai?api-version=1".into()),
+            ..Default::default()
+        };
+        let e = OpenAiJudge::with_env(cfg, env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("query"), "{e}");
+    }
+
+    #[test]
+    fn error_codes_that_stop_a_batch() {
+        assert_eq!(
+            error_code(
+                r#"{"error":{"message":"x","type":"insufficient_quota","code":"insufficient_quota"}}"#
+            ),
+            Some("insufficient_quota")
+        );
+        assert_eq!(
+            error_code(r#"{"error":{"message":"x","type":"insufficient_quota"}}"#),
+            Some("insufficient_quota")
+        );
+        assert_eq!(
+            error_code(r#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#),
+            None
+        );
+        assert_eq!(error_code("not json"), None);
     }
 }

@@ -17,7 +17,8 @@ pub fn post_text(prompt: &str) -> &str {
     t.strip_suffix("TL;DR:").unwrap_or(t).trim()
 }
 
-/// The full judging prompt (a single user message) for a post and the summaries shown as A and B.
+/// The full judging prompt (a single user message) for a post and the summaries shown as A and B,
+/// in this crate's wording.
 pub fn render(post: &str, summary_a: &str, summary_b: &str) -> String {
     let mut s = String::with_capacity(post.len() + summary_a.len() + summary_b.len() + 700);
     s.push_str(
@@ -39,6 +40,66 @@ pub fn render(post: &str, summary_a: &str, summary_b: &str) -> String {
          Preferred: <\"A\" or \"B\">",
     );
     s
+}
+
+/// The placeholders of a prompt template, in the order [`PromptTemplate::render`] fills them.
+pub const PLACEHOLDERS: [&str; 3] = ["{post}", "{summary_a}", "{summary_b}"];
+
+/// A judging prompt of the user's own wording (e.g. the DPO paper's published prompt, word for
+/// word), read from a text file with the placeholders `{post}`, `{summary_a}` and `{summary_b}`.
+/// Each must occur exactly once; the replies must still end in a `Preferred: A|B` line (see
+/// [`parse_preferred`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptTemplate {
+    text: String,
+}
+
+impl PromptTemplate {
+    /// Check a template's text; `origin` names it in errors (e.g. the file's path).
+    pub fn parse(text: &str, origin: &str) -> anyhow::Result<Self> {
+        for ph in PLACEHOLDERS {
+            let n = text.matches(ph).count();
+            if n != 1 {
+                anyhow::bail!(
+                    "judge prompt template {origin}: the placeholder {ph} must occur exactly once, \
+                     found {n} times (placeholders: {})",
+                    PLACEHOLDERS.join(", ")
+                );
+            }
+        }
+        Ok(Self {
+            text: text.to_string(),
+        })
+    }
+
+    /// Read and check a template file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("cannot read judge prompt template {}: {e}", path.display())
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The prompt for a post and the summaries shown as A and B (each trimmed). The template is
+    /// scanned once, so a summary that happens to contain a placeholder is left as it is.
+    pub fn render(&self, post: &str, summary_a: &str, summary_b: &str) -> String {
+        let values = [post.trim(), summary_a.trim(), summary_b.trim()];
+        let mut out =
+            String::with_capacity(self.text.len() + values.iter().map(|v| v.len()).sum::<usize>());
+        let mut rest = self.text.as_str();
+        while let Some((at, i)) = PLACEHOLDERS
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ph)| rest.find(ph).map(|at| (at, i)))
+            .min()
+        {
+            out.push_str(&rest[..at]);
+            out.push_str(values[i]);
+            rest = &rest[at + PLACEHOLDERS[i].len()..];
+        }
+        out.push_str(rest);
+        out
+    }
 }
 
 /// Whether the candidate is shown as summary B for this comparison: a fair coin drawn from
@@ -76,19 +137,37 @@ fn is_decoration(c: char) -> bool {
 }
 
 fn parse_value(v: &str) -> Option<Position> {
-    match v.trim_matches(is_decoration) {
-        "A" | "a" => Some(Position::A),
-        "B" | "b" => Some(Position::B),
-        _ => None,
-    }
+    let v = v.trim_matches(is_decoration);
+    // An optional "Summary" / "Option" before the letter ("Summary A").
+    let v = ["summary", "option"]
+        .iter()
+        .find_map(|w| {
+            let head = v.get(..w.len())?;
+            let tail = &v[w.len()..];
+            (head.eq_ignore_ascii_case(w) && tail.starts_with(char::is_whitespace))
+                .then(|| tail.trim_start_matches(is_decoration))
+        })
+        .unwrap_or(v);
+    let mut chars = v.chars();
+    let p = match chars.next()? {
+        'A' | 'a' => Position::A,
+        'B' | 'b' => Position::B,
+        _ => return None,
+    };
+    // After the letter: nothing, or a remark in brackets or after a dash ("A (more concise)",
+    // "B - it is shorter"); anything else ("A or B", "Both") is not a choice.
+    let tail = chars.as_str().trim_start_matches(is_decoration);
+    (tail.is_empty() || tail.starts_with(['(', '[', '-', '\u{2013}', '\u{2014}'])).then_some(p)
 }
 
 /// Read the preference from a judge's reply: the value of its `Preferred:` line(s).
 ///
 /// Lenient about case (`preferred: b`), whitespace, quotes (`"A"`, `'B'`, curly quotes),
 /// markdown emphasis (`**Preferred:** A`) and trailing punctuation (`A.`); a label with an
-/// empty value takes the next non-empty line. Anything else is unparseable (`None`): no such
-/// line, a value other than A or B (e.g. `Summary A`, `Both`), or several lines that disagree.
+/// empty value takes the next non-empty line; a leading `Summary` or `Option` (`Summary A`) and
+/// a remark after the letter in brackets or after a dash (`A (more concise)`) are allowed.
+/// Anything else is unparseable (`None`): no such line, a value other than A or B (e.g. `Both`,
+/// `A or B`, `Summary C`), or several lines that disagree.
 pub fn parse_preferred(reply: &str) -> Option<Position> {
     let lines: Vec<&str> = reply.lines().collect();
     let mut found: Option<Position> = None;
@@ -137,6 +216,28 @@ mod tests {
     }
 
     #[test]
+    fn templates_fill_each_placeholder_once() {
+        let t = PromptTemplate::parse(
+            "Post: {post}\nFirst: {summary_a}\nSecond: {summary_b}\nPreferred: A or B?",
+            "t.txt",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(" the post ", "a {summary_b}", "b"),
+            "Post: the post\nFirst: a {summary_b}\nSecond: b\nPreferred: A or B?"
+        );
+        for bad in [
+            "{post} {summary_a}",
+            "{post} {summary_a} {summary_b} {post}",
+        ] {
+            let e = PromptTemplate::parse(bad, "bad.txt")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("bad.txt") && e.contains("exactly once"), "{e}");
+        }
+    }
+
+    #[test]
     fn post_text_drops_tldr_cue() {
         let prompt = "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: body text\n\nTL;DR:";
         assert_eq!(
@@ -173,9 +274,24 @@ mod tests {
             ("Comparison: x\nPreferred:\n\nB\n", Some(B)),
             ("Comparison: x\r\nPreferred: A\r\n", Some(A)),
             ("Preferred: A\nPreferred: A", Some(A)),
+            ("Comparison: x\nPreferred: Summary A", Some(A)),
+            ("Comparison: x\nPreferred: **Summary B**", Some(B)),
+            ("Comparison: x\nPreferred: option b.", Some(B)),
+            ("Comparison: x\nPreferred: A (more concise)", Some(A)),
+            (
+                "Comparison: x\nPreferred: B - it keeps the key point",
+                Some(B),
+            ),
+            ("Comparison: x\nPreferred: \"B\" [shorter]", Some(B)),
             // unparseable
             ("Comparison: both are fine.", None),
-            ("Comparison: x\nPreferred: Summary A", None),
+            ("Comparison: x\nPreferred: Summary C", None),
+            ("Comparison: x\nPreferred: Summary", None),
+            ("Comparison: x\nPreferred: Summary A or B", None),
+            ("Comparison: x\nPreferred: Options A", None),
+            ("Comparison: x\nPreferred: Absolutely A", None),
+            ("Comparison: x\nPreferred: AB", None),
+            ("Comparison: x\nPreferred: B, A", None),
             ("Comparison: x\nPreferred: Both", None),
             ("Comparison: x\nPreferred: A or B", None),
             ("Comparison: x\nPreferred:", None),
