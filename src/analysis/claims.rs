@@ -1284,6 +1284,17 @@ pub fn c7_no_signal(rows: &[ResultRow], th: &Thresholds) -> Verdict {
             for m in metrics {
                 let mc = metric_correlation(obj, size, m, &cell, th.n_boot, th.seed);
                 match (&mc.corr, &mc.problem) {
+                    (Some(c), _) if !(c.spearman_lo.is_finite() && c.spearman_hi.is_finite()) => {
+                        // Without an interval the rule cannot tell signal from noise.
+                        sub.push(NotEvaluated);
+                        details.push(format!(
+                            "{} rho {}: no bootstrap interval ({} of {} resamples defined)",
+                            m.name(),
+                            f3(c.spearman),
+                            c.n_boot_ok,
+                            th.n_boot
+                        ));
+                    }
                     (Some(c), _) => {
                         let signal = c.spearman.abs() >= th.c7_rho && c.spearman_excludes_zero();
                         sub.push(VerdictKind::from_bool(!signal));
@@ -1806,6 +1817,21 @@ mod tests {
         let v = c5_fit(&no_sft, &t);
         assert_verdict(&v, NotEvaluated);
         assert!(v.summary.contains("no SFT row"), "{}", v.summary);
+        // Three DAA seeds from one SFT model (its row has seed 0 only, as the sweep writes it):
+        // every DAA row keeps the SFT baseline of its size.
+        let seeds = World {
+            seeds: vec![0, 1, 2],
+            ..noisy.clone()
+        };
+        let rows: Vec<ResultRow> = seeds
+            .rows()
+            .into_iter()
+            .filter(|r| !r.is_sft() || r.seed == 0)
+            .collect();
+        let gp = crate::analysis::fits::gain_points(&rows);
+        assert!(gp.dropped.is_empty(), "{:?}", gp.dropped.first());
+        assert_eq!(gp.points.len(), rows.iter().filter(|r| !r.is_sft()).count());
+        assert_verdict(&c5_fit(&rows, &t), Holds);
     }
 
     fn samples(r2_up_with_beta: bool, sizes: &[&str]) -> Vec<SampleRow> {
@@ -1881,6 +1907,11 @@ mod tests {
             "{}",
             v.summary
         );
+        // Without bootstrap intervals the rule cannot pass a metric that tracks the win rate.
+        let no_boot = Thresholds { n_boot: 0, ..th() };
+        let v = c7_no_signal(&tied.rows(), &no_boot);
+        assert_verdict(&v, NotEvaluated);
+        assert!(v.summary.contains("no bootstrap interval"), "{}", v.summary);
     }
 
     #[test]

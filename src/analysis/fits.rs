@@ -313,13 +313,20 @@ pub struct GainPoints {
     pub dropped: Vec<Dropped>,
 }
 
-/// Turn result rows into gain points. A DAA row is dropped (and listed with the reason) when
-/// its kl or win_rate is not finite, or when no SFT row of the same size and seed with a
-/// finite win rate exists (several such SFT rows are averaged).
+/// Turn result rows into gain points. The baseline of a DAA row is the mean win rate of the
+/// SFT rows of its size and seed, else (the usual case when several DAA seeds start from one
+/// SFT model) of all SFT rows of its size. A DAA row is dropped (and listed with the reason)
+/// when its kl or win_rate is not finite, or when its size has no SFT row with a finite win
+/// rate.
 pub fn gain_points(rows: &[ResultRow]) -> GainPoints {
     let mut sft: BTreeMap<(&str, u64), Vec<f64>> = BTreeMap::new();
+    let mut sft_any_seed: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.is_sft() && r.win_rate.is_finite()) {
         sft.entry((r.size.as_str(), r.seed))
+            .or_default()
+            .push(r.win_rate);
+        sft_any_seed
+            .entry(r.size.as_str())
             .or_default()
             .push(r.win_rate);
     }
@@ -339,10 +346,13 @@ pub fn gain_points(rows: &[ResultRow]) -> GainPoints {
                 .push(drop(format!("{what}: kl or win_rate is not finite")));
             continue;
         }
-        let Some(base) = sft.get(&(r.size.as_str(), r.seed)) else {
+        let Some(base) = sft
+            .get(&(r.size.as_str(), r.seed))
+            .or_else(|| sft_any_seed.get(r.size.as_str()))
+        else {
             out.dropped.push(drop(format!(
-                "{what}: no SFT row (objective \"sft\") with a finite win rate for size {} seed {}",
-                r.size, r.seed
+                "{what}: no SFT row (objective \"sft\") with a finite win rate for size {}",
+                r.size
             )));
             continue;
         };
