@@ -218,7 +218,19 @@ pub struct CollectArgs {
 }
 
 pub fn collect(a: CollectArgs) -> Result<()> {
-    let (rows, samples) = crate::sweep::teach::collect_results(&a.out.join("results"))?;
+    let dir = a.out.join("results");
+    let (rows, samples) = crate::sweep::teach::collect_results(&dir)?;
+    // Refuse before writing anything: with no per-run results the tables, claims and figures
+    // would be overwritten by empty ones (e.g. when pointed at artifact/expected/teach, which
+    // holds the finished tables but no results/ folder).
+    if rows.is_empty() {
+        bail!(
+            "collect: no per-run results in {} (expected one <run>.json per finished run, as \
+             `overopt sweep` or `overopt reproduce` write them); nothing written to {}",
+            dir.display(),
+            a.out.display()
+        );
+    }
     crate::sweep::tables::write_tables(&a.out, &rows, &samples)?;
     crate::plots::write_report(&a.out, &rows, &samples, None)?;
     println!(
@@ -387,6 +399,36 @@ mod tests {
         z: 4.0,
         subset: false,
     };
+
+    #[test]
+    fn collect_without_per_run_results_refuses_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder like artifact/expected/teach: finished tables, no results/ folder.
+        std::fs::write(dir.path().join("results.csv"), "kept\n").unwrap();
+        let args = || CollectArgs {
+            out: dir.path().to_path_buf(),
+        };
+        let err = collect(args()).unwrap_err().to_string();
+        let results = dir.path().join("results");
+        assert!(
+            err.contains("no per-run results") && err.contains(&results.display().to_string()),
+            "{err}"
+        );
+        // An empty results/ folder is refused the same way.
+        std::fs::create_dir(&results).unwrap();
+        let err = collect(args()).unwrap_err().to_string();
+        assert!(err.contains("no per-run results"), "{err}");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["results", "results.csv"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("results.csv")).unwrap(),
+            "kept\n"
+        );
+    }
 
     #[test]
     fn identical_tables_pass_and_missing_or_extra_rows_fail() {
