@@ -11,8 +11,8 @@
 #   lab [jupyter lab args]
 #       JupyterLab with the Rust kernel (environment/lab.sh); in the image it listens on
 #       0.0.0.0:8888 (/etc/jupyter/jupyter_server_config.py) and prints its URL with a token.
-#   sweep | collect | compare | sft | daa | score | sample | judge ...   (or `overopt ...`)
-#       the `overopt` command itself.
+#   sweep | collect | compare | sft | daa | score | sample | judge | export-tldr ...
+#       (or `overopt ...`) the `overopt` command itself.
 #   bash ... | sh ...   a shell in the image.   help   this text.
 #
 # Secrets are never baked into the image: HF_TOKEN (the Hugging Face hub), OPENAI_API_KEY and
@@ -154,7 +154,7 @@ lab)
 overopt)
     exec "$(pick_bin)" "$@"
     ;;
-sweep | collect | compare | sft | daa | score | sample | judge)
+sweep | collect | compare | sft | daa | score | sample | judge | export-tldr)
     secrets
     exec "$(pick_bin)" "$cmd" "$@"
     ;;

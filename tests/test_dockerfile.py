@@ -647,12 +647,14 @@ def test_entrypoint_dispatch():
         out += run("reproduce", "--section=length", "--out", str(d / "mine"))
         out += run("sweep", "--list")
         out += run("overopt", "compare", "--expected", "a", "--actual", "b")
+        out += run("export-tldr", "--data", "data.toml")
         calls = log.read_text().splitlines()
         assert calls == [
             f"reproduce --section toy-mdp --scale teach --out {d / 'out' / 'teach'}",
             f"reproduce --section=length --out {d / 'mine'}",
             "sweep --list",
             "compare --expected a --actual b",
+            "export-tldr --data data.toml",
         ], calls
         assert "HF_TOKEN set" in out and "OPENAI_BASE_URL not set" in out, out
         assert "secret_value" not in out and "secret-value" not in out, "a secret was printed"
