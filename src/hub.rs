@@ -31,23 +31,52 @@ fn truthy(v: &str) -> bool {
     )
 }
 
+/// `p` with a leading `~` (alone or before a path separator) replaced by `home`, as Python's
+/// `os.path.expanduser` does; other paths (and `~user`) unchanged, as is `p` without a home.
+fn expand_home(p: &str, home: Option<&str>) -> PathBuf {
+    match (p.strip_prefix('~'), home) {
+        (Some(rest), Some(home))
+            if rest.is_empty() || rest.starts_with(std::path::is_separator) =>
+        {
+            PathBuf::from(home).join(rest.trim_start_matches(std::path::is_separator))
+        }
+        _ => PathBuf::from(p),
+    }
+}
+
+/// How many times a download that breaks off is resumed (hf-hub waits longer before each).
+const DOWNLOAD_RETRIES: usize = 5;
+
 impl HubAccess {
-    /// Read the settings from variables given by `get` (the environment in [`HubAccess::from_env`]):
-    /// cache `HF_HUB_CACHE`, else `HF_HOME/hub`, else `$HOME/.cache/huggingface/hub`; offline
-    /// when `HF_HUB_OFFLINE` is truthy; `HF_ENDPOINT`; token `HF_TOKEN`.
+    /// Read the settings from variables given by `get` (the environment in [`HubAccess::from_env`])
+    /// with the precedence of the Python hub client: cache `HF_HUB_CACHE`, else the legacy
+    /// `HUGGINGFACE_HUB_CACHE`, else `<HF_HOME>/hub`, where HF_HOME defaults to
+    /// `$XDG_CACHE_HOME/huggingface`, else `$HOME/.cache/huggingface`; a leading `~` in any of
+    /// these is `$HOME`. Offline when `HF_HUB_OFFLINE` is truthy, or when it is unset and the
+    /// legacy `TRANSFORMERS_OFFLINE` is. `HF_ENDPOINT`; token `HF_TOKEN`. Empty values count as
+    /// unset.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Self {
         let nonempty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        let cache_dir = if let Some(p) = nonempty("HF_HUB_CACHE") {
-            PathBuf::from(p)
-        } else if let Some(p) = nonempty("HF_HOME") {
-            PathBuf::from(p).join("hub")
+        let home = nonempty("HOME");
+        let expand = |p: String| expand_home(&p, home.as_deref());
+        let cache_dir = if let Some(p) =
+            nonempty("HF_HUB_CACHE").or_else(|| nonempty("HUGGINGFACE_HUB_CACHE"))
+        {
+            expand(p)
         } else {
-            let home = nonempty("HOME").unwrap_or_else(|| ".".into());
-            PathBuf::from(home).join(".cache/huggingface/hub")
+            let hf_home = match nonempty("HF_HOME") {
+                Some(p) => expand(p),
+                None => nonempty("XDG_CACHE_HOME")
+                    .map(expand)
+                    .unwrap_or_else(|| PathBuf::from(home.as_deref().unwrap_or(".")).join(".cache"))
+                    .join("huggingface"),
+            };
+            hf_home.join("hub")
         };
+        let offline = nonempty("HF_HUB_OFFLINE").or_else(|| nonempty("TRANSFORMERS_OFFLINE"));
         Self {
             cache_dir,
-            offline: nonempty("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v)),
+            offline: offline.is_some_and(|v| truthy(&v)),
             endpoint: nonempty("HF_ENDPOINT"),
             token: nonempty("HF_TOKEN"),
         }
@@ -102,17 +131,28 @@ impl HubAccess {
         p.exists().then_some(p)
     }
 
-    fn api(&self) -> Result<hf_hub::api::sync::Api> {
+    /// The hub client's settings: this cache, endpoint and token; an interrupted download is
+    /// resumed up to [`DOWNLOAD_RETRIES`] times; a progress bar when `progress`.
+    fn api_builder(&self, progress: bool) -> hf_hub::api::sync::ApiBuilder {
         let mut b = hf_hub::api::sync::ApiBuilder::from_env()
             .with_cache_dir(self.cache_dir.clone())
-            .with_progress(false);
+            .with_retries(DOWNLOAD_RETRIES)
+            .with_progress(progress);
         if let Some(e) = &self.endpoint {
             b = b.with_endpoint(e.clone());
         }
         if self.token.is_some() {
             b = b.with_token(self.token.clone());
         }
-        b.build().context("cannot start the hub client")
+        b
+    }
+
+    /// The hub client, with a progress bar only when stderr is a terminal (not in logs).
+    fn api(&self) -> Result<hf_hub::api::sync::Api> {
+        use std::io::IsTerminal;
+        self.api_builder(std::io::stderr().is_terminal())
+            .build()
+            .context("cannot start the hub client")
     }
 
     /// Fetch `file` of `repo`: from the cache if present, else through the hub API (which
@@ -123,7 +163,8 @@ impl HubAccess {
         }
         if self.offline {
             bail!(
-                "{file} of {} is not in the hub cache {} and offline mode is on (HF_HUB_OFFLINE)",
+                "{file} of {} is not in the hub cache {} and offline mode is on \
+                 (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)",
                 Self::describe(repo),
                 self.cache_dir.display()
             );
@@ -152,7 +193,7 @@ impl HubAccess {
         if self.offline {
             bail!(
                 "no {suffix} files under {dir}/ of {} in the hub cache {} and offline mode is on \
-                 (HF_HUB_OFFLINE)",
+                 (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)",
                 Self::describe(repo),
                 self.cache_dir.display()
             );
@@ -251,6 +292,90 @@ mod tests {
         assert_eq!(a.cache_dir, PathBuf::from("/u/.cache/huggingface/hub"));
         assert!(a.offline);
         assert!(!HubAccess::from_vars(vars(&[])).offline);
+    }
+
+    #[test]
+    fn cache_precedence_follows_the_python_client() {
+        let cache = |pairs: &[(&str, &str)]| HubAccess::from_vars(vars(pairs)).cache_dir;
+        let all = [
+            ("HOME", "/u"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HF_HOME", "/h"),
+            ("HUGGINGFACE_HUB_CACHE", "/legacy"),
+            ("HF_HUB_CACHE", "/c"),
+        ];
+        // Each variable wins over those before it; empty values count as unset.
+        let want = [
+            "/u/.cache/huggingface/hub",
+            "/x/huggingface/hub",
+            "/h/hub",
+            "/legacy",
+            "/c",
+        ];
+        for (n, want) in want.iter().enumerate() {
+            assert_eq!(cache(&all[..=n]), PathBuf::from(want), "{:?}", &all[..=n]);
+            let mut emptied = all.to_vec();
+            emptied[n + 1..].iter_mut().for_each(|kv| kv.1 = "");
+            assert_eq!(cache(&emptied), PathBuf::from(want), "{emptied:?}");
+        }
+        // A leading `~` is $HOME in every one of them; `~user` and inner `~` are left alone.
+        let home = ("HOME", "/u");
+        assert_eq!(cache(&[home, ("HF_HUB_CACHE", "~")]), PathBuf::from("/u"));
+        assert_eq!(
+            cache(&[home, ("HUGGINGFACE_HUB_CACHE", "~/l")]),
+            PathBuf::from("/u/l")
+        );
+        assert_eq!(
+            cache(&[home, ("HF_HOME", "~/h")]),
+            PathBuf::from("/u/h/hub")
+        );
+        assert_eq!(
+            cache(&[home, ("XDG_CACHE_HOME", "~/x")]),
+            PathBuf::from("/u/x/huggingface/hub")
+        );
+        assert_eq!(
+            cache(&[home, ("HF_HUB_CACHE", "~bob/c")]),
+            PathBuf::from("~bob/c")
+        );
+        assert_eq!(
+            cache(&[home, ("HF_HUB_CACHE", "/a/~/c")]),
+            PathBuf::from("/a/~/c")
+        );
+    }
+
+    #[test]
+    fn transformers_offline_counts_only_when_hf_hub_offline_is_unset() {
+        let offline = |pairs: &[(&str, &str)]| HubAccess::from_vars(vars(pairs)).offline;
+        assert!(offline(&[("TRANSFORMERS_OFFLINE", "1")]));
+        assert!(offline(&[
+            ("HF_HUB_OFFLINE", ""),
+            ("TRANSFORMERS_OFFLINE", "yes")
+        ]));
+        assert!(!offline(&[("TRANSFORMERS_OFFLINE", "0")]));
+        // As in the Python client, a set HF_HUB_OFFLINE decides alone.
+        assert!(!offline(&[
+            ("HF_HUB_OFFLINE", "0"),
+            ("TRANSFORMERS_OFFLINE", "1")
+        ]));
+        assert!(offline(&[
+            ("HF_HUB_OFFLINE", "1"),
+            ("TRANSFORMERS_OFFLINE", "0")
+        ]));
+    }
+
+    #[test]
+    fn downloads_are_resumed_and_show_progress_only_when_asked() {
+        // hf-hub 0.4.3 has no getters; its builder's Debug output shows the settings.
+        let access = HubAccess::offline_cache("/c");
+        for progress in [false, true] {
+            let b = format!("{:?}", access.api_builder(progress));
+            assert!(
+                b.contains(&format!("max_retries: {DOWNLOAD_RETRIES},")),
+                "{b}"
+            );
+            assert!(b.contains(&format!("progress: {progress},")), "{b}");
+        }
+        assert!(!format!("{:?}", access.api_builder(false)).contains("max_retries: 0,"));
     }
 
     #[test]

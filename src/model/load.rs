@@ -113,7 +113,18 @@ pub fn locate(source: &str, revision: Option<&str>) -> Result<ModelFiles> {
     })
 }
 
+/// Whether `name` is one of the non-parameter buffers that HF GPT-NeoX checkpoints may carry
+/// (rotary `inv_freq`, the causal mask `attention.bias` and `attention.masked_bias`); the
+/// model computes these itself. Parameters such as `attention.dense.bias` are not buffers.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with(".rotary_emb.inv_freq")
+        || name.ends_with(".attention.bias")
+        || name.ends_with(".attention.masked_bias")
+}
+
 /// Read the tensors of safetensors files into memory, checking each file's integrity.
+/// Non-parameter buffers (see `is_buffer`) are skipped unread: they cost memory, and newer
+/// transformers store the causal mask as BOOL, a dtype candle cannot load.
 /// Errors name the file (and the tensor when one is at fault).
 pub fn read_safetensors(
     files: &[PathBuf],
@@ -130,6 +141,9 @@ pub fn read_safetensors(
             )
         })?;
         for (name, view) in st.tensors() {
+            if is_buffer(&name) {
+                continue;
+            }
             let t = candle_core::safetensors::Load::load(&view, device).with_context(|| {
                 format!("weights file {}: cannot load tensor {name}", f.display())
             })?;
@@ -168,10 +182,7 @@ pub fn assign_weights(varmap: &VarMap, tensors: &HashMap<String, (Tensor, PathBu
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     for (name, (_, file)) in tensors {
-        let is_buffer = name.ends_with(".rotary_emb.inv_freq")
-            || name.ends_with(".attention.bias")
-            || name.ends_with(".attention.masked_bias");
-        if !data.contains_key(name) && !is_buffer {
+        if !data.contains_key(name) && !is_buffer(name) {
             bail!(
                 "weights file {}: unexpected tensor {name} (not a GPT-NeoX parameter)",
                 file.display()
@@ -299,4 +310,43 @@ pub fn weights_hash(model: &GptNeoX) -> Result<String> {
         h.update(&bytes);
     }
     Ok(h.hex())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_told_from_parameters_and_not_read() {
+        for name in [
+            "gpt_neox.layers.3.attention.bias",
+            "gpt_neox.layers.3.attention.masked_bias",
+            "gpt_neox.layers.3.attention.rotary_emb.inv_freq",
+        ] {
+            assert!(is_buffer(name), "{name}");
+        }
+        for name in [
+            "gpt_neox.layers.3.attention.dense.bias",
+            "gpt_neox.layers.3.attention.query_key_value.bias",
+            "gpt_neox.layers.3.mlp.dense_h_to_4h.bias",
+        ] {
+            assert!(!is_buffer(name), "{name}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("model.safetensors");
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[1f32, 2.0], &dev).unwrap();
+        let tensors: HashMap<String, Tensor> = [
+            ("gpt_neox.layers.0.attention.dense.bias", w.clone()),
+            ("gpt_neox.layers.0.attention.masked_bias", w.clone()),
+            ("gpt_neox.layers.0.attention.rotary_emb.inv_freq", w),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+        candle_core::safetensors::save(&tensors, &f).unwrap();
+        let read = read_safetensors(&[f], &dev).unwrap();
+        let names: Vec<&String> = read.keys().collect();
+        assert_eq!(names, ["gpt_neox.layers.0.attention.dense.bias"]);
+    }
 }
