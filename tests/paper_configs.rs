@@ -1,6 +1,7 @@
 //! The paper-scale configs in artifact/configs/paper parse with the crate's schemas, carry the
-//! settings of SPEC section 1, and the grid file (its schema is documented in the folder's
-//! README.md and mirrored here) expands to the 63 DAA runs.
+//! settings of SPEC section 1 and the single-GPU settings their README documents, and the grid
+//! file (its schema is documented in the folder's README.md and mirrored here) expands to the 63
+//! DAA runs.
 
 use overopt::data::tldr::TldrConfig;
 use overopt::train::config::RunConfig;
@@ -36,6 +37,7 @@ struct GridModel {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GridEval {
+    prompt_file: PathBuf,
     prompts: usize,
     temperature: f64,
     top_k: usize,
@@ -57,9 +59,13 @@ fn neox_params(layers: u64, hidden: u64, vocab: u64) -> u64 {
 
 /// The run settings SPEC section 1 fixes for every SFT and DAA run.
 fn check_common(c: &RunConfig, file: &str) {
+    // 128 examples per optimizer step, however they are split into micro-batches.
     assert_eq!(c.train.batch_size, 128, "{file}");
-    assert_eq!(c.train.micro_batch_size, 16, "{file}");
-    assert_eq!(c.train.accumulation_steps(), 8, "{file}");
+    assert_eq!(
+        c.train.micro_batch_size * c.train.accumulation_steps(),
+        128,
+        "{file}: micro-batch x accumulation steps"
+    );
     assert_eq!(c.optim.lr, 5e-7, "{file}");
     assert_eq!(c.optim.warmup_steps, 150, "{file}");
     assert_eq!(c.optim.alpha, 0.99, "{file}");
@@ -73,9 +79,69 @@ fn check_common(c: &RunConfig, file: &str) {
     assert_eq!(c.model.dtype, "f32", "{file}: f32 master weights");
 }
 
+/// The settings that fit one H200 (README.md, "Single-GPU settings"): file, micro-batch,
+/// bf16 autocast, activation checkpointing.
+const SINGLE_GPU: [(&str, usize, bool, bool); 6] = [
+    ("sft-pythia-1b.toml", 16, false, false),
+    ("daa-pythia-1b.toml", 16, false, false),
+    ("sft-pythia-2.8b.toml", 8, false, false),
+    ("daa-pythia-2.8b.toml", 4, false, false),
+    ("sft-pythia-6.9b.toml", 4, true, true),
+    ("daa-pythia-6.9b.toml", 2, true, true),
+];
+
+/// `file` has the single-GPU settings of [`SINGLE_GPU`], its comment on `micro_batch_size`
+/// names the accumulation steps that follow from it, and the README's table row for the file
+/// says the same.
+fn check_single_gpu(c: &RunConfig, file: &str, readme: &str) {
+    let &(_, micro, autocast, ckpt) = SINGLE_GPU
+        .iter()
+        .find(|s| s.0 == file)
+        .unwrap_or_else(|| panic!("{file}: not in SINGLE_GPU"));
+    let accum = 128 / micro;
+    assert_eq!(c.train.micro_batch_size, micro, "{file}");
+    assert_eq!(c.train.accumulation_steps(), accum, "{file}");
+    let want = if autocast {
+        overopt::train::config::Autocast::Bf16
+    } else {
+        overopt::train::config::Autocast::Off
+    };
+    assert_eq!(c.model.autocast, want, "{file}: autocast");
+    assert_eq!(c.model.checkpoint_layers, ckpt, "{file}: checkpoint_layers");
+
+    let text = std::fs::read_to_string(dir().join(file)).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("micro_batch_size"))
+        .unwrap_or_else(|| panic!("{file}: no micro_batch_size line"));
+    assert!(
+        line.contains(&format!("# x {accum} gradient-accumulation steps")),
+        "{file}: the comment of `{line}` does not say {accum} accumulation steps"
+    );
+
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with(&format!("| `{file}` |")))
+        .unwrap_or_else(|| panic!("README.md: no row for {file} in the single-GPU table"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    // | file | micro-batch x accumulation | autocast | checkpoint_layers | ...
+    assert_eq!(cells[2], format!("{micro} x {accum}"), "README.md: {row}");
+    assert_eq!(
+        cells[3],
+        if autocast { "`bf16`" } else { "off" },
+        "README.md: {row}"
+    );
+    assert_eq!(
+        cells[4],
+        if ckpt { "on" } else { "off" },
+        "README.md: {row}"
+    );
+}
+
 #[test]
 fn paper_grid_and_run_configs_match_the_spec() {
     let d = dir();
+    let readme = std::fs::read_to_string(d.join("README.md")).unwrap();
     let grid: Grid =
         toml::from_str(&std::fs::read_to_string(d.join("grid.toml")).unwrap()).unwrap();
     assert_eq!(grid.schema, "overopt-paper-grid/1");
@@ -119,6 +185,7 @@ fn paper_grid_and_run_configs_match_the_spec() {
         let sft_file = d.join(&m.sft);
         let sft = RunConfig::from_file(&sft_file).unwrap();
         check_common(&sft, &m.sft.display().to_string());
+        check_single_gpu(&sft, &m.sft.display().to_string(), &readme);
         assert_eq!(sft.model.source, m.source);
         assert_eq!(sft.model.revision.as_deref(), Some(m.revision.as_str()));
         assert!(sft.daa.is_none());
@@ -129,6 +196,7 @@ fn paper_grid_and_run_configs_match_the_spec() {
         // The DAA template starts from the SFT's last checkpoint: 116,722 / 128 = 911 steps.
         let tmpl = RunConfig::from_file(&d.join(&m.daa)).unwrap();
         check_common(&tmpl, &m.daa.display().to_string());
+        check_single_gpu(&tmpl, &m.daa.display().to_string(), &readme);
         assert_eq!(tmpl.train.checkpoints, [0.25, 0.5, 0.75, 1.0]);
         let last_sft = sft.out_dir.join(format!("step-{:06}", 116_722 / 128));
         assert_eq!(Path::new(&tmpl.model.source), last_sft);
@@ -158,7 +226,25 @@ fn paper_grid_and_run_configs_match_the_spec() {
     let dirs: BTreeSet<_> = runs.iter().map(|r| r.out_dir.clone()).collect();
     assert_eq!(dirs.len(), 63);
 
+    // Evaluation prompts and their reference summaries come from the SFT set's held-out split
+    // (`prompt`, and `response` = the human summary) in the folder `overopt export-tldr` writes
+    // and the run configs read; not from the preference pairs, which have no reference summary.
     let e = &grid.eval;
+    assert_eq!(
+        e.prompt_file.file_name().unwrap(),
+        "sft-eval.jsonl",
+        "grid.toml: [eval] prompt_file"
+    );
+    assert_ne!(data.sft.eval_split, data.sft.train_split);
+    assert!(data.sft.max_eval.is_none_or(|n| n >= e.prompts));
+    for r in &runs {
+        assert_eq!(
+            e.prompt_file.parent(),
+            r.data.train.parent(),
+            "the eval prompts are not in the folder of {}",
+            r.data.train.display()
+        );
+    }
     assert_eq!((e.prompts, e.top_k, e.max_length), (256, 50, 512));
     assert_eq!(e.temperature, 1.0);
     assert_eq!(e.samples_per_prompt, 1);

@@ -1,5 +1,12 @@
 //! `overopt export-tldr`: the TL;DR sets of a paper-scale data config as the JSON-lines files
 //! that `overopt sft` / `overopt daa` read (the `data.train` paths of artifact/configs/paper).
+//!
+//! The held-out files have different uses. `sft-eval.jsonl` (the SFT set's evaluation split)
+//! holds the evaluation prompts with their human-written reference summaries as `response`:
+//! the policy samples from those prompts and the judge compares each sample with that
+//! reference (`[eval] prompt_file` of artifact/configs/paper/grid.toml). `prefs-eval.jsonl`
+//! (the comparisons' evaluation split) holds preference pairs, which have no reference summary;
+//! it is for the held-out DAA loss, implicit-reward accuracy and E[r(x, y_w)].
 
 use crate::data::tldr::{self, Loaded, Split, TldrConfig};
 use crate::hub::HubAccess;
@@ -14,8 +21,9 @@ pub struct ExportArgs {
     /// artifact/configs/paper/data.toml).
     #[arg(long)]
     pub data: PathBuf,
-    /// Output folder: sft-train.jsonl, sft-eval.jsonl, prefs-train.jsonl, prefs-eval.jsonl and
-    /// export.json (counts and the parquet files read).
+    /// Output folder: sft-train.jsonl, sft-eval.jsonl (evaluation prompts with their reference
+    /// summaries), prefs-train.jsonl, prefs-eval.jsonl (held-out pairs) and export.json (counts
+    /// and the parquet files read).
     #[arg(long, default_value = "runs/paper/data")]
     pub out: PathBuf,
 }

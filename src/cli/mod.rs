@@ -47,7 +47,8 @@ pub enum Command {
     /// line per input and a summary JSON (win rate, interval, position bias, tokens, cost).
     Judge(judge_cmd::JudgeArgs),
     /// Export the TL;DR SFT and preference sets of a data config (hub parquet, cache first) as
-    /// the JSON lines that `sft` / `daa` read: sft-train, sft-eval, prefs-train, prefs-eval.
+    /// the JSON lines that `sft` / `daa` read: sft-train, sft-eval (evaluation prompts with
+    /// their reference summaries), prefs-train, prefs-eval (held-out pairs).
     ExportTldr(data_cmds::ExportArgs),
 }
 

@@ -16,7 +16,12 @@
 //! Preference rows: `chosen = summaries[choice].text`, `rejected = summaries[1 - choice].text`.
 //! Rows without a post that carry an article instead (the CNN/Daily Mail items of the
 //! comparisons' validation split) are dropped and counted; any other null post is an error.
-//! The comparisons have no test split: evaluation uses `validation`.
+//! The comparisons have no test split: their held-out pairs come from `validation`.
+//!
+//! Held-out sets: the SFT set's evaluation split gives the evaluation prompts and, as each
+//! record's response, the human-written reference summary that the judge compares policy
+//! samples with. The comparisons' evaluation split gives preference pairs (no reference
+//! summary) for the held-out DAA loss, implicit-reward accuracy and E[r(x, y_w)].
 //!
 //! Token form: prompt and response are tokenized separately (no special tokens) and cut with
 //! the reference code's rule ([`truncate_pair`], [`truncate_pref`]).
@@ -105,6 +110,7 @@ pub struct SftSource {
     pub format: SftFormat,
     #[serde(default = "default_train")]
     pub train_split: String,
+    /// The held-out split: evaluation prompts with their reference summaries.
     #[serde(default = "default_validation")]
     pub eval_split: String,
     /// Keep at most this many examples of the training split (file order).
@@ -142,7 +148,7 @@ pub struct PrefSource {
     pub config: String,
     #[serde(default = "default_train")]
     pub train_split: String,
-    /// The comparisons have no test split; the validation split is the held-out set.
+    /// The comparisons have no test split; the validation split holds the held-out pairs.
     #[serde(default = "default_validation")]
     pub eval_split: String,
     #[serde(default)]
