@@ -396,7 +396,11 @@ fn beta_str(b: f64) -> String {
 #[derive(Clone, Copy, PartialEq)]
 enum Axis {
     SqrtKl,
+    /// The implicit reward of the chosen response, beta included (SPEC's r(x, y_w)).
     SqrtNegChosen,
+    /// The same without beta: E[log pi/pi_ref (y_w)], which the paper's section 3.5 equates with
+    /// minus the forward KL (the SFT policy, beta 0, sits at 0).
+    SqrtNegChosenLogRatio,
 }
 
 impl Axis {
@@ -404,6 +408,8 @@ impl Axis {
         match self {
             Axis::SqrtKl => p.d(),
             Axis::SqrtNegChosen => signed_sqrt_neg(p.chosen),
+            Axis::SqrtNegChosenLogRatio if p.beta > 0.0 => signed_sqrt_neg(p.chosen / p.beta),
+            Axis::SqrtNegChosenLogRatio => signed_sqrt_neg(p.chosen),
         }
     }
 
@@ -411,7 +417,12 @@ impl Axis {
         match self {
             Axis::SqrtKl => "sqrt(KL)",
             Axis::SqrtNegChosen => "sqrt(-E[r(x,y_w)])",
+            Axis::SqrtNegChosenLogRatio => "sqrt(-E[r(x,y_w)]/beta)",
         }
+    }
+
+    fn needs_chosen(self) -> bool {
+        self != Axis::SqrtKl
     }
 }
 
@@ -502,18 +513,21 @@ fn hump_claim(id: &str, rows: &[ResultRow], axis: Axis, th: &Thresholds) -> Verd
         m = th.min_margin,
         z = th.hump_z,
         b = th.min_betas,
-        extra = if axis == Axis::SqrtNegChosen {
-            "; x = sqrt(-E[r]) with E[r] the mean implicit reward of the chosen held-out response \
-             (signed square root -sqrt(E[r]) when E[r] > 0)"
-        } else {
-            ""
+        extra = match axis {
+            Axis::SqrtKl => "",
+            Axis::SqrtNegChosen =>
+                "; x = sqrt(-E[r]) with E[r] the mean implicit reward of the chosen held-out \
+                 response (signed square root -sqrt(E[r]) when E[r] > 0)",
+            Axis::SqrtNegChosenLogRatio =>
+                "; x = sqrt(-E[r]/beta), E[r]/beta the mean log-ratio log pi/pi_ref of the \
+                 chosen held-out response (signed square root when positive)",
         }
     );
     let sizes = sizes_of(rows);
     if sizes.is_empty() {
         return not_evaluated(id, rule, "no result rows");
     }
-    let need_chosen = axis == Axis::SqrtNegChosen;
+    let need_chosen = axis.needs_chosen();
     let mut obj_v = Vec::new();
     let mut numbers = serde_json::Map::new();
     let mut summary = Vec::new();
@@ -621,9 +635,30 @@ pub fn c1_hump(rows: &[ResultRow], th: &Thresholds) -> Verdict {
     hump_claim("C1", rows, Axis::SqrtKl, th)
 }
 
-/// C8 (likelihoods): win rate against sqrt(-E[r(x, y_w)]) shows the same hump.
+/// C8 (likelihoods): win rate against sqrt(-E[r(x, y_w)]) shows the same hump. The verdict
+/// uses SPEC's axis (the implicit reward, beta included); the same rule on the log-ratio without
+/// beta (the paper's forward-KL reading of the axis, section 3.5) is reported beside it, under
+/// `numbers.without_beta`, and does not change the verdict.
 pub fn c8_likelihood_hump(rows: &[ResultRow], th: &Thresholds) -> Verdict {
-    hump_claim("C8", rows, Axis::SqrtNegChosen, th)
+    let mut v = hump_claim("C8", rows, Axis::SqrtNegChosen, th);
+    let alt = hump_claim("C8", rows, Axis::SqrtNegChosenLogRatio, th);
+    if let Value::Object(m) = &mut v.numbers {
+        let mut a = match alt.numbers {
+            Value::Object(a) => a,
+            other => serde_json::Map::from_iter([("reason".to_string(), other)]),
+        };
+        a.remove("thresholds");
+        a.insert("axis".into(), json!(Axis::SqrtNegChosenLogRatio.name()));
+        a.insert("verdict".into(), json!(alt.verdict.as_str()));
+        m.insert("without_beta".into(), Value::Object(a));
+    }
+    let alt_summary = alt.summary.strip_prefix("C8 ").unwrap_or(&alt.summary);
+    v.summary = format!(
+        "{}. Without beta on the axis ({}, reported, not judged): {alt_summary}",
+        v.summary,
+        Axis::SqrtNegChosenLogRatio.name()
+    );
+    v
 }
 
 /// C2 (early peak): at wide KL budgets the best checkpoint is the earliest one, and later
@@ -1930,6 +1965,26 @@ mod tests {
             "{}",
             v.summary
         );
+        assert_eq!(v.numbers["without_beta"]["verdict"], "not evaluated");
+        // Rewards as a DAA run reports them, beta x log-ratio with log-ratio = -KL: the axis
+        // without beta is sqrt(KL) again, so the variant shows C1's hump.
+        let mut rows = World::standard().rows();
+        for r in rows.iter_mut() {
+            r.chosen_reward = -r.beta * r.kl;
+        }
+        let v = c8_likelihood_hump(&rows, &t);
+        assert_eq!(
+            v.numbers["without_beta"]["verdict"], "holds",
+            "{}",
+            v.summary
+        );
+        assert_eq!(v.numbers["without_beta"]["axis"], "sqrt(-E[r(x,y_w)]/beta)");
+        assert!(
+            v.summary.contains("Without beta on the axis"),
+            "{}",
+            v.summary
+        );
+        assert!(v.numbers["without_beta"]["dpo"]["parts"].is_array());
     }
 
     fn toy(ood: fn(usize) -> f64, objectives: &[&str]) -> Vec<ToyMdpSummary> {

@@ -943,9 +943,31 @@ pub fn fig4_metrics(rows: &[ResultRow]) -> Figure {
 /// panel per objective, colour per size, every DAA row a point, plus the SFT policy of each
 /// size at 0 (its implicit reward is 0 by definition).
 pub fn fig5_likelihood(rows: &[ResultRow]) -> Figure {
+    fig5_likelihood_on(rows, false)
+}
+
+/// Fig. 5 with the log-ratio of the chosen response on the x axis instead of the implicit
+/// reward: sqrt(-E[r(x, y_w)] / beta), the quantity the paper's section 3.5 equates with the
+/// forward KL (the variant reported beside the C8 verdict).
+pub fn fig5_likelihood_without_beta(rows: &[ResultRow]) -> Figure {
+    fig5_likelihood_on(rows, true)
+}
+
+fn fig5_likelihood_on(rows: &[ResultRow], without_beta: bool) -> Figure {
     let order = size_order(rows);
     let (cells, _) = cells(rows);
-    let xname = "sqrt(-E[r(x, y_w)])";
+    let xname = if without_beta {
+        "sqrt(-E[r(x, y_w)]/beta)"
+    } else {
+        "sqrt(-E[r(x, y_w)])"
+    };
+    let reward = |r: &ResultRow| {
+        if without_beta && r.beta > 0.0 {
+            r.chosen_reward / r.beta
+        } else {
+            r.chosen_reward
+        }
+    };
     let panels: Vec<Panel> = STANDARD_OBJECTIVES
         .iter()
         .map(|o| Panel::new(*o, xname, Y_WIN))
@@ -957,7 +979,7 @@ pub fn fig5_likelihood(rows: &[ResultRow]) -> Figure {
     let mut positive = 0;
     for (k, obj) in STANDARD_OBJECTIVES.iter().enumerate() {
         for size in &order {
-            let pts = row_points(rows, obj, size, |r| signed_sqrt_neg(r.chosen_reward));
+            let pts = row_points(rows, obj, size, |r| signed_sqrt_neg(reward(r)));
             if pts.is_empty() {
                 continue;
             }
@@ -990,11 +1012,16 @@ pub fn fig5_likelihood(rows: &[ResultRow]) -> Figure {
             "{positive} rows with E[r(x, y_w)] > 0 drawn at -sqrt(r)"
         ));
     }
-    finish(
-        "fig5_likelihood",
-        "Fig. 5: win rate vs sqrt(-E[implicit reward of the chosen response])",
-        &notes,
-        &grid,
-        plot,
-    )
+    let (name, title) = if without_beta {
+        (
+            "fig5_likelihood_without_beta",
+            "Fig. 5, without beta: win rate vs sqrt(-E[log-ratio of the chosen response])",
+        )
+    } else {
+        (
+            "fig5_likelihood",
+            "Fig. 5: win rate vs sqrt(-E[implicit reward of the chosen response])",
+        )
+    };
+    finish(name, title, &notes, &grid, plot)
 }

@@ -21,7 +21,7 @@ pub mod toy;
 
 pub use figures::{
     fig1_checkpoints, fig1_end_of_epoch, fig2_intra_epoch, fig3_length_r2, fig3_length_r2_ordered,
-    fig3_rdpo, fig4_metrics, fig5_likelihood, fit_overlays,
+    fig3_rdpo, fig4_metrics, fig5_likelihood, fig5_likelihood_without_beta, fit_overlays,
 };
 pub use report::{ReportFiles, report_figures, toy_summaries, write_report};
 pub use table::Table;

@@ -286,6 +286,29 @@ fn fig4_and_fig5_plot_every_row() {
         f.title.contains("drawn at -sqrt(r)"),
         "rows with d < 1.2 have r > 0"
     );
+    // Without beta: the same points, each x the implicit reward's root over sqrt(beta).
+    let g = fig5_likelihood_without_beta(&rows);
+    assert_eq!(counts(&g), counts(&f));
+    assert!(g.title.contains("without beta"), "{}", g.title);
+    let r = rows
+        .iter()
+        .find(|r| !r.is_sft() && r.chosen_reward < 0.0 && r.beta != 1.0)
+        .unwrap();
+    let (want_f, want_g) = (
+        (-r.chosen_reward).sqrt(),
+        (-r.chosen_reward / r.beta).sqrt(),
+    );
+    let xs = |fig: &Figure| -> Vec<f64> {
+        let v: serde_json::Value = serde_json::from_str(&fig.plot.to_json()).unwrap();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["x"].as_array().unwrap().iter().filter_map(|x| x.as_f64()))
+            .collect()
+    };
+    assert!(xs(&f).iter().any(|x| (x - want_f).abs() < 1e-12));
+    assert!(xs(&g).iter().any(|x| (x - want_g).abs() < 1e-12));
 }
 
 #[test]
