@@ -28,7 +28,9 @@ const PAD_NAMES: [&str; 3] = ["<|padding|>", "[PAD]", "<pad>"];
 
 impl Tok {
     /// Wrap a tokenizer. The EOS id is `eos_id` if given (from the model config), else found
-    /// by its usual names; PAD falls back to EOS, as the reference code does for Pythia.
+    /// by its usual names. PAD is the tokenizer's own padding token where it has one (Pythia's
+    /// `<|padding|>`, id 1), else EOS; padding is masked by position, never by id, so either
+    /// choice gives the same scores.
     pub fn new(inner: tokenizers::Tokenizer, eos_id: Option<u32>, ctx: &str) -> Result<Self> {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos_id = eos_id.or_else(|| find(&EOS_NAMES)).ok_or_else(|| {
