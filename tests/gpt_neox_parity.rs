@@ -632,17 +632,17 @@ fn shared_prefix_scoring_names_tokens_beyond_the_vocabulary() {
         let e = score(&[&ok, &ok], &bad, 0);
         assert_eq!(
             e,
-            format!("row 1: token {vocab} at position 1 is beyond the vocabulary of {vocab}")
+            format!("batch row 1: token {vocab} at position 1 is beyond the vocabulary of {vocab}")
         );
         // The appended EOS is a target too.
         let e = score(&[&ok, &ok], &ok, vocab + 3);
         assert!(
-            e.starts_with("row 0: token") && e.contains("at position 3"),
+            e.starts_with("batch row 0: token") && e.contains("at position 3"),
             "{e}"
         );
         let e = score(&[&ok, &bad], &ok, 0);
         assert!(
-            e.starts_with(&format!("prompt 1: token {vocab} at position 1")),
+            e.starts_with(&format!("batch prompt 1: token {vocab} at position 1")),
             "{e}"
         );
     }
@@ -652,7 +652,7 @@ fn shared_prefix_scoring_names_tokens_beyond_the_vocabulary() {
     let e = sequence_logps(&lm.model, &batch).unwrap_err().to_string();
     assert!(
         e.starts_with(&format!(
-            "row 1: token {vocab} at position 4 is beyond the vocabulary"
+            "batch row 1: token {vocab} at position 4 is beyond the vocabulary"
         )),
         "{e}"
     );

@@ -102,8 +102,11 @@ fn sft_then_dpo_from_toml_configs() {
     let loss0 = steps[0]["loss"].as_f64().unwrap();
     assert!(
         (loss0 - 2f64.ln()).abs() < 2e-2,
-        "bf16 policy vs f32 reference: {loss0}"
+        "bf16 policy vs bf16 reference: {loss0}"
     );
+    // The reference (a copy of the policy, autocast included) computed its bf16 log-probs:
+    // the f32 entry of the first run is not reused.
+    assert_eq!(std::fs::read_dir(p.join("ref-cache")).unwrap().count(), 2);
     assert!(
         steps.iter().all(|m| m["grad_norm"].as_f64().unwrap() > 0.0),
         "{log}"
@@ -149,6 +152,89 @@ fn sft_then_dpo_from_toml_configs() {
         e.contains("unknown field `beta2`") && e.contains("bad.toml"),
         "{e}"
     );
+}
+
+/// Bad records stop `overopt sft` and `overopt daa` before any training step, named by the
+/// data file's physical line (blank lines counted) and the key; too few records stop them
+/// before the model is loaded, naming the data file.
+#[test]
+fn bad_training_data_is_named_by_file_and_line_before_training() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let config = |name: &str, data: &str, model: &str, extra: &str| {
+        let text = format!(
+            "out_dir = \"{o}/{name}\"\n[model]\nsource = \"{model}\"\n[data]\ntrain = \"{o}/{data}\"\n[train]\nbatch_size = 4\nmicro_batch_size = 2\n[optim]\nlr = 1e-3\nwarmup_steps = 0\n{extra}",
+            o = p.display()
+        );
+        let f = p.join(format!("{name}.toml"));
+        std::fs::write(&f, text).unwrap();
+        f
+    };
+    let stderr = |o: &std::process::Output| {
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // SFT: 40 lines, blanks at 3 and 7, an empty prompt at line 30 (the 28th record), drawn
+    // only after several checkpoints in the old order of events.
+    let mut sft = String::new();
+    for i in 1..=40 {
+        sft.push_str(&match i {
+            3 | 7 => "\n".to_string(),
+            30 => "{\"prompt\": \"\", \"response\": \"w5 w6\"}\n".to_string(),
+            _ => format!(
+                "{{\"prompt\": \"w{} w4\", \"response\": \"w5 w6\"}}\n",
+                3 + i % 5
+            ),
+        });
+    }
+    std::fs::write(p.join("sft.jsonl"), &sft).unwrap();
+    let c = config("sft", "sft.jsonl", &fixture("parallel"), "");
+    let e = stderr(&run(&["sft", "--config", c.to_str().unwrap()]));
+    let data = p.join("sft.jsonl");
+    assert!(
+        e.contains(&format!("{}: line 30: `prompt` is empty", data.display())),
+        "{e}"
+    );
+    assert!(
+        !p.join("sft").exists(),
+        "nothing is written before the data is checked"
+    );
+    // An empty data file: named, before the model (here: none at all) is loaded.
+    std::fs::write(p.join("empty.jsonl"), "\n\n").unwrap();
+    let c = config("empty", "empty.jsonl", "/no/such/model", "");
+    let e = stderr(&run(&["sft", "--config", c.to_str().unwrap()]));
+    assert!(
+        e.contains(&format!(
+            "{}: 0 records (non-blank lines) make no full batch of 4",
+            p.join("empty.jsonl").display()
+        )),
+        "{e}"
+    );
+    // DAA: an empty rejected response on line 6, after a blank line; no reference pass ran.
+    let mut pref = String::new();
+    for i in 1..=9 {
+        pref.push_str(&match i {
+            2 => "\n".to_string(),
+            6 => "{\"prompt\": \"w3\", \"chosen\": \"w4\", \"rejected\": \"\"}\n".to_string(),
+            _ => "{\"prompt\": \"w3\", \"chosen\": \"w4\", \"rejected\": \"w5\"}\n".to_string(),
+        });
+    }
+    std::fs::write(p.join("pref.jsonl"), &pref).unwrap();
+    let c = config(
+        "dpo",
+        "pref.jsonl",
+        &fixture("parallel"),
+        "[daa]\nobjective = { name = \"dpo\" }\nbeta = 0.1\n",
+    );
+    let e = stderr(&run(&["daa", "--config", c.to_str().unwrap()]));
+    assert!(
+        e.contains(&format!(
+            "{}: line 6: `rejected` is empty",
+            p.join("pref.jsonl").display()
+        )),
+        "{e}"
+    );
+    assert!(!p.join("dpo").exists() && !p.join("ref-cache").exists());
 }
 
 /// The P3 benchmark binary's CPU mode: one DPO step of a tiny model on each training op path

@@ -581,3 +581,93 @@ fn bf16_autocast_keeps_f32_master_weights_with_gradients_and_close_logits() {
         assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
     }
 }
+
+/// Data built in memory (the teach sweep's) is checked as a whole before any step: a bad
+/// example late in the epoch stops `train_sft` / `train_daa` at once, named by its number,
+/// before a checkpoint or the reference pass.
+#[test]
+fn bad_examples_stop_training_before_the_first_step() {
+    let lm = model(2);
+    let lc = LoopConfig {
+        checkpoints: vec![0.25, 0.5, 0.75, 1.0],
+        ..quiet(4, 2)
+    };
+    let mut sft: Vec<SftExample> = pref_data(32, 4)
+        .into_iter()
+        .map(|p| SftExample {
+            prompt: p.prompt,
+            response: p.chosen,
+        })
+        .collect();
+    sft[29].prompt.clear();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sft");
+    let e = train_sft(
+        &lm,
+        &sft,
+        TOK,
+        &lc,
+        &optim(1e-3),
+        &out,
+        &serde_json::json!({}),
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.starts_with("sft: training example 30 of 32: empty `prompt`"),
+        "{e}"
+    );
+    assert!(!out.join("metrics.jsonl").exists(), "{e}");
+    // A token beyond the vocabulary of 32, in a rejected response.
+    let mut pref = pref_data(32, 5);
+    pref[20].rejected.push(40);
+    let cfg = DaaConfig {
+        objective: Objective::Dpo {
+            label_smoothing: 0.0,
+        },
+        beta: 0.1,
+        online_reference: false,
+        reference_cache: Some(dir.path().join("ref-cache")),
+    };
+    let reference = deep_copy(&lm).unwrap();
+    let e = train_daa(
+        &lm,
+        &reference.model,
+        &pref,
+        TOK,
+        &cfg,
+        &lc,
+        &optim(1e-3),
+        &dir.path().join("dpo"),
+        &serde_json::json!({}),
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.starts_with("daa: training example 21 of 32: `rejected`: token 40 at position"),
+        "{e}"
+    );
+    assert!(!dir.path().join("ref-cache").exists() && !dir.path().join("dpo").exists());
+    // An EOS id outside the model's vocabulary is named too.
+    let e = train_sft(
+        &lm,
+        &sft[..4],
+        SpecialTokens { eos: 32, pad: 1 },
+        &lc,
+        &optim(1e-3),
+        &out,
+        &serde_json::json!({}),
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("EOS id 32"), "{e:#}");
+    // The scorer's own guard, reached only by bypassing the check, names the examples of the
+    // micro-batch beside the batch row.
+    let e = overopt::train::sft::sft_micro(&lm, &sft, &[3, 29], TOK)
+        .err()
+        .unwrap();
+    let e = format!("{e:#}");
+    assert!(
+        e.starts_with("sft: scoring training examples 4, 30 (1-based, in batch-row order): batch row 1: empty prompt"),
+        "{e}"
+    );
+}

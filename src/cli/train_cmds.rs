@@ -1,14 +1,23 @@
 //! `overopt sft --config F` and `overopt daa --config F`.
 
+//!
+//! The data file is read and every record checked before any training: a bad record stops
+//! the command at once, named by `file: line N` (the file's physical line, blank lines
+//! counted) and its key; too few records for one batch stop it before a model is loaded.
+
 use crate::data::tokenizer::Tok;
+use crate::data::validate::{Limits, check_pref, check_sft};
 use crate::data::{PrefExample, SftExample, truncate_pair, truncate_pref};
 use crate::model::load;
-use crate::train::config::{ModelSpec, RunConfig};
+use crate::model::score::limits;
+use crate::train::config::{DataSpec, ModelSpec, RunConfig};
 use crate::train::{SpecialTokens, train_daa, train_sft};
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use serde::Deserialize;
-use std::path::PathBuf;
+use serde::de::DeserializeOwned;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -46,27 +55,106 @@ struct PrefLine {
     rejected: String,
 }
 
+/// The records of a JSON-lines file, each with its physical line number (1-based, blank
+/// lines counted, as an editor shows it); blank lines are skipped.
+fn read_records<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line =
+            line.with_context(|| format!("{}: line {}: cannot read", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let rec = serde_json::from_str(&line)
+            .map_err(|e| anyhow!("{}: line {}: {e}", path.display(), i + 1))?;
+        out.push((i + 1, rec));
+    }
+    Ok(out)
+}
+
+/// Checks of the configuration and the number of records that need no model: before any
+/// model is loaded.
+fn check_before_loading(cfg: &RunConfig, config: &Path, n_records: usize) -> Result<()> {
+    let d = &cfg.data;
+    if d.max_prompt_length == 0 || d.max_prompt_length + 2 > d.max_length {
+        bail!(
+            "{}: `data.max_prompt_length` ({}) must be at least 1 and leave room for a response token and EOS within `data.max_length` ({})",
+            config.display(),
+            d.max_prompt_length,
+            d.max_length
+        );
+    }
+    let batch = cfg.train.batch_size;
+    if n_records / batch == 0 {
+        bail!(
+            "{}: {n_records} records (non-blank lines) make no full batch of {batch} (`train.batch_size` in {})",
+            d.train.display(),
+            config.display()
+        );
+    }
+    Ok(())
+}
+
+/// Token ids of a field of a record, which must have some.
+fn encode_field(tok: &Tok, key: &str, text: &str) -> Result<Vec<u32>> {
+    let ids = tok.encode(text).with_context(|| format!("`{key}`"))?;
+    if ids.is_empty() {
+        if text.trim().is_empty() {
+            bail!("`{key}` is empty");
+        }
+        bail!("`{key}` {text:?} has no tokens");
+    }
+    Ok(ids)
+}
+
+/// The training example of an SFT record: tokenized, truncated and checked against the
+/// model.
+fn sft_example(l: &SftLine, tok: &Tok, data: &DataSpec, lim: &Limits) -> Result<SftExample> {
+    let prompt = encode_field(tok, "prompt", &l.prompt)?;
+    let response = encode_field(tok, "response", &l.response)?;
+    let (prompt, response) =
+        truncate_pair(&prompt, &response, data.max_length, data.max_prompt_length);
+    let ex = SftExample { prompt, response };
+    check_sft(&ex, lim)?;
+    Ok(ex)
+}
+
+/// The training example of a preference record, as [`sft_example`].
+fn pref_example(l: &PrefLine, tok: &Tok, data: &DataSpec, lim: &Limits) -> Result<PrefExample> {
+    let ex = PrefExample {
+        prompt: encode_field(tok, "prompt", &l.prompt)?,
+        chosen: encode_field(tok, "chosen", &l.chosen)?,
+        rejected: encode_field(tok, "rejected", &l.rejected)?,
+    };
+    let ex = truncate_pref(&ex, data.max_length, data.max_prompt_length);
+    check_pref(&ex, lim)?;
+    Ok(ex)
+}
+
+/// Every record made an example, the first bad one named by `file: line N`.
+fn examples<L, E>(
+    path: &Path,
+    records: &[(usize, L)],
+    make: impl Fn(&L) -> Result<E>,
+) -> Result<Vec<E>> {
+    records
+        .iter()
+        .map(|(line, l)| make(l).with_context(|| format!("{}: line {line}", path.display())))
+        .collect()
+}
+
 pub fn sft(a: TrainArgs) -> Result<()> {
     let cfg = RunConfig::from_file(&a.config)?;
+    let lines: Vec<(usize, SftLine)> = read_records(&cfg.data.train)?;
+    check_before_loading(&cfg, &a.config, lines.len())?;
     let (lm, tok) = load_model(&cfg.model)?;
-    let lines: Vec<SftLine> = crate::util::read_jsonl(&cfg.data.train)?;
-    let data = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let ctx = || format!("{}: record {}", cfg.data.train.display(), i + 1);
-            let (p, r) = truncate_pair(
-                &tok.encode(&l.prompt).with_context(ctx)?,
-                &tok.encode(&l.response).with_context(ctx)?,
-                cfg.data.max_length,
-                cfg.data.max_prompt_length,
-            );
-            Ok(SftExample {
-                prompt: p,
-                response: r,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let lim = limits(&lm.model);
+    lim.check_special(tok.eos_id, tok.pad_id)
+        .with_context(|| format!("{}: the tokenizer's special tokens", a.config.display()))?;
+    let data = examples(&cfg.data.train, &lines, |l| {
+        sft_example(l, &tok, &cfg.data, &lim)
+    })?;
     let tokens = SpecialTokens {
         eos: tok.eos_id,
         pad: tok.pad_id,
@@ -100,29 +188,19 @@ pub fn daa(a: TrainArgs) -> Result<()> {
             a.config.display()
         )
     })?;
+    let lines: Vec<(usize, PrefLine)> = read_records(&cfg.data.train)?;
+    check_before_loading(&cfg, &a.config, lines.len())?;
     let (policy, tok) = load_model(&cfg.model)?;
     let reference = match &cfg.reference {
         Some(spec) => load_model(spec)?.0,
         None => load::deep_copy(&policy)?,
     };
-    let lines: Vec<PrefLine> = crate::util::read_jsonl(&cfg.data.train)?;
-    let data = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let ctx = || format!("{}: record {}", cfg.data.train.display(), i + 1);
-            let ex = PrefExample {
-                prompt: tok.encode(&l.prompt).with_context(ctx)?,
-                chosen: tok.encode(&l.chosen).with_context(ctx)?,
-                rejected: tok.encode(&l.rejected).with_context(ctx)?,
-            };
-            Ok(truncate_pref(
-                &ex,
-                cfg.data.max_length,
-                cfg.data.max_prompt_length,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let lim = limits(&policy.model).min(limits(&reference.model));
+    lim.check_special(tok.eos_id, tok.pad_id)
+        .with_context(|| format!("{}: the tokenizer's special tokens", a.config.display()))?;
+    let data = examples(&cfg.data.train, &lines, |l| {
+        pref_example(l, &tok, &cfg.data, &lim)
+    })?;
     let tokens = SpecialTokens {
         eos: tok.eos_id,
         pad: tok.pad_id,
@@ -147,4 +225,183 @@ pub fn daa(a: TrainArgs) -> Result<()> {
         cfg.out_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok() -> Tok {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gpt_neox/parallel/tokenizer.json");
+        Tok::from_file(&p, Some(0)).unwrap()
+    }
+
+    fn data_spec(train: &Path) -> DataSpec {
+        DataSpec {
+            train: train.to_path_buf(),
+            max_length: 512,
+            max_prompt_length: 256,
+        }
+    }
+
+    const LIM: Limits = Limits {
+        vocab: 50,
+        max_positions: 64,
+    };
+
+    /// Physical lines: blank lines are counted, as an editor counts them.
+    #[test]
+    fn records_are_named_by_their_physical_line() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("sft.jsonl");
+        let rec = |p: &str, r: &str| format!("{{\"prompt\": \"{p}\", \"response\": \"{r}\"}}\n");
+        let mut text = String::new();
+        for i in 1..=35 {
+            text.push_str(&match i {
+                // Blank lines (one only spaces) before the bad record.
+                3 | 7 => "\n".to_string(),
+                11 => "   \n".to_string(),
+                30 => rec("", "w5"),
+                _ => rec("w3 w4", "w5"),
+            });
+        }
+        std::fs::write(&f, &text).unwrap();
+        let lines: Vec<(usize, SftLine)> = read_records(&f).unwrap();
+        assert_eq!(lines.len(), 32);
+        assert_eq!((lines[0].0, lines[2].0, lines[31].0), (1, 4, 35));
+        let (tok, spec) = (tok(), data_spec(&f));
+        let e = examples(&f, &lines, |l| sft_example(l, &tok, &spec, &LIM)).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!("{}: line 30: `prompt` is empty", f.display())
+        );
+        // A response of blanks, and a token beyond the model's vocabulary, each on its line.
+        let mut bad = text.replace(&rec("", "w5"), &rec("w3", "w5"));
+        bad = bad.replacen(&rec("w3 w4", "w5"), &rec("w3 w4", " "), 1);
+        std::fs::write(&f, &bad).unwrap();
+        let lines: Vec<(usize, SftLine)> = read_records(&f).unwrap();
+        let e = examples(&f, &lines, |l| sft_example(l, &tok, &spec, &LIM)).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!("{}: line 1: `response` is empty", f.display())
+        );
+        // A token beyond the model's vocabulary on line 12, after two blank lines (record 10).
+        let mut text = String::new();
+        for i in 1..=12 {
+            text.push_str(&match i {
+                2 | 5 => "\n".to_string(),
+                12 => rec("w3 w4", "w5 w60"),
+                _ => rec("w3 w4", "w5"),
+            });
+        }
+        std::fs::write(&f, &text).unwrap();
+        let lines: Vec<(usize, SftLine)> = read_records(&f).unwrap();
+        let e = examples(&f, &lines, |l| sft_example(l, &tok, &spec, &LIM)).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with(&format!(
+                "{}: line 12: `response`: token 60 at position 1",
+                f.display()
+            )) && e.contains("vocabulary of 50"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn preference_records_name_the_line_and_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pref.jsonl");
+        let rec = |p: &str, c: &str, r: &str| {
+            format!("{{\"prompt\": \"{p}\", \"chosen\": \"{c}\", \"rejected\": \"{r}\"}}\n")
+        };
+        let text = [
+            rec("w3", "w4", "w5"),
+            "\n".into(),
+            "\n".into(),
+            rec("w3", "w4", ""),
+        ]
+        .concat();
+        std::fs::write(&f, &text).unwrap();
+        let lines: Vec<(usize, PrefLine)> = read_records(&f).unwrap();
+        let (tok, spec) = (tok(), data_spec(&f));
+        let e = examples(&f, &lines, |l| pref_example(l, &tok, &spec, &LIM)).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!("{}: line 4: `rejected` is empty", f.display())
+        );
+        std::fs::write(
+            &f,
+            text.replace(&rec("w3", "w4", ""), &rec("w3", "w4 w51", "w5")),
+        )
+        .unwrap();
+        let lines: Vec<(usize, PrefLine)> = read_records(&f).unwrap();
+        let e = examples(&f, &lines, |l| pref_example(l, &tok, &spec, &LIM)).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with(&format!(
+                "{}: line 4: `chosen`: token 51 at position 1",
+                f.display()
+            )),
+            "{e}"
+        );
+        // Too long for the model's positions after truncation.
+        let short = Limits {
+            vocab: 300,
+            max_positions: 3,
+        };
+        std::fs::write(&f, rec("w3 w4", "w5", "w6")).unwrap();
+        let lines: Vec<(usize, PrefLine)> = read_records(&f).unwrap();
+        let e = examples(&f, &lines, |l| pref_example(l, &tok, &spec, &short)).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with(&format!(
+                "{}: line 1: `prompt` + `chosen` + EOS is 4 tokens",
+                f.display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn too_few_records_and_bad_lengths_are_refused_before_loading_a_model() {
+        let cfg = |train: &str, extra: &str| {
+            RunConfig::from_toml(
+                &format!(
+                    "out_dir = \"o\"\n[model]\nsource = \"m\"\n[data]\ntrain = \"{train}\"\n{extra}[train]\nbatch_size = 8\nmicro_batch_size = 4\n"
+                ),
+                "run.toml",
+            )
+            .unwrap()
+        };
+        let c = cfg("data/empty.jsonl", "");
+        let e = format!(
+            "{:#}",
+            check_before_loading(&c, Path::new("run.toml"), 0).unwrap_err()
+        );
+        assert_eq!(
+            e,
+            "data/empty.jsonl: 0 records (non-blank lines) make no full batch of 8 (`train.batch_size` in run.toml)"
+        );
+        assert!(check_before_loading(&c, Path::new("run.toml"), 7).is_err());
+        check_before_loading(&c, Path::new("run.toml"), 8).unwrap();
+        for extra in ["max_length = 257\n", "max_prompt_length = 0\n"] {
+            let c = cfg("d.jsonl", extra);
+            let e = format!(
+                "{:#}",
+                check_before_loading(&c, Path::new("run.toml"), 8).unwrap_err()
+            );
+            assert!(
+                e.starts_with("run.toml: `data.max_prompt_length`")
+                    && e.contains("data.max_length"),
+                "{extra}: {e}"
+            );
+        }
+        check_before_loading(
+            &cfg("d.jsonl", "max_length = 258\n"),
+            Path::new("run.toml"),
+            8,
+        )
+        .unwrap();
+    }
 }

@@ -2,6 +2,7 @@
 pub mod synthetic;
 pub mod tldr;
 pub mod tokenizer;
+pub mod validate;
 
 use serde::{Deserialize, Serialize};
 

@@ -5,6 +5,7 @@
 //! are masked, so only response tokens (and the appended EOS) are scored.
 
 use super::gpt_neox::{GptNeoX, OpPath, check_tokens};
+use crate::data::validate::Limits;
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 
@@ -26,16 +27,27 @@ pub struct SeqBatch {
     pub max_token: (u32, usize, usize),
 }
 
+/// What `model` accepts as examples: token ids below its vocabulary, sequences within its
+/// positions ([`crate::data::validate`] checks data sets against it before training).
+pub fn limits(model: &GptNeoX) -> Limits {
+    Limits {
+        vocab: model.config().vocab_size,
+        max_positions: model.config().max_position_embeddings,
+    }
+}
+
 /// A scored row needs a prompt token (the first response token is predicted from it) and a
-/// response token (EOS included when appended).
+/// response token (EOS included when appended). The last guard: training data is checked
+/// when it is loaded ([`crate::data::validate`]), where the example is named by its file and
+/// line; here only the batch row is known, so callers add which examples the batch holds.
 fn check_row(row: usize, prompt_len: usize, response_len: usize) -> Result<()> {
     if prompt_len == 0 {
         bail!(
-            "row {row}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)"
+            "batch row {row}: empty prompt (at least one token, e.g. BOS, is needed to score the first response token)"
         );
     }
     if response_len == 0 {
-        bail!("row {row}: empty response");
+        bail!("batch row {row}: empty response and no EOS appended (nothing to score)");
     }
     Ok(())
 }
@@ -115,7 +127,7 @@ pub fn collate(
 pub fn token_logps(model: &GptNeoX, batch: &SeqBatch) -> Result<Tensor> {
     let ((t, r, j), vocab) = (batch.max_token, model.config().vocab_size);
     if t as usize >= vocab {
-        bail!("row {r}: token {t} at position {j} is beyond the vocabulary of {vocab}");
+        bail!("batch row {r}: token {t} at position {j} is beyond the vocabulary of {vocab}");
     }
     let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None)?;
     let t = logits.dim(1)?;
@@ -199,14 +211,17 @@ pub fn shared_prefix_logps_via(
         .collect();
     for (r, (s, (i, _))) in full.iter().zip(responses).enumerate() {
         match prompts.get(*i) {
-            None => bail!("row {r}: prompt {i} of {}", prompts.len()),
+            None => bail!(
+                "batch row {r}: refers to prompt {i}, but the batch has {} prompts",
+                prompts.len()
+            ),
             Some(p) => check_row(r, p.len(), s.len())?,
         }
     }
     // The responses with EOS are the targets too.
     let vocab = model.config().vocab_size;
-    check_tokens("prompt", prompts.iter().copied(), vocab)?;
-    check_tokens("row", full.iter().map(|s| s.as_slice()), vocab)?;
+    check_tokens("batch prompt", prompts.iter().copied(), vocab)?;
+    check_tokens("batch row", full.iter().map(|s| s.as_slice()), vocab)?;
     let lens = full.iter().map(|s| s.len()).collect();
     if hand {
         let rows: Vec<(usize, &[u32])> = full

@@ -4,9 +4,10 @@
 use super::optim::RmsPropConfig;
 use super::trainer::{LoopConfig, MicroOutput, TrainOutcome, run_epoch};
 use crate::data::SftExample;
+use crate::data::validate::{check_all, check_sft};
 use crate::model::LoadedModel;
-use crate::model::score::shared_prefix_logps;
-use anyhow::Result;
+use crate::model::score::{limits, shared_prefix_logps};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -32,7 +33,8 @@ pub fn sft_micro(
         .collect();
     // The same values as scoring `prompt ++ response` rows (collate + sequence_logps); on
     // the CPU in f32 the hand-written path, without padding.
-    let (lp, n_tokens) = shared_prefix_logps(&lm.model, &p, &r, Some(tokens.eos), tokens.pad)?;
+    let (lp, n_tokens) = shared_prefix_logps(&lm.model, &p, &r, Some(tokens.eos), tokens.pad)
+        .with_context(|| format!("sft: scoring {}", batch_examples(idx)))?;
     let loss = lp.mean_all()?.neg()?;
     let ntok = n_tokens.iter().sum::<usize>() as f64;
     let nll = -(lp.sum_all()?.to_scalar::<f32>()? as f64);
@@ -42,7 +44,18 @@ pub fn sft_micro(
     })
 }
 
-/// Train `policy` on `data` for one epoch.
+/// Which training examples a micro-batch holds, for errors that only know the batch row:
+/// "training examples 4, 9, 2 (1-based, in batch-row order)".
+fn batch_examples(idx: &[usize]) -> String {
+    let list: Vec<String> = idx.iter().map(|i| (i + 1).to_string()).collect();
+    format!(
+        "training examples {} (1-based, in batch-row order)",
+        list.join(", ")
+    )
+}
+
+/// Train `policy` on `data` for one epoch. Every example is checked against the model first
+/// ([`crate::data::validate::check_sft`]), so a bad one stops the run before any step.
 pub fn train_sft(
     policy: &LoadedModel,
     data: &[SftExample],
@@ -52,6 +65,10 @@ pub fn train_sft(
     out_dir: &Path,
     run_config: &serde_json::Value,
 ) -> Result<TrainOutcome> {
+    let lim = limits(&policy.model);
+    lim.check_special(tokens.eos, tokens.pad)
+        .context("sft: special tokens")?;
+    check_all("sft", data, |ex| check_sft(ex, &lim))?;
     run_epoch(
         policy,
         data.len(),
