@@ -19,6 +19,6 @@ bin=$(PROFILE=dev bash environment/build.sh | tail -n 1)
 SECONDS=0
 rm -rf "$OUT"
 "$bin" sweep --config "$CFG" --out "$OUT" --run "$RUN"
-"$bin" collect --out "$OUT" >/dev/null
+"$bin" collect --config "$CFG" --out "$OUT" >/dev/null
 "$bin" compare --subset --expected "$EXPECTED" --actual "$OUT/results.parquet"
 echo "check-teach: $RUN reproduced the committed rows in ${SECONDS} s"

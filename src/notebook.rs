@@ -413,17 +413,6 @@ fn sizes_by_params(rows: &[ResultRow]) -> Vec<String> {
 
 /// The run ids of a configuration (SFT evaluations and the DAA grid) with the configuration
 /// hash each result row must carry.
-fn expected_hashes(t: &Teach) -> BTreeMap<String, String> {
-    let mut m = BTreeMap::new();
-    for s in &t.cfg.sizes {
-        m.insert(format!("sft-{}", s.name), t.config_hash(&s.name, None));
-    }
-    for r in t.cfg.runs() {
-        m.insert(r.id(), t.config_hash(&r.size, Some(&r)));
-    }
-    m
-}
-
 fn row_id(r: &ResultRow) -> String {
     if r.is_sft() {
         format!("sft-{}", r.size)
@@ -455,7 +444,7 @@ fn id_matches(pattern: &str, id: &str) -> bool {
 /// Refuse results made with another configuration: they would be mixed into the tables.
 fn check_stale(t: &Teach) -> Result<usize> {
     let (rows, _) = collect_results(&t.out.join("results"))?;
-    let want = expected_hashes(t);
+    let want = t.expected_hashes();
     let mut runs = BTreeSet::new();
     for r in &rows {
         let pat = row_id(r);
@@ -506,7 +495,7 @@ pub fn load_or_run(p: &Profile) -> Result<Results> {
     };
     let t = Teach::new(cfg.clone(), &p.out_dir)?;
     let reused = check_stale(&t)?;
-    let want = expected_hashes(&t);
+    let want = t.expected_hashes();
     let (all_rows, all_samples) = t.run_all(&[])?;
     let keep_row = |r: &ResultRow| {
         want.iter()
@@ -1317,7 +1306,7 @@ mod tests {
     #[test]
     fn rdpo_rows_match_their_run_ids() {
         let t = Teach::new(smoke_config().unwrap(), tempfile::tempdir().unwrap().path()).unwrap();
-        let want = expected_hashes(&t);
+        let want = t.expected_hashes();
         let r = row("rdpo", "s", 0.1, 1.0, 1.0, 0.4);
         let pat = row_id(&r);
         assert_eq!(

@@ -19,6 +19,18 @@ fn overopt(args: &[&str]) {
     );
 }
 
+/// `overopt ARGS` fails; its stderr.
+fn overopt_fails(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_overopt"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = common::output_text(&o);
+    assert!(!o.status.success(), "overopt {args:?} should fail: {text}");
+    text
+}
+
 /// The table as JSON (NaN, e.g. the SFT rows' held-out loss, serializes as null and so
 /// compares equal).
 fn table(dir: &Path) -> Vec<serde_json::Value> {
@@ -117,6 +129,82 @@ fn job_array_matches_single_process_and_resumes() {
     assert_eq!(table(&single), a);
     // The fresh run matches the committed expected results (artifact/expected/smoke).
     matches_expected_smoke(&single);
+
+    // Outputs of another configuration are refused, not reused under the new one, and left
+    // as they are: a changed DAA learning rate (results and run checkpoints), SFT learning
+    // rate (SFT models) or pair seed (pairs).
+    let s = single.to_str().unwrap();
+    let original = std::fs::read_to_string(cfg).unwrap();
+    let changed = |from: &str, to: &str, name: &str| {
+        assert!(original.contains(from), "{from}");
+        let p = d.path().join(name);
+        std::fs::write(&p, original.replacen(from, to, 1)).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let daa_lr = changed("lr = 1e-3", "lr = 2e-3", "daa-lr.toml");
+    let sft_lr = changed("lr = 3e-3", "lr = 4e-3", "sft-lr.toml");
+    let pair_seed = changed("seed = 2", "seed = 5", "pair-seed.toml");
+    let before = std::fs::read(single.join("results").join(format!("{}.json", ids[0]))).unwrap();
+    for (args, culprit) in [
+        (
+            vec![
+                "reproduce",
+                "--section",
+                "overoptimization",
+                "--config",
+                &daa_lr,
+                "--out",
+                s,
+                "--jobs",
+                "1",
+            ],
+            format!("{}.json", ids[0]),
+        ),
+        (
+            vec!["sweep", "--config", &sft_lr, "--out", s, "--stage", "sft:s"],
+            "sft-s".to_string(),
+        ),
+        (
+            vec![
+                "sweep", "--config", &pair_seed, "--out", s, "--stage", "pairs",
+            ],
+            "pairs_train.jsonl".to_string(),
+        ),
+        (
+            vec!["collect", "--config", &daa_lr, "--out", s],
+            "results/".to_string(),
+        ),
+    ] {
+        let e = overopt_fails(&args);
+        assert!(
+            e.contains("another configuration") && e.contains(&culprit),
+            "{args:?}: {e}"
+        );
+    }
+    let after = std::fs::read(single.join("results").join(format!("{}.json", ids[0]))).unwrap();
+    assert_eq!(before, after, "the stale results are kept");
+    // A run's checkpoints refuse to resume under another configuration too.
+    std::fs::remove_file(single.join("results").join(format!("{}.json", ids[0]))).unwrap();
+    let e = overopt_fails(&["sweep", "--config", &daa_lr, "--out", s, "--run", &ids[0]]);
+    assert!(
+        e.contains("another configuration") && e.contains("lr"),
+        "{e}"
+    );
+    std::fs::write(
+        single.join("results").join(format!("{}.json", ids[0])),
+        &before,
+    )
+    .unwrap();
+    // Two files with rows of one policy (a copy, or results of an earlier configuration under
+    // another run id) make collect fail, naming both.
+    let copy = single.join("results").join("zz-copy.json");
+    std::fs::write(&copy, &before).unwrap();
+    let e = overopt_fails(&["collect", "--out", s]);
+    assert!(e.contains("zz-copy.json") && e.contains(&ids[0]), "{e}");
+    // With the configuration, files outside its grid are left out instead.
+    overopt(&["collect", "--config", cfg, "--out", s]);
+    assert_eq!(table(&single), a);
+    std::fs::remove_file(&copy).unwrap();
     // compare: identical tables pass.
     compare_passes(
         &single.join("results.parquet"),

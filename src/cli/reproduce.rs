@@ -215,11 +215,25 @@ pub struct CollectArgs {
     /// The sweep's output directory (its results/ folder holds one file per finished run).
     #[arg(long, default_value = "out/teach")]
     pub out: PathBuf,
+    /// The scale of the sweep's configuration (with --config or alone: the configuration
+    /// whose grid the results must match).
+    #[arg(long)]
+    pub scale: Option<String>,
+    /// The sweep's configuration: only its grid's result files are collected, and one made
+    /// with other settings is an error. Without --scale or --config every result file is
+    /// collected as it is.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 pub fn collect(a: CollectArgs) -> Result<()> {
     let dir = a.out.join("results");
-    let (rows, samples) = crate::sweep::teach::collect_results(&dir)?;
+    let (rows, samples) = if a.scale.is_some() || a.config.is_some() {
+        let scale = a.scale.as_deref().unwrap_or("teach");
+        Teach::new(teach_config(scale, &a.config)?, &a.out)?.collect()?
+    } else {
+        crate::sweep::teach::collect_results(&dir)?
+    };
     // Refuse before writing anything: with no per-run results the tables, claims and figures
     // would be overwritten by empty ones (e.g. when pointed at artifact/expected/teach, which
     // holds the finished tables but no results/ folder).
@@ -407,6 +421,8 @@ mod tests {
         std::fs::write(dir.path().join("results.csv"), "kept\n").unwrap();
         let args = || CollectArgs {
             out: dir.path().to_path_buf(),
+            scale: None,
+            config: None,
         };
         let err = collect(args()).unwrap_err().to_string();
         let results = dir.path().join("results");

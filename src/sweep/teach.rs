@@ -21,6 +21,7 @@ use crate::train::{DaaConfig, LoopConfig, SpecialTokens, train_daa, train_sft};
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -300,16 +301,72 @@ impl Teach {
     /// Hash of the settings that determine the results of a policy of size `size` (the SFT
     /// policy when `run` is None, else that DAA run).
     pub fn config_hash(&self, size: &str, run: Option<&RunSpec>) -> String {
-        let daa = run.map(|_| {
-            let d = &self.cfg.daa;
-            serde_json::json!({"lr": d.lr, "lr_inverse_width": d.lr_inverse_width, "batch": d.batch_size,
-                "warmup": d.warmup_frac, "checkpoints": d.checkpoints, "width0": self.cfg.sizes[0].hidden_size})
-        });
+        let daa = run.map(|_| self.daa_settings());
         let pair_size = self.cfg.size(&self.cfg.pairs.source_size).ok();
         let v = serde_json::json!({"task": self.cfg.task, "size": self.cfg.size(size).ok(), "model_seed": self.cfg.model_seed,
             "sft": self.cfg.sft, "pairs": self.cfg.pairs, "pair_source": pair_size, "eval": self.cfg.eval,
             "daa": daa, "run": run});
         crate::util::sha256_hex(v.to_string().as_bytes())[..16].to_string()
+    }
+
+    /// The DAA settings shared by every run of the grid that change a run's result (not the
+    /// grid's lists: a run stays valid when betas or seeds are added).
+    fn daa_settings(&self) -> serde_json::Value {
+        let d = &self.cfg.daa;
+        serde_json::json!({"lr": d.lr, "lr_inverse_width": d.lr_inverse_width, "batch": d.batch_size,
+            "warmup": d.warmup_frac, "checkpoints": d.checkpoints, "width0": self.cfg.sizes[0].hidden_size})
+    }
+
+    /// Hash of the settings that determine the SFT model of a size.
+    fn sft_hash(&self, size: &str) -> String {
+        let v = serde_json::json!({"task": self.cfg.task, "size": self.cfg.size(size).ok(),
+            "model_seed": self.cfg.model_seed, "sft": self.cfg.sft});
+        crate::util::sha256_hex(v.to_string().as_bytes())[..16].to_string()
+    }
+
+    /// Hash of the settings that determine the preference pairs.
+    fn pairs_hash(&self) -> String {
+        let v = serde_json::json!({"task": self.cfg.task, "model_seed": self.cfg.model_seed,
+            "sft": self.cfg.sft, "pairs": self.cfg.pairs,
+            "pair_source": self.cfg.size(&self.cfg.pairs.source_size).ok()});
+        crate::util::sha256_hex(v.to_string().as_bytes())[..16].to_string()
+    }
+
+    /// The config hash each result file of this grid must carry, by run id (`sft-SIZE` for
+    /// the SFT evaluations, then every DAA run).
+    pub fn expected_hashes(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        for s in &self.cfg.sizes {
+            m.insert(format!("sft-{}", s.name), self.config_hash(&s.name, None));
+        }
+        for r in self.cfg.runs() {
+            m.insert(r.id(), self.config_hash(&r.size, Some(&r)));
+        }
+        m
+    }
+
+    /// The error for an output of another configuration found in this sweep's directory.
+    fn stale(&self, what: &Path, detail: &str) -> anyhow::Error {
+        anyhow!(
+            "{} was made with another configuration ({detail}); it is kept as it is: delete it \
+             (and what was computed from it) or run into a fresh --out directory",
+            what.display()
+        )
+    }
+
+    /// Read an existing results file of run `id`, refusing one made with another configuration.
+    fn existing_results(&self, path: &Path, want_hash: &str) -> Result<RunResults> {
+        let res = read_results(path)?;
+        if let Some(r) = res.rows.iter().find(|r| r.config_hash != want_hash) {
+            return Err(self.stale(
+                path,
+                &format!(
+                    "config_hash {} where this configuration gives {want_hash}",
+                    r.config_hash
+                ),
+            ));
+        }
+        Ok(res)
     }
 
     fn sft_dir(&self, size: &str) -> PathBuf {
@@ -323,9 +380,20 @@ impl Teach {
         let mcfg = self.cfg.model_config(&self.task, spec)?;
         let st = &self.cfg.sft;
         let total = st.examples / st.batch_size;
+        let run_config =
+            serde_json::json!({"sft": self.cfg.sft, "config_hash": self.sft_hash(size)});
         if let Some((step, d)) = checkpoint::list(&dir)?.pop()
             && step == total
         {
+            let meta = checkpoint::read_meta(&d)?;
+            if let Some(diff) = crate::train::config_difference(&meta.config, &run_config) {
+                return Err(self.stale(&dir, &diff));
+            }
+            // A kill between the last checkpoint and the tokenizer leaves it out.
+            let tok = d.join("tokenizer.json");
+            if !tok.is_file() {
+                self.task.save_tokenizer(&tok)?;
+            }
             return load::load(d.to_str().unwrap(), None, DType::F32, &self.device);
         }
         let t0 = Instant::now();
@@ -351,15 +419,7 @@ impl Teach {
             warmup_steps: st.warmup_steps,
             ..RmsPropConfig::default()
         };
-        train_sft(
-            &lm,
-            &data,
-            TOKENS,
-            &lc,
-            &opt,
-            &dir,
-            &serde_json::to_value(&self.cfg.sft)?,
-        )?;
+        train_sft(&lm, &data, TOKENS, &lc, &opt, &dir, &run_config)?;
         self.task
             .save_tokenizer(&checkpoint::checkpoint_dir(&dir, total).join("tokenizer.json"))?;
         self.say(&format!(
@@ -373,10 +433,42 @@ impl Teach {
         self.out.join("data").join(format!("pairs_{split}.jsonl"))
     }
 
+    /// The record of which configuration made the pairs (written before them).
+    fn pairs_meta_path(&self) -> PathBuf {
+        self.out.join("data").join("pairs.json")
+    }
+
     /// Preference pairs (train, held-out) from the source SFT model's samples.
     pub fn pairs(&self) -> Result<(Vec<PrefPair>, Vec<PrefPair>)> {
         let (tr, he) = (self.pairs_path("train"), self.pairs_path("heldout"));
+        let want = self.pairs_hash();
+        let meta_path = self.pairs_meta_path();
         if tr.is_file() && he.is_file() {
+            let made_by = std::fs::read_to_string(&meta_path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["config_hash"].as_str().map(str::to_string));
+            match made_by {
+                Some(h) if h == want => {}
+                Some(h) => {
+                    return Err(self.stale(
+                        &tr,
+                        &format!(
+                            "config_hash {h} in {} where this configuration gives {want}",
+                            meta_path.display()
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(self.stale(
+                        &tr,
+                        &format!(
+                            "{} is missing or unreadable, so its configuration is unknown",
+                            meta_path.display()
+                        ),
+                    ));
+                }
+            }
             return Ok((crate::util::read_jsonl(&tr)?, crate::util::read_jsonl(&he)?));
         }
         let pc = &self.cfg.pairs;
@@ -423,6 +515,13 @@ impl Teach {
         crate::util::write_atomic(
             &self.out.join("data/pair_stats.json"),
             serde_json::to_string_pretty(&stats)?.as_bytes(),
+        )?;
+        // The record first, then the pairs: a reader that sees both pair files sees it too.
+        crate::util::write_atomic(
+            &meta_path,
+            serde_json::json!({"config_hash": want})
+                .to_string()
+                .as_bytes(),
         )?;
         crate::util::write_atomic(&he, crate::util::to_jsonl(&held)?.as_bytes())?;
         crate::util::write_atomic(&tr, crate::util::to_jsonl(&train)?.as_bytes())?;
@@ -552,13 +651,13 @@ impl Teach {
     pub fn run_sft_eval(&self, size: &str) -> Result<RunResults> {
         let id = format!("sft-{size}");
         let path = self.results_path(&id);
+        let hash = self.config_hash(size, None);
         if path.is_file() {
-            return read_results(&path);
+            return self.existing_results(&path, &hash);
         }
         let t0 = Instant::now();
         let sft = self.sft_model(size)?;
         let e = self.evaluate(&sft, &sft, None, &[])?;
-        let hash = self.config_hash(size, None);
         let n = sft.model.config().n_params() as u64;
         let res = RunResults {
             rows: vec![self.row(&e, "sft", 0.0, size, n, 0.0, 0, &hash)],
@@ -578,7 +677,7 @@ impl Teach {
         let id = run.id();
         let path = self.results_path(&id);
         if path.is_file() {
-            return read_results(&path);
+            return self.existing_results(&path, &self.config_hash(&run.size, Some(run)));
         }
         let t0 = Instant::now();
         let (train, held) = self.pairs()?;
@@ -625,7 +724,7 @@ impl Teach {
             &lc,
             &opt,
             &run_dir,
-            &serde_json::json!({"run": run, "hash": hash}),
+            &serde_json::json!({"run": run, "daa": self.daa_settings(), "config_hash": hash}),
         )?;
         let n = sft.model.config().n_params() as u64;
         let mut res = RunResults::default();
@@ -682,9 +781,33 @@ impl Teach {
         self.collect()
     }
 
-    /// Assemble every finished result file into the tables (sorted, deduplicated by file).
+    /// Assemble the finished result files of this grid into the tables. A file of this grid
+    /// made with another configuration is an error; files of runs outside the grid (e.g. of a
+    /// larger grid in the same directory) are left out, and listed on stderr.
     pub fn collect(&self) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
-        collect_results(&self.out.join("results"))
+        let want = self.expected_hashes();
+        let dir = self.out.join("results");
+        let mut outside = vec![];
+        let mut kept = vec![];
+        for f in result_files(&dir)? {
+            let id = f.file_stem().map(|s| s.to_string_lossy().into_owned());
+            match id.as_deref().and_then(|id| want.get(id)) {
+                Some(h) => kept.push((f.clone(), self.existing_results(&f, h)?)),
+                None => outside.push(f),
+            }
+        }
+        if !outside.is_empty() {
+            eprintln!(
+                "collect: left out {} result file(s) of runs outside this grid: {}",
+                outside.len(),
+                outside
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        merge_results(kept)
     }
 }
 
@@ -694,22 +817,67 @@ fn read_results(path: &Path) -> Result<RunResults> {
     serde_json::from_str(&text).with_context(|| format!("{}: corrupt results file", path.display()))
 }
 
-/// Read every `*.json` result file in `dir` (e.g. written by separate jobs) in name order.
-pub fn collect_results(dir: &Path) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+/// The `*.json` result files in `dir`, in name order (none when it does not exist).
+fn result_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
             .collect(),
-        Err(_) => vec![],
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
     };
     files.sort();
+    Ok(files)
+}
+
+/// Concatenate result files, refusing two rows of one policy (objective, beta, size,
+/// checkpoint, seed) from different files: e.g. results left from an earlier configuration,
+/// or R-DPO runs that differ only in alpha, which the table cannot tell apart.
+fn merge_results(files: Vec<(PathBuf, RunResults)>) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+    let mut seen: BTreeMap<(String, u64, String, u64, u64), PathBuf> = BTreeMap::new();
     let mut rows = vec![];
     let mut samples = vec![];
-    for f in files {
-        let r = read_results(&f)?;
+    for (f, r) in files {
+        for row in &r.rows {
+            let key = (
+                row.objective.clone(),
+                row.beta.to_bits(),
+                row.size.clone(),
+                row.checkpoint.to_bits(),
+                row.seed,
+            );
+            if let Some(first) = seen.get(&key).filter(|first| **first != f) {
+                bail!(
+                    "{} and {} both hold results of {} beta={} size={} checkpoint={} seed={} \
+                     (config_hash {}): results of an earlier configuration, or runs that differ \
+                     only in a setting the table has no column for (e.g. R-DPO's alpha); move \
+                     one of them out of the results folder",
+                    first.display(),
+                    f.display(),
+                    row.objective,
+                    row.beta,
+                    row.size,
+                    row.checkpoint,
+                    row.seed,
+                    row.config_hash
+                );
+            }
+            seen.insert(key, f.clone());
+        }
         rows.extend(r.rows);
         samples.extend(r.samples);
     }
     Ok((rows, samples))
+}
+
+/// Read every `*.json` result file in `dir` (e.g. written by separate jobs) in name order,
+/// without a configuration to check them against (see [`Teach::collect`] for that); two
+/// files with rows of the same policy are an error.
+pub fn collect_results(dir: &Path) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+    let files = result_files(dir)?
+        .into_iter()
+        .map(|f| read_results(&f).map(|r| (f, r)))
+        .collect::<Result<Vec<_>>>()?;
+    merge_results(files)
 }

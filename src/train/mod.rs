@@ -10,4 +10,4 @@ pub mod trainer;
 
 pub use daa::{DaaConfig, train_daa};
 pub use sft::{SpecialTokens, train_sft};
-pub use trainer::{LoopConfig, TrainOutcome};
+pub use trainer::{LoopConfig, TrainOutcome, config_difference};

@@ -154,9 +154,71 @@ fn keep_log_until(path: &Path, step: usize) -> Result<()> {
     crate::util::write_atomic(path, kept.as_bytes())
 }
 
+/// Keys of a run configuration that do not change what a run computes (logging, resuming,
+/// where it writes, which device it runs on): a run may resume with them changed.
+pub const NON_DETERMINING_KEYS: [&str; 5] =
+    ["log_every", "progress_bar", "resume", "out_dir", "device"];
+
+/// The differences between two run configurations that change what the run computes (keys
+/// in [`NON_DETERMINING_KEYS`] are skipped at any depth), as `path: old vs new`, the first
+/// three joined by "; " (and how many more); `None` when they agree.
+pub fn config_difference(old: &serde_json::Value, new: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    if NON_DETERMINING_KEYS.contains(&k.as_str()) {
+                        continue;
+                    }
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    let null = Value::Null;
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+                for (i, (a, b)) in x.iter().zip(y).enumerate() {
+                    walk(&format!("{path}[{i}]"), a, b, out);
+                }
+            }
+            (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => {}
+            _ if a == b => {}
+            _ => out.push(format!(
+                "{}: {a} in the checkpoint vs {b} now",
+                if path.is_empty() {
+                    "(whole configuration)"
+                } else {
+                    path
+                }
+            )),
+        }
+    }
+    let mut out = vec![];
+    walk("", old, new, &mut out);
+    (!out.is_empty()).then(|| {
+        let more = out.len().saturating_sub(3);
+        let mut s = out.into_iter().take(3).collect::<Vec<_>>().join("; ");
+        if more > 0 {
+            s.push_str(&format!("; and {more} more"));
+        }
+        s
+    })
+}
+
 /// Run one epoch over `n_examples` examples. `micro` computes the loss of a micro-batch given
 /// the example indices. Checkpoints and `metrics.jsonl` go to `out_dir`; `run_config` is
-/// stored in every checkpoint's metadata.
+/// stored in every checkpoint's metadata, and resuming from a checkpoint whose stored
+/// configuration differs in a key that changes the run (see [`config_difference`]) is an error.
 pub fn run_epoch(
     policy: &LoadedModel,
     n_examples: usize,
@@ -189,6 +251,13 @@ pub fn run_epoch(
     if cfg.resume
         && let Some((step, dir)) = checkpoint::list(out_dir)?.pop()
     {
+        if let Some(diff) = config_difference(&checkpoint::read_meta(&dir)?.config, run_config) {
+            bail!(
+                "{}: checkpoint of a run with another configuration ({diff}); it is kept as it \
+                 is: use another output directory, or delete this one to start over",
+                dir.display()
+            );
+        }
         let meta = checkpoint::restore(&dir, &policy.varmap, &mut opt, policy.model.device())?;
         if meta.total_steps != total || meta.seed != cfg.seed {
             bail!(
@@ -331,6 +400,32 @@ pub fn run_epoch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_differences_name_the_keys_that_change_a_run() {
+        let old = serde_json::json!({"train": {"lr": 0.001, "batch_size": 32, "log_every": 5,
+            "checkpoints": [0.5, 1.0]}, "out_dir": "a", "model": {"device": "cpu", "seed": 1}});
+        assert_eq!(config_difference(&old, &old), None);
+        // Logging, resuming, the output path and the device do not change the run; an integer
+        // written as a float is the same number.
+        let same = serde_json::json!({"train": {"lr": 0.001, "batch_size": 32.0, "log_every": 50,
+            "resume": true, "checkpoints": [0.5, 1]}, "out_dir": "b", "model": {"device": "cuda", "seed": 1}});
+        assert_eq!(config_difference(&old, &same), None);
+        let changed = serde_json::json!({"train": {"lr": 0.002, "batch_size": 32,
+            "checkpoints": [0.5, 0.75, 1.0]}, "model": {"device": "cpu", "seed": 2}});
+        let d = config_difference(&old, &changed).unwrap();
+        assert!(
+            d.starts_with("model.seed: 1 in the checkpoint vs 2 now"),
+            "{d}"
+        );
+        assert!(d.contains("train.checkpoints: [0.5,1.0]"), "{d}");
+        assert!(d.contains("train.lr: 0.001"), "{d}");
+        let many = serde_json::json!({"a": 1, "b": 2, "c": 3, "d": 4, "e": 5});
+        let d = config_difference(&many, &serde_json::json!({})).unwrap();
+        assert!(d.ends_with("; and 2 more"), "{d}");
+        let d = config_difference(&serde_json::json!(1), &serde_json::json!({"x": 1})).unwrap();
+        assert!(d.starts_with("(whole configuration)"), "{d}");
+    }
 
     #[test]
     fn checkpoint_steps_at_fractions() {
