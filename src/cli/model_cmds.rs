@@ -89,13 +89,22 @@ struct PromptLine {
     prompt: String,
 }
 
-fn open_out(path: &Option<PathBuf>) -> Result<Box<dyn Write>> {
-    Ok(match path {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    })
+/// Write the output through `write`: to `path` atomically (a temporary file in the same folder,
+/// fsynced, then renamed, so an interrupted run never leaves a truncated file that looks
+/// complete), or to standard output.
+fn write_out(
+    path: &Option<PathBuf>,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    match path {
+        Some(p) => crate::util::write_atomic_with(p, |w| write(w)),
+        None => {
+            let mut out = std::io::stdout().lock();
+            write(&mut out)?;
+            out.flush()?;
+            Ok(())
+        }
+    }
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
@@ -121,12 +130,12 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         tok.pad_id,
         a.model.batch_size,
     )?;
-    let mut out = open_out(&a.output)?;
-    for (logp, n) in scores {
-        writeln!(out, "{}", serde_json::json!({"logp": logp, "n_tokens": n}))?;
-    }
-    out.flush()?;
-    Ok(())
+    write_out(&a.output, |out| {
+        for (logp, n) in scores {
+            writeln!(out, "{}", serde_json::json!({"logp": logp, "n_tokens": n}))?;
+        }
+        Ok(())
+    })
 }
 
 #[derive(Args, Debug)]
@@ -170,15 +179,15 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         batch_size: a.model.batch_size,
     };
     let samples = generate(&lm.model, &prompts, &cfg, tok.eos_id, tok.pad_id)?;
-    let mut out = open_out(&a.output)?;
-    for (l, s) in lines.iter().zip(samples) {
-        let text = tok.decode(&s.tokens)?;
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"prompt": l.prompt, "response": text, "tokens": s.tokens, "logps": s.logps, "finished": s.finished})
-        )?;
-    }
-    out.flush()?;
-    Ok(())
+    write_out(&a.output, |out| {
+        for (l, s) in lines.iter().zip(samples) {
+            let text = tok.decode(&s.tokens)?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"prompt": l.prompt, "response": text, "tokens": s.tokens, "logps": s.logps, "finished": s.finished})
+            )?;
+        }
+        Ok(())
+    })
 }

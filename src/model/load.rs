@@ -253,7 +253,8 @@ pub fn load(
 }
 
 /// Write a model in the HF layout: `model.safetensors` (f32 or the vars' dtype) and
-/// `config.json`, atomically (temporary names, then rename).
+/// `config.json`, each atomically (a temporary name, fsync, rename) and durably (the folder is
+/// fsynced too); an error of any write or fsync is returned.
 pub fn save_hf(model: &GptNeoX, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tensors: HashMap<String, Tensor> = model
@@ -261,14 +262,50 @@ pub fn save_hf(model: &GptNeoX, dir: &Path) -> Result<()> {
         .into_iter()
         .map(|(n, t)| (n, t.detach()))
         .collect();
-    let tmp = dir.join(".model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    write_safetensors(&tensors, &dir.join("model.safetensors"))?;
     crate::util::write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&model.config().to_hf_json())?.as_bytes(),
     )
+}
+
+/// Write tensors as a safetensors file, atomically and durably (through
+/// [`crate::util::write_atomic_with`]), streaming one tensor at a time. Unlike
+/// `candle_core::safetensors::save`, the file is fsynced on the handle that wrote it, so a
+/// write-back error (disk full, quota on NFS) is returned, with the path, instead of lost.
+pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    use safetensors::View;
+    use safetensors::tensor::TensorInfo;
+    // The layout of safetensors' own writer: by descending dtype alignment, then name.
+    let mut order: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    order.sort_by(|(ln, l), (rn, r)| {
+        View::dtype(*r)
+            .cmp(&View::dtype(*l))
+            .then_with(|| ln.cmp(rn))
+    });
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, t) in &order {
+        let n = View::data_len(*t);
+        let info = TensorInfo {
+            dtype: View::dtype(*t),
+            shape: t.dims().to_vec(),
+            data_offsets: (offset, offset + n),
+        };
+        header.insert((*name).clone(), serde_json::to_value(info)?);
+        offset += n;
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    crate::util::write_atomic_with(path, |w| {
+        use std::io::Write;
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (name, t) in &order {
+            t.write_bytes(w).with_context(|| format!("tensor {name}"))?;
+        }
+        Ok(())
+    })
 }
 
 /// An independent copy of a model (new variables, copied storage): for a frozen reference
@@ -348,5 +385,43 @@ mod tests {
         let read = read_safetensors(&[f], &dev).unwrap();
         let names: Vec<&String> = read.keys().collect();
         assert_eq!(names, ["gpt_neox.layers.0.attention.dense.bias"]);
+    }
+
+    #[test]
+    fn written_safetensors_read_back_equal() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 12., &dev)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let mut t = HashMap::new();
+        t.insert("a".to_string(), a.clone());
+        t.insert("a_t".to_string(), a.t().unwrap()); // not contiguous
+        t.insert("b".to_string(), a.to_dtype(DType::BF16).unwrap());
+        t.insert("c".to_string(), Tensor::new(&[7u32, 8, 9], &dev).unwrap());
+        t.insert("s".to_string(), Tensor::new(2.5f64, &dev).unwrap());
+        let p = d.path().join("x.safetensors");
+        write_safetensors(&t, &p).unwrap();
+        let back = candle_core::safetensors::load(&p, &dev).unwrap();
+        assert_eq!(back.len(), t.len());
+        for (name, orig) in &t {
+            let got = &back[name];
+            assert_eq!(
+                (got.dtype(), got.dims()),
+                (orig.dtype(), orig.dims()),
+                "{name}"
+            );
+            let f = |x: &Tensor| {
+                x.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            assert_eq!(f(got), f(orig), "{name}");
+        }
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 }
