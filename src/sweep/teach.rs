@@ -135,20 +135,126 @@ impl TeachConfig {
         Self::from_toml(&text, &path.display().to_string())
     }
 
+    /// Check every setting before anything runs; errors name the key (`daa.batch_size`).
     pub fn validate(&self) -> Result<()> {
+        fn positive(key: &str, v: usize) -> Result<()> {
+            if v == 0 {
+                bail!("`{key}` must be positive, got 0");
+            }
+            Ok(())
+        }
+        fn positive_f(key: &str, v: f64) -> Result<()> {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("`{key}` must be a positive number, got {v}");
+            }
+            Ok(())
+        }
+        fn distinct<T: PartialEq + std::fmt::Debug>(key: &str, v: &[T]) -> Result<()> {
+            if v.is_empty() {
+                bail!("`{key}` is empty");
+            }
+            if let Some((i, x)) = v.iter().enumerate().find(|(i, x)| v[..*i].contains(x)) {
+                bail!("`{key}` lists {x:?} twice (entry {})", i + 1);
+            }
+            Ok(())
+        }
         if self.sizes.is_empty() {
             bail!("`sizes` is empty");
         }
-        self.size(&self.pairs.source_size)
-            .context("`pairs.source_size`")?;
-        if let Some(r) = &self.rdpo {
-            self.size(&r.size).context("`rdpo.size`")?;
+        let names: Vec<&String> = self.sizes.iter().map(|s| &s.name).collect();
+        distinct("sizes.name", &names)?;
+        for s in &self.sizes {
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                bail!(
+                    "`sizes.name` {:?}: use letters, digits and _ (it is part of run ids and paths)",
+                    s.name
+                );
+            }
+            for (k, v) in [
+                ("hidden_size", s.hidden_size),
+                ("num_hidden_layers", s.num_hidden_layers),
+                ("num_attention_heads", s.num_attention_heads),
+                ("intermediate_size", s.intermediate_size),
+            ] {
+                positive(&format!("sizes.{k}` of size `{}", s.name), v)?;
+            }
         }
-        for o in &self.daa.objectives {
+        let st = &self.sft;
+        positive("sft.examples", st.examples)?;
+        positive("sft.batch_size", st.batch_size)?;
+        positive_f("sft.lr", st.lr)?;
+        if st.examples < st.batch_size {
+            bail!(
+                "`sft.examples` ({}) make no full batch of `sft.batch_size` ({})",
+                st.examples,
+                st.batch_size
+            );
+        }
+        let pc = &self.pairs;
+        self.size(&pc.source_size).context("`pairs.source_size`")?;
+        positive("pairs.prompts", pc.prompts)?;
+        positive("pairs.n_train", pc.n_train)?;
+        positive("pairs.n_heldout", pc.n_heldout)?;
+        let d = &self.daa;
+        distinct("daa.objectives", &d.objectives)?;
+        for o in &d.objectives {
             Objective::from_name(o, 0.0).context("`daa.objectives`")?;
         }
-        if self.daa.betas.iter().any(|b| !(*b > 0.0)) {
-            bail!("`daa.betas` must be positive");
+        distinct("daa.betas", &d.betas)?;
+        for &b in &d.betas {
+            positive_f("daa.betas", b)?;
+        }
+        distinct("daa.seeds", &d.seeds)?;
+        positive_f("daa.lr", d.lr)?;
+        if !(d.warmup_frac.is_finite() && (0.0..1.0).contains(&d.warmup_frac)) {
+            bail!("`daa.warmup_frac` must be in [0, 1), got {}", d.warmup_frac);
+        }
+        LoopConfig {
+            batch_size: d.batch_size,
+            micro_batch_size: d.micro_batch_size,
+            seed: 0,
+            checkpoints: d.checkpoints.clone(),
+            log_every: 0,
+            resume: true,
+            progress_bar: false,
+        }
+        .validate()
+        .map_err(|e| anyhow!("{}", e.to_string().replace("train: `", "`daa.")))?;
+        distinct("daa.checkpoints", &d.checkpoints)?;
+        if pc.n_train < d.batch_size {
+            bail!(
+                "`pairs.n_train` ({}) make no full batch of `daa.batch_size` ({})",
+                pc.n_train,
+                d.batch_size
+            );
+        }
+        if let Some(r) = &self.rdpo {
+            self.size(&r.size).context("`rdpo.size`")?;
+            if !r.alpha.is_finite() {
+                bail!("`rdpo.alpha` must be a number, got {}", r.alpha);
+            }
+            distinct("rdpo.betas", &r.betas)?;
+            for &b in &r.betas {
+                positive_f("rdpo.betas", b)?;
+            }
+        }
+        positive("eval.n_prompts", self.eval.n_prompts)?;
+        positive("eval.samples_per_prompt", self.eval.samples_per_prompt)?;
+        let ids: Vec<String> = self.runs().iter().map(RunSpec::id).collect();
+        if let Some((i, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(i, id)| ids[..*i].contains(id))
+        {
+            bail!(
+                "two runs of the grid have the id {id} (run {}): make their betas differ",
+                i + 1
+            );
         }
         Ok(())
     }
@@ -880,4 +986,119 @@ pub fn collect_results(dir: &Path) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
         .map(|f| read_results(&f).map(|r| (f, r)))
         .collect::<Result<Vec<_>>>()?;
     merge_results(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMOKE: &str = include_str!("../../artifact/configs/teach/smoke.toml");
+
+    /// The error of the smoke configuration with `from` replaced by `to`.
+    fn error_with(from: &str, to: &str) -> String {
+        assert!(SMOKE.contains(from), "{from}");
+        let text = SMOKE.replacen(from, to, 1);
+        format!(
+            "{:#}",
+            TeachConfig::from_toml(&text, "smoke.toml").unwrap_err()
+        )
+    }
+
+    #[test]
+    fn configurations_are_checked_key_by_key_before_anything_runs() {
+        TeachConfig::from_toml(SMOKE, "smoke.toml").unwrap();
+        TeachConfig::from_toml(
+            include_str!("../../artifact/configs/teach/teach.toml"),
+            "teach.toml",
+        )
+        .unwrap();
+        for (from, to, want) in [
+            (
+                "batch_size = 64",
+                "batch_size = 0",
+                "`sft.batch_size` must be positive",
+            ),
+            (
+                "examples = 1024",
+                "examples = 10",
+                "`sft.examples` (10) make no full batch",
+            ),
+            (
+                "lr = 3e-3",
+                "lr = -3e-3",
+                "`sft.lr` must be a positive number",
+            ),
+            (
+                "batch_size = 32",
+                "batch_size = 0",
+                "`daa.batch_size` and `micro_batch_size`",
+            ),
+            (
+                "micro_batch_size = 16",
+                "micro_batch_size = 12",
+                "`daa.batch_size` (32) must be a multiple",
+            ),
+            (
+                "checkpoints = [0.5, 1.0]",
+                "checkpoints = [0.0, 1.5]",
+                "`daa.checkpoints` must be fractions",
+            ),
+            (
+                "checkpoints = [0.5, 1.0]",
+                "checkpoints = [0.5, 0.5]",
+                "`daa.checkpoints` lists 0.5 twice",
+            ),
+            (
+                "n_train = 128",
+                "n_train = 16",
+                "`pairs.n_train` (16) make no full batch of `daa.batch_size` (32)",
+            ),
+            (
+                "betas = [0.1, 1.0]",
+                "betas = [0.1, 0.10]",
+                "`daa.betas` lists 0.1 twice",
+            ),
+            ("betas = [0.1, 1.0]", "betas = []", "`daa.betas` is empty"),
+            (
+                "objectives = [\"dpo\", \"ipo\"]",
+                "objectives = []",
+                "`daa.objectives` is empty",
+            ),
+            ("seeds = [0]", "seeds = []", "`daa.seeds` is empty"),
+            (
+                "lr = 1e-3",
+                "lr = -1e-3",
+                "`daa.lr` must be a positive number",
+            ),
+            (
+                "warmup_frac = 0.25",
+                "warmup_frac = -3",
+                "`daa.warmup_frac` must be in [0, 1)",
+            ),
+            (
+                "betas = [0.1]\n",
+                "betas = [-0.1]\n",
+                "`rdpo.betas` must be a positive number",
+            ),
+            (
+                "name = \"s\"",
+                "name = \"xs\"",
+                "`sizes.name` lists \"xs\" twice",
+            ),
+            (
+                "name = \"s\"",
+                "name = \"s-1\"",
+                "use letters, digits and _",
+            ),
+            (
+                "n_prompts = 16",
+                "n_prompts = 0",
+                "`eval.n_prompts` must be positive",
+            ),
+        ] {
+            let e = error_with(from, to);
+            assert!(e.contains(want), "{from} -> {to}: {e}");
+            assert!(e.contains("smoke.toml"), "{e}");
+        }
+    }
 }
