@@ -9,11 +9,9 @@
 //! asks those again. Nothing secret is stored: no headers, no API key.
 
 use super::Usage;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Format version of the entries (part of the key). Version 2 added the server's base URL to
 /// the key.
@@ -68,8 +66,6 @@ pub fn cache_key(
 pub struct VerdictCache {
     dir: PathBuf,
 }
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl VerdictCache {
     /// Open (and create) a cache folder.
@@ -126,33 +122,10 @@ impl VerdictCache {
         }
     }
 
-    /// Store an entry atomically.
+    /// Store an entry atomically and durably (`util::write_atomic`: a uniquely named temporary
+    /// file, fsync, rename), so concurrent writers and crashes never leave a half-written entry.
     pub fn put(&self, entry: &CacheEntry) -> Result<()> {
-        let path = self.path(&entry.key);
-        let dir = path
-            .parent()
-            .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp.{}.{}",
-            entry.key,
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let bytes = serde_json::to_vec(entry)?;
-        let written = (|| -> Result<()> {
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
-            f.write_all(&bytes)
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-            f.sync_all().ok();
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-        })();
-        if written.is_err() {
-            std::fs::remove_file(&tmp).ok();
-        }
-        written
+        crate::util::write_atomic(&self.path(&entry.key), &serde_json::to_vec(entry)?)
     }
 }
 
