@@ -130,6 +130,15 @@ pub fn write_atomic_with(
 /// Read a JSON-lines file into records of type `T`. Blank lines are skipped; a line that is not
 /// valid JSON or lacks a field is an error naming the file and the line number (1-based).
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    Ok(read_jsonl_numbered(path)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// [`read_jsonl`], each record with its physical line number (1-based, blank lines counted, as
+/// an editor shows it), for later errors that name the line.
+pub fn read_jsonl_numbered<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -140,7 +149,7 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
         }
         let rec = serde_json::from_str(&line)
             .map_err(|e| anyhow!("{}: line {}: {e}", path.display(), i + 1))?;
-        out.push(rec);
+        out.push((i + 1, rec));
     }
     Ok(out)
 }

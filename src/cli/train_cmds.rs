@@ -15,8 +15,6 @@ use crate::train::{SpecialTokens, train_daa, train_sft};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
@@ -53,24 +51,6 @@ struct PrefLine {
     prompt: String,
     chosen: String,
     rejected: String,
-}
-
-/// The records of a JSON-lines file, each with its physical line number (1-based, blank
-/// lines counted, as an editor shows it); blank lines are skipped.
-fn read_records<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line =
-            line.with_context(|| format!("{}: line {}: cannot read", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let rec = serde_json::from_str(&line)
-            .map_err(|e| anyhow!("{}: line {}: {e}", path.display(), i + 1))?;
-        out.push((i + 1, rec));
-    }
-    Ok(out)
 }
 
 /// Checks of the configuration and the number of records that need no model: before any
@@ -146,7 +126,7 @@ fn examples<L, E>(
 
 pub fn sft(a: TrainArgs) -> Result<()> {
     let cfg = RunConfig::from_file(&a.config)?;
-    let lines: Vec<(usize, SftLine)> = read_records(&cfg.data.train)?;
+    let lines: Vec<(usize, SftLine)> = crate::util::read_jsonl_numbered(&cfg.data.train)?;
     check_before_loading(&cfg, &a.config, lines.len())?;
     let (lm, tok) = load_model(&cfg.model)?;
     let lim = limits(&lm.model);
@@ -188,7 +168,7 @@ pub fn daa(a: TrainArgs) -> Result<()> {
             a.config.display()
         )
     })?;
-    let lines: Vec<(usize, PrefLine)> = read_records(&cfg.data.train)?;
+    let lines: Vec<(usize, PrefLine)> = crate::util::read_jsonl_numbered(&cfg.data.train)?;
     check_before_loading(&cfg, &a.config, lines.len())?;
     let (policy, tok) = load_model(&cfg.model)?;
     let reference = match &cfg.reference {
@@ -267,7 +247,7 @@ mod tests {
             });
         }
         std::fs::write(&f, &text).unwrap();
-        let lines: Vec<(usize, SftLine)> = read_records(&f).unwrap();
+        let lines: Vec<(usize, SftLine)> = crate::util::read_jsonl_numbered(&f).unwrap();
         assert_eq!(lines.len(), 32);
         assert_eq!((lines[0].0, lines[2].0, lines[31].0), (1, 4, 35));
         let (tok, spec) = (tok(), data_spec(&f));
@@ -280,7 +260,7 @@ mod tests {
         let mut bad = text.replace(&rec("", "w5"), &rec("w3", "w5"));
         bad = bad.replacen(&rec("w3 w4", "w5"), &rec("w3 w4", " "), 1);
         std::fs::write(&f, &bad).unwrap();
-        let lines: Vec<(usize, SftLine)> = read_records(&f).unwrap();
+        let lines: Vec<(usize, SftLine)> = crate::util::read_jsonl_numbered(&f).unwrap();
         let e = examples(&f, &lines, |l| sft_example(l, &tok, &spec, &LIM)).unwrap_err();
         assert_eq!(
             format!("{e:#}"),
@@ -296,7 +276,7 @@ mod tests {
             });
         }
         std::fs::write(&f, &text).unwrap();
-        let lines: Vec<(usize, SftLine)> = read_records(&f).unwrap();
+        let lines: Vec<(usize, SftLine)> = crate::util::read_jsonl_numbered(&f).unwrap();
         let e = examples(&f, &lines, |l| sft_example(l, &tok, &spec, &LIM)).unwrap_err();
         let e = format!("{e:#}");
         assert!(
@@ -323,7 +303,7 @@ mod tests {
         ]
         .concat();
         std::fs::write(&f, &text).unwrap();
-        let lines: Vec<(usize, PrefLine)> = read_records(&f).unwrap();
+        let lines: Vec<(usize, PrefLine)> = crate::util::read_jsonl_numbered(&f).unwrap();
         let (tok, spec) = (tok(), data_spec(&f));
         let e = examples(&f, &lines, |l| pref_example(l, &tok, &spec, &LIM)).unwrap_err();
         assert_eq!(
@@ -335,7 +315,7 @@ mod tests {
             text.replace(&rec("w3", "w4", ""), &rec("w3", "w4 w51", "w5")),
         )
         .unwrap();
-        let lines: Vec<(usize, PrefLine)> = read_records(&f).unwrap();
+        let lines: Vec<(usize, PrefLine)> = crate::util::read_jsonl_numbered(&f).unwrap();
         let e = examples(&f, &lines, |l| pref_example(l, &tok, &spec, &LIM)).unwrap_err();
         let e = format!("{e:#}");
         assert!(
@@ -351,7 +331,7 @@ mod tests {
             max_positions: 3,
         };
         std::fs::write(&f, rec("w3 w4", "w5", "w6")).unwrap();
-        let lines: Vec<(usize, PrefLine)> = read_records(&f).unwrap();
+        let lines: Vec<(usize, PrefLine)> = crate::util::read_jsonl_numbered(&f).unwrap();
         let e = examples(&f, &lines, |l| pref_example(l, &tok, &spec, &short)).unwrap_err();
         let e = format!("{e:#}");
         assert!(
