@@ -24,7 +24,7 @@ use crate::analysis::fits::{FitOptions, Form, fit_table};
 use crate::analysis::length::length_fits;
 use crate::analysis::metrics::{Metric, metric_correlations, signed_sqrt_neg};
 use crate::analysis::table::{STANDARD_OBJECTIVES, fkey};
-use crate::sweep::teach::{RunSpec, collect_results};
+use crate::sweep::teach::RunSpec;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
@@ -411,58 +411,17 @@ fn sizes_by_params(rows: &[ResultRow]) -> Vec<String> {
     v.into_iter().map(|x| x.0).collect()
 }
 
-/// The run ids of a configuration (SFT evaluations and the DAA grid) with the configuration
-/// hash each result row must carry.
-fn row_id(r: &ResultRow) -> String {
-    if r.is_sft() {
-        format!("sft-{}", r.size)
-    } else {
-        // Matches RunSpec::id for this row's run.
-        let run = RunSpec {
-            objective: r.objective.clone(),
-            beta: r.beta,
-            size: r.size.clone(),
-            seed: r.seed,
-            alpha: 0.0,
-        };
-        if r.objective == "rdpo" {
-            // The alpha is not in the row; match on the prefix up to it.
-            format!("rdpo-b{}-*-{}-s{}", r.beta, r.size, r.seed)
-        } else {
-            run.id()
-        }
-    }
-}
-
-fn id_matches(pattern: &str, id: &str) -> bool {
-    match pattern.split_once('*') {
-        Some((a, b)) => id.starts_with(a) && id.ends_with(b),
-        None => pattern == id,
-    }
-}
-
-/// Refuse results made with another configuration: they would be mixed into the tables.
+/// Refuse results made with another configuration (they would be mixed into the tables);
+/// the number of this grid's runs already finished.
 fn check_stale(t: &Teach) -> Result<usize> {
-    let (rows, _) = collect_results(&t.out.join("results"))?;
-    let want = t.expected_hashes();
-    let mut runs = BTreeSet::new();
-    for r in &rows {
-        let pat = row_id(r);
-        let hit = want.iter().find(|(id, _)| id_matches(&pat, id));
-        match hit {
-            Some((id, h)) if *h == r.config_hash => {
-                runs.insert(id.clone());
-            }
-            Some((id, _)) => nb_bail!(
-                "results in {} were made with another configuration (run {id}); delete the \
-                 directory or set {RESULTS_ENV} to a fresh one",
-                t.out.display()
-            ),
-            // A finished run outside this grid (e.g. a larger grid in the same directory).
-            None => {}
-        }
+    match t.grid_results() {
+        Ok((kept, _)) => Ok(kept.len()),
+        Err(e) => Err(Error(e.context(format!(
+            "results in {} cannot be reused; delete the directory or set {RESULTS_ENV} to a \
+             fresh one",
+            t.out.display()
+        )))),
     }
-    Ok(runs.len())
 }
 
 /// The results of a profile: finished runs in its results directory are reused, missing ones
@@ -495,28 +454,15 @@ pub fn load_or_run(p: &Profile) -> Result<Results> {
     };
     let t = Teach::new(cfg.clone(), &p.out_dir)?;
     let reused = check_stale(&t)?;
-    let want = t.expected_hashes();
-    let (all_rows, all_samples) = t.run_all(&[])?;
-    let keep_row = |r: &ResultRow| {
-        want.iter()
-            .any(|(id, h)| id_matches(&row_id(r), id) && *h == r.config_hash)
-    };
-    let rows: Vec<ResultRow> = all_rows.into_iter().filter(|r| keep_row(r)).collect();
-    let keys: BTreeSet<(String, i64, String, u64)> = rows
-        .iter()
-        .map(|r| (r.objective.clone(), fkey(r.beta), r.size.clone(), r.seed))
-        .collect();
-    let samples: Vec<SampleRow> = all_samples
-        .into_iter()
-        .filter(|s| keys.contains(&(s.objective.clone(), fkey(s.beta), s.size.clone(), s.seed)))
-        .collect();
+    // Only this grid's runs: Teach::collect leaves out the others in the directory.
+    let (rows, samples) = t.run_all(&[])?;
     crate::sweep::tables::write_tables(&p.out_dir, &rows, &samples)?;
     Ok(Results {
         rows,
         samples,
         out_dir: p.out_dir.clone(),
         reused,
-        trained: want.len().saturating_sub(reused),
+        trained: t.expected_hashes().len().saturating_sub(reused),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -1301,20 +1247,6 @@ mod tests {
             e.contains("another configuration") && e.contains("sft-xs"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn rdpo_rows_match_their_run_ids() {
-        let t = Teach::new(smoke_config().unwrap(), tempfile::tempdir().unwrap().path()).unwrap();
-        let want = t.expected_hashes();
-        let r = row("rdpo", "s", 0.1, 1.0, 1.0, 0.4);
-        let pat = row_id(&r);
-        assert_eq!(
-            want.keys().filter(|id| id_matches(&pat, id)).count(),
-            1,
-            "{pat}"
-        );
-        assert!(!id_matches("rdpo-b0.1-*-s-s0", "rdpo-b0.1-a0.05-xs-s0"));
     }
 
     #[test]

@@ -412,7 +412,7 @@ impl Teach {
         let v = serde_json::json!({"task": self.cfg.task, "size": self.cfg.size(size).ok(), "model_seed": self.cfg.model_seed,
             "sft": self.cfg.sft, "pairs": self.cfg.pairs, "pair_source": pair_size, "eval": self.cfg.eval,
             "daa": daa, "run": run});
-        crate::util::sha256_hex(v.to_string().as_bytes())[..16].to_string()
+        short_hash(&v)
     }
 
     /// The DAA settings shared by every run of the grid that change a run's result (not the
@@ -427,7 +427,7 @@ impl Teach {
     fn sft_hash(&self, size: &str) -> String {
         let v = serde_json::json!({"task": self.cfg.task, "size": self.cfg.size(size).ok(),
             "model_seed": self.cfg.model_seed, "sft": self.cfg.sft});
-        crate::util::sha256_hex(v.to_string().as_bytes())[..16].to_string()
+        short_hash(&v)
     }
 
     /// Hash of the settings that determine the preference pairs.
@@ -435,7 +435,7 @@ impl Teach {
         let v = serde_json::json!({"task": self.cfg.task, "model_seed": self.cfg.model_seed,
             "sft": self.cfg.sft, "pairs": self.cfg.pairs,
             "pair_source": self.cfg.size(&self.cfg.pairs.source_size).ok()});
-        crate::util::sha256_hex(v.to_string().as_bytes())[..16].to_string()
+        short_hash(&v)
     }
 
     /// The config hash each result file of this grid must carry, by run id (`sft-SIZE` for
@@ -554,26 +554,18 @@ impl Teach {
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                 .and_then(|v| v["config_hash"].as_str().map(str::to_string));
-            match made_by {
-                Some(h) if h == want => {}
-                Some(h) => {
-                    return Err(self.stale(
-                        &tr,
-                        &format!(
-                            "config_hash {h} in {} where this configuration gives {want}",
-                            meta_path.display()
-                        ),
-                    ));
-                }
-                None => {
-                    return Err(self.stale(
-                        &tr,
-                        &format!(
-                            "{} is missing or unreadable, so its configuration is unknown",
-                            meta_path.display()
-                        ),
-                    ));
-                }
+            if made_by.as_deref() != Some(want.as_str()) {
+                let detail = match made_by {
+                    Some(h) => format!(
+                        "config_hash {h} in {} where this configuration gives {want}",
+                        meta_path.display()
+                    ),
+                    None => format!(
+                        "{} is missing or unreadable, so its configuration is unknown",
+                        meta_path.display()
+                    ),
+                };
+                return Err(self.stale(&tr, &detail));
             }
             return Ok((crate::util::read_jsonl(&tr)?, crate::util::read_jsonl(&he)?));
         }
@@ -887,21 +879,27 @@ impl Teach {
         self.collect()
     }
 
-    /// Assemble the finished result files of this grid into the tables. A file of this grid
-    /// made with another configuration is an error; files of runs outside the grid (e.g. of a
-    /// larger grid in the same directory) are left out, and listed on stderr.
-    pub fn collect(&self) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+    /// The finished result files of this grid (one per run id, each checked against this
+    /// configuration: one made with other settings is an error), and the result files of runs
+    /// outside the grid (e.g. of a larger grid in the same directory).
+    pub fn grid_results(&self) -> Result<(Vec<(PathBuf, RunResults)>, Vec<PathBuf>)> {
         let want = self.expected_hashes();
-        let dir = self.out.join("results");
         let mut outside = vec![];
         let mut kept = vec![];
-        for f in result_files(&dir)? {
+        for f in result_files(&self.out.join("results"))? {
             let id = f.file_stem().map(|s| s.to_string_lossy().into_owned());
             match id.as_deref().and_then(|id| want.get(id)) {
                 Some(h) => kept.push((f.clone(), self.existing_results(&f, h)?)),
                 None => outside.push(f),
             }
         }
+        Ok((kept, outside))
+    }
+
+    /// Assemble the finished result files of this grid into the tables ([`Teach::grid_results`];
+    /// files of runs outside the grid are left out, and listed on stderr).
+    pub fn collect(&self) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+        let (kept, outside) = self.grid_results()?;
         if !outside.is_empty() {
             eprintln!(
                 "collect: left out {} result file(s) of runs outside this grid: {}",
@@ -915,6 +913,11 @@ impl Teach {
         }
         merge_results(kept)
     }
+}
+
+/// The first 16 hex digits of the SHA-256 of some settings' JSON text.
+fn short_hash(settings: &serde_json::Value) -> String {
+    crate::util::sha256_hex(settings.to_string().as_bytes())[..16].to_string()
 }
 
 fn read_results(path: &Path) -> Result<RunResults> {
