@@ -8,12 +8,11 @@
 //! (the comparisons' evaluation split) holds preference pairs, which have no reference summary;
 //! it is for the held-out DAA loss, implicit-reward accuracy and E[r(x, y_w)].
 
-use crate::data::tldr::{self, Loaded, Split, TldrConfig};
+use crate::data::tldr::{self, TldrConfig};
 use crate::hub::HubAccess;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -28,75 +27,10 @@ pub struct ExportArgs {
     pub out: PathBuf,
 }
 
-/// What one exported file holds.
-#[derive(Debug, Serialize)]
-struct FileSummary {
-    file: String,
-    records: usize,
-    /// Rows dropped on purpose (preference rows without a post).
-    skipped: usize,
-    /// Parquet files read, as paths inside the dataset repository.
-    read: Vec<String>,
-}
-
-fn write_split<T: Serialize>(out: &Path, name: &str, loaded: &Loaded<T>) -> Result<FileSummary> {
-    let path = out.join(name);
-    tldr::write_jsonl(&path, &loaded.records)?;
-    let read = loaded
-        .files
-        .iter()
-        .map(|p| {
-            // `.../snapshots/<commit>/<config>/<split>/NNNN.parquet` -> `<config>/<split>/NNNN...`
-            let parts: Vec<_> = p.iter().map(|c| c.to_string_lossy().into_owned()).collect();
-            match parts.iter().position(|c| c == "snapshots") {
-                Some(i) if i + 2 < parts.len() => parts[i + 2..].join("/"),
-                _ => p.display().to_string(),
-            }
-        })
-        .collect();
-    Ok(FileSummary {
-        file: name.to_string(),
-        records: loaded.records.len(),
-        skipped: loaded.skipped,
-        read,
-    })
-}
-
-/// Export the four sets of `cfg` into `out` through `hub`; returns the manifest it wrote.
-pub fn export_tldr(cfg: &TldrConfig, hub: &HubAccess, out: &Path) -> Result<serde_json::Value> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut files = Vec::new();
-    for (name, split) in [
-        ("sft-train.jsonl", Split::Train),
-        ("sft-eval.jsonl", Split::Eval),
-    ] {
-        let loaded = tldr::load_sft_records(cfg, split, hub)
-            .with_context(|| format!("the SFT set ({})", cfg.sft.repo))?;
-        files.push(write_split(out, name, &loaded)?);
-    }
-    for (name, split) in [
-        ("prefs-train.jsonl", Split::Train),
-        ("prefs-eval.jsonl", Split::Eval),
-    ] {
-        let loaded = tldr::load_pref_records(cfg, split, hub)
-            .with_context(|| format!("the preference set ({})", cfg.prefs.repo))?;
-        files.push(write_split(out, name, &loaded)?);
-    }
-    let manifest = serde_json::json!({
-        "config": cfg,
-        "files": files,
-    });
-    crate::util::write_atomic(
-        &out.join("export.json"),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
-    Ok(manifest)
-}
-
 pub fn export(a: ExportArgs) -> Result<()> {
     let cfg = TldrConfig::from_file(&a.data)?;
     let hub = HubAccess::from_env();
-    let manifest = export_tldr(&cfg, &hub, &a.out)?;
+    let manifest = tldr::export(&cfg, &hub, &a.out)?;
     for f in manifest["files"].as_array().into_iter().flatten() {
         println!(
             "export-tldr: {} {} records ({} skipped) from {} parquet file(s)",

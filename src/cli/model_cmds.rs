@@ -4,7 +4,7 @@ use crate::data::tokenizer::Tok;
 use crate::model::generate::{SampleConfig, generate};
 use crate::model::load;
 use crate::model::score::score_pairs;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Deserialize;
 use std::io::Write;
@@ -29,33 +29,9 @@ pub struct ModelArgs {
     pub batch_size: usize,
 }
 
-/// Load a model and its tokenizer (the given file, else the model's tokenizer.json).
-/// `hint` says how to name a tokenizer when the model has none.
-pub(crate) fn load_with_tokenizer(
-    source: &str,
-    revision: Option<&str>,
-    tokenizer: Option<&std::path::Path>,
-    dtype: &str,
-    device: &str,
-    hint: &str,
-) -> Result<(load::LoadedModel, Tok)> {
-    let dev = crate::device(device)?;
-    let lm = load::load(source, revision, crate::dtype(dtype)?, &dev)?;
-    let tok_path = match tokenizer {
-        Some(p) => p.to_path_buf(),
-        None => lm
-            .files
-            .as_ref()
-            .and_then(|f| f.tokenizer.clone())
-            .ok_or_else(|| anyhow!("model {source} has no tokenizer.json; {hint}"))?,
-    };
-    let tok = Tok::from_file(&tok_path, lm.model.config().eos_token_id)?;
-    Ok((lm, tok))
-}
-
 impl ModelArgs {
     fn load(&self) -> Result<(load::LoadedModel, Tok)> {
-        load_with_tokenizer(
+        load::load_with_tokenizer(
             &self.model,
             self.revision.as_deref(),
             self.tokenizer.as_deref(),

@@ -863,6 +863,74 @@ pub fn write_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// What one exported file holds.
+#[derive(Debug, Serialize)]
+struct FileSummary {
+    file: String,
+    records: usize,
+    /// Rows dropped on purpose (preference rows without a post).
+    skipped: usize,
+    /// Parquet files read, as paths inside the dataset repository.
+    read: Vec<String>,
+}
+
+fn write_split<T: Serialize>(out: &Path, name: &str, loaded: &Loaded<T>) -> Result<FileSummary> {
+    let path = out.join(name);
+    write_jsonl(&path, &loaded.records)?;
+    let read = loaded
+        .files
+        .iter()
+        .map(|p| {
+            // `.../snapshots/<commit>/<config>/<split>/NNNN.parquet` -> `<config>/<split>/NNNN...`
+            let parts: Vec<_> = p.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+            match parts.iter().position(|c| c == "snapshots") {
+                Some(i) if i + 2 < parts.len() => parts[i + 2..].join("/"),
+                _ => p.display().to_string(),
+            }
+        })
+        .collect();
+    Ok(FileSummary {
+        file: name.to_string(),
+        records: loaded.records.len(),
+        skipped: loaded.skipped,
+        read,
+    })
+}
+
+/// Export the four sets of `cfg` into `out` through `hub` as the JSON-lines files the run
+/// configurations read (`sft-train.jsonl`, `sft-eval.jsonl`, `prefs-train.jsonl`,
+/// `prefs-eval.jsonl`), then `export.json` (the configuration, counts and parquet files read),
+/// written last; returns that manifest.
+pub fn export(cfg: &TldrConfig, hub: &HubAccess, out: &Path) -> Result<serde_json::Value> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut files = Vec::new();
+    for (name, split) in [
+        ("sft-train.jsonl", Split::Train),
+        ("sft-eval.jsonl", Split::Eval),
+    ] {
+        let loaded = load_sft_records(cfg, split, hub)
+            .with_context(|| format!("the SFT set ({})", cfg.sft.repo))?;
+        files.push(write_split(out, name, &loaded)?);
+    }
+    for (name, split) in [
+        ("prefs-train.jsonl", Split::Train),
+        ("prefs-eval.jsonl", Split::Eval),
+    ] {
+        let loaded = load_pref_records(cfg, split, hub)
+            .with_context(|| format!("the preference set ({})", cfg.prefs.repo))?;
+        files.push(write_split(out, name, &loaded)?);
+    }
+    let manifest = serde_json::json!({
+        "config": cfg,
+        "files": files,
+    });
+    crate::util::write_atomic(
+        &out.join("export.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    Ok(manifest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,6 +91,10 @@ pub fn mean_se(x: &[f64]) -> (f64, f64) {
     (m, (v / n).sqrt())
 }
 
+/// Scores every sample, given as (prompt index, sample tokens), against its prompt's reference
+/// summary: 1 win, 0.5 tie, 0 loss, in order.
+pub type SampleJudge<'a> = dyn FnMut(&[(usize, &[u32])]) -> Result<Vec<f64>> + 'a;
+
 /// Held-out DAA metrics of `policy` against `reference` on preference pairs.
 pub fn heldout_metrics(
     policy: &GptNeoX,
@@ -121,8 +125,9 @@ pub fn heldout_metrics(
     Ok((loss / n, acc / n, rw_sum / n))
 }
 
-/// Evaluate `policy` (with `reference` for the KL and implicit rewards). `judge(prompt index,
-/// sample tokens)` scores a sample against that prompt's reference summary. `objective`
+/// Evaluate `policy` (with `reference` for the KL and implicit rewards). `judge` is called
+/// once, with every sample as (prompt index, sample tokens) in order, and returns each one's
+/// score against its prompt's reference summary (1 win, 0.5 tie, 0 loss). `objective`
 /// (with its beta) selects the held-out DAA loss; None leaves those metrics NaN.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_policy(
@@ -133,7 +138,7 @@ pub fn evaluate_policy(
     objective: Option<(Objective, f64)>,
     cfg: &EvalConfig,
     tokens: SpecialTokens,
-    judge: &dyn Fn(usize, &[u32]) -> f64,
+    judge: &mut SampleJudge,
 ) -> Result<PolicyEval> {
     if prompts.is_empty() {
         bail!("evaluation needs at least one prompt");
@@ -153,6 +158,19 @@ pub fn evaluate_policy(
         batch_size: cfg.batch_size,
     };
     let samples = generate(&pol, &expanded, &sc, tokens.eos, tokens.pad)?;
+    let judged: Vec<(usize, &[u32])> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i / k, s.tokens.as_slice()))
+        .collect();
+    let wins = judge(&judged)?;
+    if wins.len() != samples.len() {
+        bail!(
+            "the judge scored {} of {} samples",
+            wins.len(),
+            samples.len()
+        );
+    }
     // Reference log-probs of each sample exactly as generated (no EOS appended).
     let mut stats = Vec::with_capacity(samples.len());
     let idx: Vec<usize> = (0..samples.len()).collect();
@@ -177,7 +195,7 @@ pub fn evaluate_policy(
                 prompt: i / k,
                 log_ratio: pol_lp - ref_lp[j] as f64,
                 length,
-                win: judge(i / k, &s.tokens),
+                win: wins[i],
             });
         }
     }

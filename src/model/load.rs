@@ -252,6 +252,30 @@ pub fn load(
     })
 }
 
+/// Load a model and its tokenizer (the given file, else the model's tokenizer.json).
+/// `hint` says how to name a tokenizer when the model has none.
+pub fn load_with_tokenizer(
+    source: &str,
+    revision: Option<&str>,
+    tokenizer: Option<&std::path::Path>,
+    dtype: &str,
+    device: &str,
+    hint: &str,
+) -> Result<(LoadedModel, crate::data::tokenizer::Tok)> {
+    let dev = crate::device(device)?;
+    let lm = load(source, revision, crate::dtype(dtype)?, &dev)?;
+    let tok_path = match tokenizer {
+        Some(p) => p.to_path_buf(),
+        None => lm
+            .files
+            .as_ref()
+            .and_then(|f| f.tokenizer.clone())
+            .ok_or_else(|| anyhow!("model {source} has no tokenizer.json; {hint}"))?,
+    };
+    let tok = crate::data::tokenizer::Tok::from_file(&tok_path, lm.model.config().eos_token_id)?;
+    Ok((lm, tok))
+}
+
 /// Write a model in the HF layout: `model.safetensors` (f32 or the vars' dtype) and
 /// `config.json`, each atomically (a temporary name, fsync, rename) and durably (the folder is
 /// fsynced too); an error of any write or fsync is returned.

@@ -1,4 +1,5 @@
 //! The sweep runner: the top of the pipeline, holding the state of a whole reproduction.
 pub mod local;
+pub mod results;
 pub mod tables;
 pub mod teach;

@@ -7,6 +7,8 @@
 //! resumes where it stopped; each DAA run's evaluated rows land in `results/<run>.json` only
 //! when the run is complete, and the table is assembled from those files.
 
+pub use super::results::{RunResults, RunSpec, collect_results};
+use super::results::{merge_results, result_files, short_hash};
 use crate::analysis::table::{ResultRow, SampleRow};
 use crate::data::synthetic::{PrefPair, Task, TaskConfig};
 use crate::data::{PrefExample, SftExample};
@@ -323,43 +325,6 @@ impl TeachConfig {
     }
 }
 
-/// One DAA run of the grid.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunSpec {
-    pub objective: String,
-    pub beta: f64,
-    pub size: String,
-    pub seed: u64,
-    /// R-DPO length coefficient (0 otherwise).
-    pub alpha: f64,
-}
-
-impl RunSpec {
-    pub fn id(&self) -> String {
-        let a = if self.objective == "rdpo" {
-            format!("-a{}", self.alpha)
-        } else {
-            String::new()
-        };
-        format!(
-            "{}-b{}{a}-{}-s{}",
-            self.objective, self.beta, self.size, self.seed
-        )
-    }
-
-    pub fn objective(&self) -> Result<Objective> {
-        Objective::from_name(&self.objective, self.alpha)
-    }
-}
-
-/// Everything evaluated for one policy: table rows (one per checkpoint) and sample rows.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RunResults {
-    pub rows: Vec<ResultRow>,
-    pub samples: Vec<SampleRow>,
-    pub seconds: f64,
-}
-
 const TOKENS: SpecialTokens = SpecialTokens {
     eos: crate::data::synthetic::EOS,
     pad: crate::data::synthetic::PAD,
@@ -451,28 +416,12 @@ impl Teach {
         m
     }
 
-    /// The error for an output of another configuration found in this sweep's directory.
     fn stale(&self, what: &Path, detail: &str) -> anyhow::Error {
-        anyhow!(
-            "{} was made with another configuration ({detail}); it is kept as it is: delete it \
-             (and what was computed from it) or run into a fresh --out directory",
-            what.display()
-        )
+        super::results::stale(what, detail)
     }
 
-    /// Read an existing results file of run `id`, refusing one made with another configuration.
     fn existing_results(&self, path: &Path, want_hash: &str) -> Result<RunResults> {
-        let res = read_results(path)?;
-        if let Some(r) = res.rows.iter().find(|r| r.config_hash != want_hash) {
-            return Err(self.stale(
-                path,
-                &format!(
-                    "config_hash {} where this configuration gives {want_hash}",
-                    r.config_hash
-                ),
-            ));
-        }
-        Ok(res)
+        super::results::existing_results(path, want_hash)
     }
 
     fn sft_dir(&self, size: &str) -> PathBuf {
@@ -673,8 +622,12 @@ impl Teach {
     ) -> Result<PolicyEval> {
         let set = self.eval_set();
         let prompts: Vec<Vec<u32>> = set.iter().map(|e| self.task.prompt_ids(&e.post)).collect();
-        let judge =
-            |i: usize, sample: &[u32]| self.task.gold_win(&set[i].post, sample, &set[i].reference);
+        let mut judge = |samples: &[(usize, &[u32])]| {
+            Ok(samples
+                .iter()
+                .map(|&(i, s)| self.task.gold_win(&set[i].post, s, &set[i].reference))
+                .collect())
+        };
         evaluate_policy(
             &policy.model,
             &reference.model,
@@ -683,62 +636,8 @@ impl Teach {
             objective,
             &self.eval_config(&prompts),
             TOKENS,
-            &judge,
+            &mut judge,
         )
-    }
-
-    fn row(
-        &self,
-        e: &PolicyEval,
-        objective: &str,
-        beta: f64,
-        size: &str,
-        n_params: u64,
-        ck: f64,
-        seed: u64,
-        hash: &str,
-    ) -> ResultRow {
-        ResultRow {
-            objective: objective.into(),
-            beta,
-            size: size.into(),
-            n_params,
-            checkpoint: ck,
-            seed,
-            kl: e.kl,
-            kl_se: e.kl_se,
-            win_rate: e.win_rate,
-            win_rate_lo: e.win_rate_lo,
-            win_rate_hi: e.win_rate_hi,
-            mean_length: e.mean_length,
-            heldout_loss: e.heldout_loss,
-            implicit_accuracy: e.implicit_accuracy,
-            chosen_reward: e.chosen_reward,
-            config_hash: hash.into(),
-            length_corrected_win_rate: None,
-        }
-    }
-
-    fn sample_rows(
-        e: &PolicyEval,
-        objective: &str,
-        beta: f64,
-        size: &str,
-        ck: f64,
-        seed: u64,
-    ) -> Vec<SampleRow> {
-        e.samples
-            .iter()
-            .map(|s| SampleRow {
-                objective: objective.into(),
-                beta,
-                size: size.into(),
-                checkpoint: ck,
-                seed,
-                log_ratio: s.log_ratio,
-                length: s.length,
-            })
-            .collect()
     }
 
     fn results_path(&self, id: &str) -> PathBuf {
@@ -756,17 +655,15 @@ impl Teach {
         let t0 = Instant::now();
         let sft = self.sft_model(size)?;
         let e = self.evaluate(&sft, &sft, None, &[])?;
-        let n = sft.model.config().n_params() as u64;
-        let res = RunResults {
-            rows: vec![self.row(&e, "sft", 0.0, size, n, 0.0, 0, &hash)],
-            samples: Self::sample_rows(&e, "sft", 0.0, size, 0.0, 0),
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        crate::util::write_atomic(&path, serde_json::to_string(&res)?.as_bytes())?;
-        self.say(&format!(
-            "eval {id}: win {:.3} length {:.2}",
-            e.win_rate, e.mean_length
-        ));
+        let mut res = RunResults::default();
+        res.add(
+            &e,
+            &RunSpec::sft(size),
+            sft.model.config().n_params(),
+            0.0,
+            &hash,
+        );
+        self.say(&res.finish(&path, t0)?);
         Ok(res)
     }
 
@@ -824,40 +721,16 @@ impl Teach {
             &run_dir,
             &serde_json::json!({"run": run, "daa": self.daa_settings(), "config_hash": hash}),
         )?;
-        let n = sft.model.config().n_params() as u64;
+        let n = sft.model.config().n_params();
         let mut res = RunResults::default();
         for (_, dir) in &out.checkpoints {
             let meta = checkpoint::read_meta(dir)?;
             let policy = load::load(dir.to_str().unwrap(), None, DType::F32, &self.device)?;
             let e = self.evaluate(&policy, &reference, Some((obj, run.beta)), &held)?;
             let ck = (meta.fraction * 1e6).round() / 1e6;
-            res.rows.push(self.row(
-                &e,
-                &run.objective,
-                run.beta,
-                &run.size,
-                n,
-                ck,
-                run.seed,
-                &hash,
-            ));
-            res.samples.extend(Self::sample_rows(
-                &e,
-                &run.objective,
-                run.beta,
-                &run.size,
-                ck,
-                run.seed,
-            ));
+            res.add(&e, run, n, ck, &hash);
         }
-        res.seconds = t0.elapsed().as_secs_f64();
-        crate::util::write_atomic(&path, serde_json::to_string(&res)?.as_bytes())?;
-        if let Some(last) = res.rows.last() {
-            self.say(&format!(
-                "{id}: kl {:.2} win {:.3} length {:.2} ({:.0} s)",
-                last.kl, last.win_rate, last.mean_length, res.seconds
-            ));
-        }
+        self.say(&res.finish(&path, t0)?);
         Ok(res)
     }
 
@@ -913,82 +786,6 @@ impl Teach {
         }
         merge_results(kept)
     }
-}
-
-/// The first 16 hex digits of the SHA-256 of some settings' JSON text.
-fn short_hash(settings: &serde_json::Value) -> String {
-    crate::util::sha256_hex(settings.to_string().as_bytes())[..16].to_string()
-}
-
-fn read_results(path: &Path) -> Result<RunResults> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: corrupt results file", path.display()))
-}
-
-/// The `*.json` result files in `dir`, in name order (none when it does not exist).
-fn result_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
-        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
-    };
-    files.sort();
-    Ok(files)
-}
-
-/// Concatenate result files, refusing two rows of one policy (objective, beta, size,
-/// checkpoint, seed) from different files: e.g. results left from an earlier configuration,
-/// or R-DPO runs that differ only in alpha, which the table cannot tell apart.
-fn merge_results(files: Vec<(PathBuf, RunResults)>) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
-    let mut seen: BTreeMap<(String, u64, String, u64, u64), PathBuf> = BTreeMap::new();
-    let mut rows = vec![];
-    let mut samples = vec![];
-    for (f, r) in files {
-        for row in &r.rows {
-            let key = (
-                row.objective.clone(),
-                row.beta.to_bits(),
-                row.size.clone(),
-                row.checkpoint.to_bits(),
-                row.seed,
-            );
-            if let Some(first) = seen.get(&key).filter(|first| **first != f) {
-                bail!(
-                    "{} and {} both hold results of {} beta={} size={} checkpoint={} seed={} \
-                     (config_hash {}): results of an earlier configuration, or runs that differ \
-                     only in a setting the table has no column for (e.g. R-DPO's alpha); move \
-                     one of them out of the results folder",
-                    first.display(),
-                    f.display(),
-                    row.objective,
-                    row.beta,
-                    row.size,
-                    row.checkpoint,
-                    row.seed,
-                    row.config_hash
-                );
-            }
-            seen.insert(key, f.clone());
-        }
-        rows.extend(r.rows);
-        samples.extend(r.samples);
-    }
-    Ok((rows, samples))
-}
-
-/// Read every `*.json` result file in `dir` (e.g. written by separate jobs) in name order,
-/// without a configuration to check them against (see [`Teach::collect`] for that); two
-/// files with rows of the same policy are an error.
-pub fn collect_results(dir: &Path) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
-    let files = result_files(dir)?
-        .into_iter()
-        .map(|f| read_results(&f).map(|r| (f, r)))
-        .collect::<Result<Vec<_>>>()?;
-    merge_results(files)
 }
 
 #[cfg(test)]

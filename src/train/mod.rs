@@ -5,6 +5,7 @@ pub mod daa;
 pub mod loss;
 pub mod optim;
 pub(crate) mod rmsprop_fused;
+pub mod run;
 pub mod sft;
 pub mod trainer;
 
