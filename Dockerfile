@@ -5,12 +5,12 @@
 #   docker build -t overopt --build-arg CUDA_COMPUTE_CAP=80 .   # A100 (86: A40, 89: L40S)
 #   docker run --rm --gpus all -v "$PWD/out:/out" overopt reproduce --section overoptimization --scale teach
 #   docker run --rm --gpus all -p 8888:8888 -v "$PWD/out:/out" overopt lab
-# Paper scale does not run through `reproduce` yet; it is one command per run, with the
-# configs of artifact/configs/paper (they write under runs/paper/, kept here by the mount):
-#   docker run --rm --gpus all -v "$PWD/runs:/opt/overopt/runs" -v hf-cache:/cache -e HF_TOKEN \
-#       overopt export-tldr --data artifact/configs/paper/data.toml
-#   docker run ...same mounts... overopt sft --config artifact/configs/paper/sft-pythia-1b.toml
-#   docker run ...same mounts... overopt daa --config artifact/configs/paper/daa-pythia-1b.toml
+# Paper scale: the grid of artifact/configs/paper/grid.toml (TL;DR export, SFT, 63 DAA runs,
+# each checkpoint judged by the API), resumable, into /out/paper:
+#   docker run --rm --gpus all -v "$PWD/out:/out" -v hf-cache:/cache -e HF_TOKEN -e OPENAI_API_KEY \
+#       overopt reproduce --scale paper --section overoptimization
+# or one run at a time with the configs of artifact/configs/paper (they write under runs/paper/):
+#   docker run ...same mounts, -v "$PWD/runs:/opt/overopt/runs"... overopt sft --config artifact/configs/paper/sft-pythia-1b.toml
 #
 # Every RUN step that installs or builds calls a script in environment/ that the README's
 # commands and CI also run (with CPU features); apt-get is the only inline plumbing.

@@ -438,7 +438,8 @@ pub fn load_or_run(p: &Profile) -> Result<Results> {
             nb_bail!(
                 "paper scale: no {} . Paper-scale runs need CUDA GPUs, the Hugging Face hub \
                  (Pythia, TL;DR) and a judge endpoint, and are not started from a notebook; \
-                 copy a paper-scale results directory here or set {RESULTS_ENV}",
+                 run `overopt reproduce --scale paper` (it writes out/paper), copy a paper-scale \
+                 results directory here, or set {RESULTS_ENV}",
                 path.display()
             );
         }

@@ -1,51 +1,14 @@
 //! The paper-scale configs in artifact/configs/paper parse with the crate's schemas, carry the
 //! settings of SPEC section 1 and the single-GPU settings their README documents, and the grid
-//! file (its schema is documented in the folder's README.md and mirrored here) expands to the 63
-//! DAA runs.
+//! file (its schema is documented in the folder's README.md) expands to the 63 DAA runs, by
+//! hand here and through the sweep (`overopt::sweep::paper`).
 
 use overopt::data::tldr::TldrConfig;
+use overopt::sweep::paper::{Paper, PaperGrid};
 use overopt::train::config::RunConfig;
 use overopt::train::loss::Objective;
-use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Grid {
-    schema: String,
-    data: PathBuf,
-    out_root: String,
-    objectives: Vec<String>,
-    betas: BTreeMap<String, Vec<f64>>,
-    models: Vec<GridModel>,
-    eval: GridEval,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GridModel {
-    name: String,
-    source: String,
-    revision: String,
-    commit_prefix: String,
-    params: u64,
-    sft: PathBuf,
-    daa: PathBuf,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GridEval {
-    prompt_file: PathBuf,
-    prompts: usize,
-    temperature: f64,
-    top_k: usize,
-    max_length: usize,
-    samples_per_prompt: usize,
-    seed: u64,
-    judge: String,
-}
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("artifact/configs/paper")
@@ -142,8 +105,7 @@ fn check_single_gpu(c: &RunConfig, file: &str, readme: &str) {
 fn paper_grid_and_run_configs_match_the_spec() {
     let d = dir();
     let readme = std::fs::read_to_string(d.join("README.md")).unwrap();
-    let grid: Grid =
-        toml::from_str(&std::fs::read_to_string(d.join("grid.toml")).unwrap()).unwrap();
+    let grid = PaperGrid::from_file(&d.join("grid.toml")).unwrap();
     assert_eq!(grid.schema, "overopt-paper-grid/1");
     let data = TldrConfig::from_file(&d.join(&grid.data)).unwrap();
     assert_eq!(data.prefs.repo, "openai/summarize_from_feedback");
@@ -180,14 +142,15 @@ fn paper_grid_and_run_configs_match_the_spec() {
     for (m, (source, layers, hidden, vocab)) in grid.models.iter().zip(arch) {
         assert_eq!(m.source, source);
         assert_eq!(m.params, neox_params(layers, hidden, vocab), "{}", m.name);
-        assert_eq!(m.commit_prefix.len(), 7);
-        assert!(m.commit_prefix.bytes().all(|b| b.is_ascii_hexdigit()));
+        let commit = m.commit_prefix.as_deref().unwrap();
+        assert_eq!(commit.len(), 7);
+        assert!(commit.bytes().all(|b| b.is_ascii_hexdigit()));
         let sft_file = d.join(&m.sft);
         let sft = RunConfig::from_file(&sft_file).unwrap();
         check_common(&sft, &m.sft.display().to_string());
         check_single_gpu(&sft, &m.sft.display().to_string(), &readme);
         assert_eq!(sft.model.source, m.source);
-        assert_eq!(sft.model.revision.as_deref(), Some(m.revision.as_str()));
+        assert_eq!(sft.model.revision, m.revision);
         assert!(sft.daa.is_none());
         assert_eq!(
             sft.out_dir,
@@ -225,6 +188,30 @@ fn paper_grid_and_run_configs_match_the_spec() {
     assert_eq!(runs.len(), 63);
     let dirs: BTreeSet<_> = runs.iter().map(|r| r.out_dir.clone()).collect();
     assert_eq!(dirs.len(), 63);
+    // The sweep expands the grid the same way (into its own out_root, so paths stay as written),
+    // starting each run from the SFT run's final checkpoint.
+    let paper = Paper::new(&d.join("grid.toml"), &grid.out_root).unwrap();
+    let specs = paper.runs().unwrap();
+    assert_eq!(specs.len(), runs.len());
+    for (spec, hand) in specs.iter().zip(&runs) {
+        let c = paper.daa_config(spec).unwrap();
+        assert_eq!(
+            (&c.out_dir, &c.daa, &c.train, &c.optim, &c.data),
+            (
+                &hand.out_dir,
+                &hand.daa,
+                &hand.train,
+                &hand.optim,
+                &hand.data
+            ),
+            "{}",
+            spec.id()
+        );
+        let fin = grid.out_root.join(&spec.size).join("sft").join("final");
+        assert_eq!(Path::new(&c.model.source), fin);
+        assert_eq!(Path::new(&c.reference.as_ref().unwrap().source), fin);
+        assert_eq!(c.reference.as_ref().unwrap().dtype, "bf16");
+    }
 
     // Evaluation prompts and their reference summaries come from the SFT set's held-out split
     // (`prompt`, and `response` = the human summary) in the folder `overopt export-tldr` writes

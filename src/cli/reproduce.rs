@@ -1,7 +1,9 @@
 //! `overopt reproduce`, and the job-array entry points `overopt sweep` / `overopt collect` /
 //! `overopt compare`.
 
-use crate::analysis::table::ResultRow;
+use crate::analysis::table::{ResultRow, SampleRow};
+use crate::sweep::paper::Paper;
+use crate::sweep::teach::RunSpec;
 use crate::sweep::teach::{Teach, TeachConfig};
 use crate::toy_mdp::{ToyMdpConfig, run_section};
 use anyhow::{Context, Result, bail};
@@ -31,9 +33,10 @@ pub struct ReproduceArgs {
     /// Configuration file; defaults to artifact/configs/<scale>/<scale>.toml.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Output directory; the results table is OUT/results.parquet.
-    #[arg(long, default_value = "out/teach")]
-    pub out: PathBuf,
+    /// Output directory; the results table is OUT/results.parquet. Default: out/<scale> (at
+    /// paper scale the run configurations' `runs/paper/...` paths are re-rooted there).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Only DAA runs whose id contains one of these strings (repeatable).
     #[arg(long)]
     pub only: Vec<String>,
@@ -43,19 +46,65 @@ pub struct ReproduceArgs {
     pub jobs: usize,
 }
 
+/// The sweep of a scale: the teach pipeline or the paper-scale grid.
+enum Scale {
+    Teach(Teach),
+    Paper(Paper),
+}
+
+fn check_scale(scale: &str) -> Result<()> {
+    if scale != "teach" && scale != "paper" {
+        bail!("unknown --scale {scale:?}: expected teach or paper");
+    }
+    Ok(())
+}
+
 fn teach_config(scale: &str, config: &Option<PathBuf>) -> Result<TeachConfig> {
-    if scale != "teach" {
-        bail!(
-            "--scale {scale}: only the teach scale runs through `reproduce` so far; paper-scale runs use `overopt sft` / `overopt daa` with the configs in artifact/configs/paper"
-        );
+    check_scale(scale)?;
+    if scale == "paper" {
+        bail!("--scale paper has a grid file, not a teach configuration");
     }
     TeachConfig::from_file(&config_path(scale, config))
 }
 
+/// The configuration file: the given one, else artifact/configs/teach/teach.toml or
+/// artifact/configs/paper/grid.toml.
 fn config_path(scale: &str, config: &Option<PathBuf>) -> PathBuf {
-    config
+    config.clone().unwrap_or_else(|| match scale {
+        "paper" => PathBuf::from("artifact/configs/paper/grid.toml"),
+        _ => PathBuf::from(format!("artifact/configs/{scale}/{scale}.toml")),
+    })
+}
+
+/// The sweep of `scale` into `out` (default: out/<scale>, where the notebooks look).
+fn open_scale(scale: &str, config: &Option<PathBuf>, out: &Option<PathBuf>) -> Result<Scale> {
+    check_scale(scale)?;
+    let out = out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("artifact/configs/{scale}/{scale}.toml")))
+        .unwrap_or_else(|| PathBuf::from(format!("out/{scale}")));
+    if scale == "paper" {
+        return Ok(Scale::Paper(Paper::new(&config_path(scale, config), &out)?));
+    }
+    Ok(Scale::Teach(Teach::new(
+        teach_config(scale, config)?,
+        &out,
+    )?))
+}
+
+impl Scale {
+    fn out(&self) -> &Path {
+        match self {
+            Scale::Teach(t) => &t.out,
+            Scale::Paper(p) => &p.out,
+        }
+    }
+
+    fn collect(&self) -> Result<(Vec<ResultRow>, Vec<SampleRow>)> {
+        match self {
+            Scale::Teach(t) => t.collect(),
+            Scale::Paper(p) => p.collect(),
+        }
+    }
 }
 
 fn run_toy(out: &Path) -> Result<crate::toy_mdp::ToyMdpReport> {
@@ -84,12 +133,21 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
         );
     }
     let t0 = std::time::Instant::now();
+    let scale = open_scale(&a.scale, &a.config, &a.out)?;
+    let out = scale.out().to_path_buf();
     let toy = if a.section == "all" || a.section == "toy-mdp" {
-        Some(run_toy(&a.out)?)
+        Some(run_toy(&out)?)
     } else {
         None
     };
-    let (rows, samples) = if a.section != "toy-mdp" {
+    let (rows, samples) = if a.section == "toy-mdp" {
+        (vec![], vec![])
+    } else if let Scale::Paper(p) = &scale {
+        // One process: each stage uses the whole GPU.
+        let (rows, samples) = p.run_all(&a.only)?;
+        crate::sweep::tables::write_tables(&out, &rows, &samples)?;
+        (rows, samples)
+    } else {
         let cfg = teach_config(&a.scale, &a.config)?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let jobs = if a.jobs == 0 { cpus } else { a.jobs };
@@ -104,26 +162,26 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
                 stages.len(),
                 (cpus / jobs).max(1)
             );
-            crate::sweep::local::run(&exe, &config, &a.out, &stages, jobs, (cpus / jobs).max(1))?;
-            Teach::new(cfg, &a.out)?.collect()?
+            crate::sweep::local::run(&exe, &config, &out, &stages, jobs, (cpus / jobs).max(1))?;
+            scale.collect()?
         } else {
-            Teach::new(cfg, &a.out)?.run_all(&a.only)?
+            Teach::new(cfg, &out)?.run_all(&a.only)?
         };
-        crate::sweep::tables::write_tables(&a.out, &rows, &samples)?;
+        crate::sweep::tables::write_tables(&out, &rows, &samples)?;
+        (rows, samples)
+    };
+    if a.section != "toy-mdp" {
         println!(
             "reproduce: {} result rows, {} sample rows",
             rows.len(),
             samples.len()
         );
-        (rows, samples)
-    } else {
-        (vec![], vec![])
-    };
-    let report = crate::plots::write_report(&a.out, &rows, &samples, toy.as_ref())?;
+    }
+    let report = crate::plots::write_report(&out, &rows, &samples, toy.as_ref())?;
     println!(
         "reproduce: {} figures in {}",
         report.figures.len(),
-        a.out.join("figures").display()
+        out.join("figures").display()
     );
     for v in &report.verdicts {
         println!("{}", v.summary);
@@ -131,90 +189,130 @@ pub fn run(a: ReproduceArgs) -> Result<()> {
     println!(
         "reproduce: done in {:.0} s; outputs in {}",
         t0.elapsed().as_secs_f64(),
-        a.out.display()
+        out.display()
     );
     Ok(())
 }
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
+    /// teach or paper.
     #[arg(long, default_value = "teach")]
     pub scale: String,
+    /// The teach configuration or the paper grid; default as for `reproduce`.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, default_value = "out/teach")]
-    pub out: PathBuf,
+    /// Output directory; default out/<scale>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Print the id of every DAA run, one per line (for a scheduler's job array).
     #[arg(long)]
     pub list: bool,
-    /// Run the shared stages every job needs (SFT of each size, preference pairs, SFT
-    /// evaluations). Run once before the array.
+    /// Run the shared stages every job needs (teach: SFT of each size, preference pairs, SFT
+    /// evaluations; paper: the TL;DR export, SFT of each model, SFT evaluations). Run once
+    /// before the array.
     #[arg(long)]
     pub prepare: bool,
     /// Run one DAA run by id, or by its 0-based index in `--list` (e.g. $SLURM_ARRAY_TASK_ID).
     #[arg(long)]
     pub run: Option<String>,
-    /// Run one shared stage: `sft:SIZE`, `pairs` or `sft-eval:SIZE` (what `--prepare` runs,
-    /// one piece at a time; `reproduce --jobs` runs them side by side).
+    /// Run one shared stage (what `--prepare` runs, one piece at a time): teach `sft:SIZE`,
+    /// `pairs` or `sft-eval:SIZE` (`reproduce --jobs` runs them side by side); paper `data`,
+    /// `sft:MODEL` or `sft-eval:MODEL`.
     #[arg(long)]
     pub stage: Option<String>,
 }
 
+/// The run of `runs` named by `id`: its id, or its 0-based index in the list.
+fn pick_run(runs: &[RunSpec], id: &str) -> Result<RunSpec> {
+    match id.parse::<usize>() {
+        Ok(i) => runs
+            .get(i)
+            .cloned()
+            .with_context(|| format!("run index {i} out of range (0..{})", runs.len())),
+        Err(_) => runs
+            .iter()
+            .find(|r| r.id() == id)
+            .cloned()
+            .with_context(|| format!("no run {id:?} in the grid (see --list)")),
+    }
+}
+
 pub fn sweep(a: SweepArgs) -> Result<()> {
-    let cfg = teach_config(&a.scale, &a.config)?;
-    let runs = cfg.runs();
+    let scale = open_scale(&a.scale, &a.config, &a.out)?;
+    let runs = match &scale {
+        Scale::Teach(t) => t.cfg.runs(),
+        Scale::Paper(p) => p.runs()?,
+    };
     if a.list {
         for r in &runs {
             println!("{}", r.id());
         }
         return Ok(());
     }
-    let t = Teach::new(cfg, &a.out)?;
-    if a.prepare {
-        for s in &t.cfg.sizes {
-            t.sft_model(&s.name)?;
-        }
-        t.pairs()?;
-        for s in &t.cfg.sizes {
-            t.run_sft_eval(&s.name)?;
-        }
-    }
-    if let Some(stage) = &a.stage {
-        match stage.split_once(':') {
-            Some(("sft", size)) => {
-                t.sft_model(size)?;
-            }
-            Some(("sft-eval", size)) => {
-                t.run_sft_eval(size)?;
-            }
-            None if stage == "pairs" => {
+    match &scale {
+        Scale::Teach(t) => {
+            if a.prepare {
+                for s in &t.cfg.sizes {
+                    t.sft_model(&s.name)?;
+                }
                 t.pairs()?;
+                for s in &t.cfg.sizes {
+                    t.run_sft_eval(&s.name)?;
+                }
             }
-            _ => bail!("unknown --stage {stage:?}: expected sft:SIZE, pairs or sft-eval:SIZE"),
+            if let Some(stage) = &a.stage {
+                match stage.split_once(':') {
+                    Some(("sft", size)) => {
+                        t.sft_model(size)?;
+                    }
+                    Some(("sft-eval", size)) => {
+                        t.run_sft_eval(size)?;
+                    }
+                    None if stage == "pairs" => {
+                        t.pairs()?;
+                    }
+                    _ => bail!(
+                        "unknown --stage {stage:?}: expected sft:SIZE, pairs or sft-eval:SIZE"
+                    ),
+                }
+            }
+            if let Some(id) = &a.run {
+                t.run_daa(&pick_run(&runs, id)?)?;
+            }
         }
-    }
-    if let Some(id) = &a.run {
-        let spec = match id.parse::<usize>() {
-            Ok(i) => runs
-                .get(i)
-                .cloned()
-                .with_context(|| format!("run index {i} out of range (0..{})", runs.len()))?,
-            Err(_) => runs
-                .iter()
-                .find(|r| &r.id() == id)
-                .cloned()
-                .with_context(|| format!("no run {id:?} in the grid (see --list)"))?,
-        };
-        t.run_daa(&spec)?;
+        Scale::Paper(p) => {
+            if a.prepare {
+                p.prepare()?;
+            }
+            if let Some(stage) = &a.stage {
+                match stage.split_once(':') {
+                    Some(("sft", model)) => {
+                        p.sft(model)?;
+                    }
+                    Some(("sft-eval", model)) => {
+                        p.run_sft_eval(model)?;
+                    }
+                    None if stage == "data" => p.data()?,
+                    _ => bail!(
+                        "unknown --stage {stage:?}: expected data, sft:MODEL or sft-eval:MODEL"
+                    ),
+                }
+            }
+            if let Some(id) = &a.run {
+                p.run_daa(&pick_run(&runs, id)?)?;
+            }
+        }
     }
     Ok(())
 }
 
 #[derive(Args, Debug)]
 pub struct CollectArgs {
-    /// The sweep's output directory (its results/ folder holds one file per finished run).
-    #[arg(long, default_value = "out/teach")]
-    pub out: PathBuf,
+    /// The sweep's output directory (its results/ folder holds one file per finished run);
+    /// default out/<scale> (out/teach without --scale).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// The scale of the sweep's configuration (with --config or alone: the configuration
     /// whose grid the results must match).
     #[arg(long)]
@@ -227,13 +325,15 @@ pub struct CollectArgs {
 }
 
 pub fn collect(a: CollectArgs) -> Result<()> {
-    let dir = a.out.join("results");
-    let (rows, samples) = if a.scale.is_some() || a.config.is_some() {
-        let scale = a.scale.as_deref().unwrap_or("teach");
-        Teach::new(teach_config(scale, &a.config)?, &a.out)?.collect()?
+    let (out, (rows, samples)) = if a.scale.is_some() || a.config.is_some() {
+        let scale = open_scale(a.scale.as_deref().unwrap_or("teach"), &a.config, &a.out)?;
+        (scale.out().to_path_buf(), scale.collect()?)
     } else {
-        crate::sweep::teach::collect_results(&dir)?
+        let out = a.out.clone().unwrap_or_else(|| PathBuf::from("out/teach"));
+        let tables = crate::sweep::teach::collect_results(&out.join("results"))?;
+        (out, tables)
     };
+    let dir = out.join("results");
     // Refuse before writing anything: with no per-run results the tables, claims and figures
     // would be overwritten by empty ones (e.g. when pointed at artifact/expected/teach, which
     // holds the finished tables but no results/ folder).
@@ -242,15 +342,15 @@ pub fn collect(a: CollectArgs) -> Result<()> {
             "collect: no per-run results in {} (expected one <run>.json per finished run, as \
              `overopt sweep` or `overopt reproduce` write them); nothing written to {}",
             dir.display(),
-            a.out.display()
+            out.display()
         );
     }
-    crate::sweep::tables::write_tables(&a.out, &rows, &samples)?;
-    crate::plots::write_report(&a.out, &rows, &samples, None)?;
+    crate::sweep::tables::write_tables(&out, &rows, &samples)?;
+    crate::plots::write_report(&out, &rows, &samples, None)?;
     println!(
         "collect: {} result rows into {}",
         rows.len(),
-        a.out.join("results.parquet").display()
+        out.join("results.parquet").display()
     );
     Ok(())
 }
@@ -420,7 +520,7 @@ mod tests {
         // A folder like artifact/expected/teach: finished tables, no results/ folder.
         std::fs::write(dir.path().join("results.csv"), "kept\n").unwrap();
         let args = || CollectArgs {
-            out: dir.path().to_path_buf(),
+            out: Some(dir.path().to_path_buf()),
             scale: None,
             config: None,
         };

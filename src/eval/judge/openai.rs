@@ -424,6 +424,11 @@ impl OpenAiJudge {
         &self.base_url
     }
 
+    /// Whether requests carry an API key.
+    pub fn has_api_key(&self) -> bool {
+        self.api_key.is_some()
+    }
+
     /// The proxy the requests go through, if any, with where it was configured.
     pub fn proxy(&self) -> Option<(&str, &str)> {
         self.proxy.as_ref().map(|(u, o)| (u.as_str(), o.as_str()))
