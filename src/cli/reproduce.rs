@@ -392,9 +392,11 @@ pub struct Tolerance {
     pub subset: bool,
 }
 
-/// The standard error of a win rate, from its 95% interval (0 when the interval is missing).
+/// The standard error of a win rate, from its 95% interval (0 when the interval is missing):
+/// the wider side's half-width, since an interval clipped to [0, 1] keeps its full width
+/// only on the side away from the bound.
 fn win_se(r: &ResultRow) -> f64 {
-    let w = (r.win_rate_hi - r.win_rate_lo) / (2.0 * 1.96);
+    let w = (r.win_rate_hi - r.win_rate).max(r.win_rate - r.win_rate_lo) / 1.96;
     if w.is_finite() { w.max(0.0) } else { 0.0 }
 }
 
@@ -513,6 +515,29 @@ mod tests {
         z: 4.0,
         subset: false,
     };
+
+    /// A win rate near 1 has its interval clipped at 1: the standard error comes from the
+    /// side away from the bound, not from the clipped width.
+    #[test]
+    fn win_rate_standard_error_ignores_the_clipped_side() {
+        let mut r = row("dpo", 0.1, 1.0, 0.1, 0.98, 0.04);
+        r.win_rate_hi = 1.0;
+        assert!((win_se(&r) - 0.04 / 1.96).abs() < 1e-12, "{}", win_se(&r));
+        let mut low = row("dpo", 0.1, 1.0, 0.1, 0.01, 0.05);
+        low.win_rate_lo = 0.0;
+        assert!((win_se(&low) - 0.05 / 1.96).abs() < 1e-12);
+        assert!((win_se(&row("dpo", 0.1, 1.0, 0.1, 0.5, 0.1)) - 0.1 / 1.96).abs() < 1e-12);
+        // Within 4 standard errors of the clipped row's, outside 4 of the clipped width's.
+        let tol = Tolerance {
+            win_abs: 0.0,
+            ..TOL
+        };
+        let mut a = r.clone();
+        a.win_rate = 0.98 - 0.11;
+        a.win_rate_lo = a.win_rate - 0.04;
+        a.win_rate_hi = a.win_rate + 0.04;
+        assert!(compare_rows(&[r], &[a], tol).is_empty());
+    }
 
     #[test]
     fn collect_without_per_run_results_refuses_and_writes_nothing() {

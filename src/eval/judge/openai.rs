@@ -12,7 +12,7 @@
 //! Failure handling, per comparison:
 //! * retried with exponential backoff (`backoff_base_ms * 2^k`, capped at `backoff_cap_ms`,
 //!   times a random factor in [0.5, 1]): timeouts, connection errors, HTTP 408, 409, 429 and
-//!   5xx; a `retry-after-ms: <milliseconds>` or `Retry-After: <seconds>` header on those
+//!   5xx; a `retry-after-ms: <milliseconds>` or `Retry-After: <seconds | HTTP date>` header on those
 //!   replaces the backoff (capped at `max_retry_after_s`). After `max_retries` retries the
 //!   comparison is recorded as failed.
 //! * not retried, recorded as failed with the status: other non-2xx statuses (e.g. 400).
@@ -214,6 +214,55 @@ fn no_proxy_covers(list: &str, host: &str) -> bool {
 /// The proxy for requests to `base_url`, and where it came from (for errors): the configured
 /// one (`""` / `"none"`: none), else the environment's for the URL's scheme, unless the host is
 /// a loopback address or matches `no_proxy`.
+/// Seconds since the Unix epoch of an HTTP date in the IMF-fixdate form of RFC 9110
+/// (`Wed, 21 Oct 2015 07:28:00 GMT`); None for anything else.
+pub fn http_date_unix(s: &str) -> Option<i64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let rest = s.trim().split_once(", ")?.1;
+    let f: Vec<&str> = rest.split(' ').collect();
+    let [day, month, year, time, "GMT"] = f.as_slice() else {
+        return None;
+    };
+    let num = |t: &str, len: usize| -> Option<i64> {
+        (t.len() == len && t.bytes().all(|b| b.is_ascii_digit())).then(|| t.parse().ok())?
+    };
+    let (d, y) = (num(day, 2)?, num(year, 4)?);
+    let m = MONTHS.iter().position(|n| n == month)? as i64 + 1;
+    let hms: Vec<&str> = time.split(':').collect();
+    let [h, mi, se] = hms.as_slice() else {
+        return None;
+    };
+    let (h, mi, se) = (num(h, 2)?, num(mi, 2)?, num(se, 2)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=month_days[m as usize - 1]).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    // Days from 1970-01-01 to the date (the proleptic Gregorian calendar, March-based years).
+    let (yy, mm) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * mm + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + se)
+}
+
 pub fn proxy_for(
     base_url: &str,
     configured: Option<&str>,
@@ -484,14 +533,23 @@ impl OpenAiJudge {
     }
 
     /// The wait a server asks for: `retry-after-ms` (milliseconds, OpenAI's) if present and
-    /// valid, else `Retry-After` in seconds; capped at `max_retry_after_s`. (An HTTP-date
-    /// `Retry-After` is not read: the backoff applies.)
+    /// valid, else `Retry-After` in seconds or as an HTTP date (until then; 0 when past);
+    /// capped at `max_retry_after_s`.
     fn retry_after(&self, ms: Option<&str>, secs: Option<&str>) -> Option<Duration> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.retry_after_at(ms, secs, now)
+    }
+
+    /// [`Self::retry_after`] at `now` (seconds since the Unix epoch).
+    fn retry_after_at(&self, ms: Option<&str>, secs: Option<&str>, now: f64) -> Option<Duration> {
         let read = |v: Option<&str>, scale: f64| {
             let x: f64 = v?.trim().parse().ok()?;
             (x.is_finite() && x >= 0.0).then_some(x * scale)
         };
-        let s = read(ms, 1e-3).or_else(|| read(secs, 1.0))?;
+        let date = || http_date_unix(secs?).map(|t| (t as f64 - now).max(0.0));
+        let s = read(ms, 1e-3).or_else(|| read(secs, 1.0)).or_else(date)?;
         Some(Duration::from_secs_f64(
             s.min(self.config.max_retry_after_s),
         ))
@@ -943,10 +1001,37 @@ mod tests {
             j.retry_after(None, Some("1.5")),
             Some(Duration::from_millis(1500))
         );
+        // An HTTP date: the time until then, 0 once past, capped like seconds.
+        let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+        assert_eq!(http_date_unix(date), Some(1_445_412_480));
         assert_eq!(
-            j.retry_after(None, Some("Wed, 21 Oct 2015 07:28:00 GMT")),
-            None
+            j.retry_after_at(None, Some(date), 1_445_412_480.0 - 30.0),
+            Some(Duration::from_secs(30))
         );
+        assert_eq!(
+            j.retry_after_at(None, Some(date), 1_445_412_480.0 + 5.0),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            j.retry_after_at(None, Some(date), 0.0),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(http_date_unix("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            http_date_unix("Tue, 29 Feb 2028 23:59:59 GMT"),
+            Some(1_835_481_599)
+        );
+        for bad in [
+            "Wed, 21 Oct 2015 07:28:00 UTC",
+            "Wed, 32 Oct 2015 07:28:00 GMT",
+            "Mon, 29 Feb 2027 00:00:00 GMT",
+            "Wed, 21 Okt 2015 07:28:00 GMT",
+            "Wednesday, 21-Oct-15 07:28:00 GMT",
+            "Wed, 21 Oct 2015 7:28:00 GMT",
+        ] {
+            assert_eq!(http_date_unix(bad), None, "{bad}");
+            assert_eq!(j.retry_after_at(None, Some(bad), 0.0), None, "{bad}");
+        }
         assert_eq!(j.retry_after(None, Some("-1")), None);
         assert_eq!(
             j.retry_after(None, Some("100000")),
