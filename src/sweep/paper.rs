@@ -213,11 +213,6 @@ impl PaperGrid {
     }
 }
 
-/// A run configuration of the grid.
-fn read_run_config(path: &Path) -> Result<RunConfig> {
-    RunConfig::from_file(path)
-}
-
 /// The paper-scale sweep bound to a grid file and an output folder.
 pub struct Paper {
     pub grid: PaperGrid,
@@ -288,7 +283,7 @@ impl Paper {
     pub fn sft_config(&self, model: &str) -> Result<RunConfig> {
         let m = self.grid.model(model)?;
         let path = self.grid_dir().join(&m.sft);
-        let mut c = read_run_config(&path)?;
+        let mut c = RunConfig::from_file(&path)?;
         c.out_dir = self.out.join(model).join("sft");
         c.data.train = self.reroot(&c.data.train);
         if c.daa.is_some() {
@@ -310,7 +305,7 @@ impl Paper {
     pub fn daa_config(&self, run: &RunSpec) -> Result<RunConfig> {
         let m = self.grid.model(&run.size)?;
         let path = self.grid_dir().join(&m.daa);
-        let mut c = read_run_config(&path)?;
+        let mut c = RunConfig::from_file(&path)?;
         let mut daa = c
             .daa
             .clone()
@@ -339,7 +334,9 @@ impl Paper {
     pub fn runs(&self) -> Result<Vec<RunSpec>> {
         let mut out = vec![];
         for m in &self.grid.models {
-            let seed = read_run_config(&self.grid_dir().join(&m.daa))?.train.seed;
+            let seed = RunConfig::from_file(&self.grid_dir().join(&m.daa))?
+                .train
+                .seed;
             for o in &self.grid.objectives {
                 for &beta in &self.grid.betas[o] {
                     out.push(RunSpec {
