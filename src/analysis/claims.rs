@@ -379,7 +379,29 @@ fn sizes_of(rows: &[ResultRow]) -> Vec<(String, u64)> {
 }
 
 fn margin(th: &Thresholds, a: &Pt, b: &Pt) -> f64 {
-    (th.hump_z * (a.se * a.se + b.se * b.se).sqrt()).max(th.min_margin)
+    se_margin(th, a.se, b.se)
+}
+
+/// What a difference of two independent estimates with standard errors `a` and `b` must exceed
+/// to count as clear: z x its standard error, and at least `min_margin`.
+fn se_margin(th: &Thresholds, a: f64, b: f64) -> f64 {
+    (th.hump_z * (a * a + b * b).sqrt()).max(th.min_margin)
+}
+
+/// Over-optimization of an end-of-epoch curve on the betas `common` (ascending; the smallest
+/// beta has the widest KL budget): the highest win rate over them minus the win rate at the
+/// smallest, with the standard error of that difference taken as of two independent win rates
+/// (also when the peak is the smallest beta itself, where the difference is 0).
+fn overoptimization(pts: &[Pt], common: &[i64]) -> (f64, f64) {
+    let first = at_beta(pts, common[0]);
+    let peak = common
+        .iter()
+        .map(|&k| at_beta(pts, k))
+        .fold(first, |best, p| if p.win > best.win { p } else { best });
+    (
+        peak.win - first.win,
+        (peak.se * peak.se + first.se * first.se).sqrt(),
+    )
 }
 
 fn beta_str(b: f64) -> String {
@@ -799,12 +821,17 @@ pub fn c3_ipo(rows: &[ResultRow], th: &Thresholds) -> Verdict {
     let rule = format!(
         "Per size, on the betas that dpo, ipo and slic share at end of epoch (>= {b}, seeds \
          averaged): (a) IPO's KL is below both DPO's and SLiC's at >= {f:.3} of the shared betas; \
-         (b) IPO's over-optimization, the highest win rate over the shared betas minus the win \
-         rate at the smallest shared beta, is strictly smaller than DPO's and than SLiC's (so a size \
-         where no objective over-optimizes does not count for the claim). A size holds \
-         if (a) and (b) hold; the claim holds if at least half of the sizes hold (three-valued).",
+         (b) IPO's over-optimization OO, the highest win rate over the shared betas minus the win \
+         rate at the smallest shared beta, is clearly smaller than DPO's and than SLiC's: by at \
+         least max({z} x the standard error of the difference, {m}), an OO's standard error being \
+         that of the difference of its two win rates (so a size where no objective \
+         over-optimizes, or where the OOs differ within the judge's noise, does not count for \
+         the claim). A size holds if (a) and (b) hold; the claim holds if at least half of the \
+         sizes hold (three-valued).",
         b = th.min_betas,
-        f = th.c3_kl_fraction
+        f = th.c3_kl_fraction,
+        z = th.hump_z,
+        m = th.min_margin
     );
     let sizes = sizes_of(rows);
     if sizes.is_empty() {
@@ -842,16 +869,15 @@ pub fn c3_ipo(rows: &[ResultRow], th: &Thresholds) -> Verdict {
             .filter(|&&k| at_beta(ipo, k).kl < at_beta(dpo, k).kl.min(at_beta(slic, k).kl))
             .count();
         let need = (th.c3_kl_fraction * common.len() as f64).ceil() as usize;
-        let oo = |pts: &Vec<Pt>| {
-            let best = common
-                .iter()
-                .map(|&k| at_beta(pts, k).win)
-                .fold(f64::MIN, f64::max);
-            best - at_beta(pts, common[0]).win
-        };
-        let (oo_d, oo_i, oo_s) = (oo(dpo), oo(ipo), oo(slic));
+        let (oo_d, oo_i, oo_s) = (
+            overoptimization(dpo, &common),
+            overoptimization(ipo, &common),
+            overoptimization(slic, &common),
+        );
+        let (m_d, m_s) = (se_margin(th, oo_i.1, oo_d.1), se_margin(th, oo_i.1, oo_s.1));
         let a = kl_lower >= need;
-        let b = oo_i < oo_d.min(oo_s);
+        let b = oo_d.0 - oo_i.0 >= m_d && oo_s.0 - oo_i.0 >= m_s;
+        let (oo_d, se_d, oo_i, se_i, oo_s, se_s) = (oo_d.0, oo_d.1, oo_i.0, oo_i.1, oo_s.0, oo_s.1);
         let kls: Vec<Value> = common
             .iter()
             .map(|&k| {
@@ -863,14 +889,18 @@ pub fn c3_ipo(rows: &[ResultRow], th: &Thresholds) -> Verdict {
             label,
             verdict: all_of(&[VerdictKind::from_bool(a), VerdictKind::from_bool(b)]),
             detail: format!(
-                "IPO KL lowest at {kl_lower}/{} shared betas (need {need}); over-optimization dpo {} ipo {} slic {}",
+                "IPO KL lowest at {kl_lower}/{} shared betas (need {need}); over-optimization dpo {} ipo {} slic {} (IPO's must be lower by at least {} and {})",
                 common.len(),
                 f3(oo_d),
                 f3(oo_i),
-                f3(oo_s)
+                f3(oo_s),
+                f3(m_d),
+                f3(m_s)
             ),
             numbers: json!({"kl": kls, "ipo_kl_lowest": kl_lower, "need": need,
                             "overopt_dpo": oo_d, "overopt_ipo": oo_i, "overopt_slic": oo_s,
+                            "overopt_se_dpo": se_d, "overopt_se_ipo": se_i, "overopt_se_slic": se_s,
+                            "margin_dpo": m_d, "margin_slic": m_s,
                             "kl_part": a, "overopt_part": b}),
         });
     }
@@ -897,10 +927,13 @@ pub fn c4_scale(rows: &[ResultRow], th: &Thresholds) -> Verdict {
          with each larger size L on their shared end-of-epoch betas (>= {b}, seeds averaged): \
          (a) KL(S) > KL(L) at more than half of the shared betas; (b) the empirical peak of S's \
          curve (SFT at d = 0 plus the shared betas; the point with the highest win rate) is at a \
-         smaller sqrt(KL) than L's; (c) L's highest win rate over the shared betas exceeds S's. \
+         smaller sqrt(KL) than L's; (c) L's highest win rate over the shared betas exceeds S's by at \
+         least max({z} x the standard error of the difference, {m}). \
          An objective holds if (a), (b), (c) hold against every larger size; the claim holds if \
          at least half of the objectives hold (three-valued). Needs >= 2 sizes.",
-        b = th.min_betas
+        b = th.min_betas,
+        z = th.hump_z,
+        m = th.min_margin
     );
     let sizes = sizes_of(rows);
     if sizes.len() < 2 {
@@ -954,14 +987,20 @@ pub fn c4_scale(rows: &[ResultRow], th: &Thresholds) -> Verdict {
             let (ds, ws, bs) = empirical_peak(&ss, &ps);
             let (dl, wl, bl) = empirical_peak(&sl, &pl);
             let b = ds < dl;
-            let best = |p: &Vec<Pt>| p.iter().map(|x| x.win).fold(f64::MIN, f64::max);
-            let (bw_s, bw_l) = (best(&ps), best(&pl));
-            let c = bw_l > bw_s;
+            let best = |p: &Vec<Pt>| {
+                *p.iter()
+                    .reduce(|b, x| if x.win > b.win { x } else { b })
+                    .expect("shared betas")
+            };
+            let (best_s, best_l) = (best(&ps), best(&pl));
+            let (bw_s, bw_l) = (best_s.win, best_l.win);
+            let m = margin(th, &best_s, &best_l);
+            let c = bw_l - bw_s >= m;
             pairs.push(Part {
                 label,
                 verdict: all_of(&[a, b, c].map(VerdictKind::from_bool)),
                 detail: format!(
-                    "{small} KL higher at {higher}/{} betas; peaks at sqrt(KL) {} (beta {}, win {}) vs {} (beta {}, win {}); best DAA win {} vs {}",
+                    "{small} KL higher at {higher}/{} betas; peaks at sqrt(KL) {} (beta {}, win {}) vs {} (beta {}, win {}); best DAA win {} vs {} (margin {})",
                     common.len(),
                     f3(ds),
                     beta_str(bs),
@@ -970,14 +1009,15 @@ pub fn c4_scale(rows: &[ResultRow], th: &Thresholds) -> Verdict {
                     beta_str(bl),
                     f3(wl),
                     f3(bw_s),
-                    f3(bw_l)
+                    f3(bw_l),
+                    f3(m)
                 ),
                 numbers: json!({
                     "kl_small": ps.iter().map(|p| p.kl).collect::<Vec<_>>(),
                     "kl_large": pl.iter().map(|p| p.kl).collect::<Vec<_>>(),
                     "betas": ps.iter().map(|p| p.beta).collect::<Vec<_>>(),
                     "small_kl_higher": higher, "peak_d_small": ds, "peak_d_large": dl,
-                    "best_win_small": bw_s, "best_win_large": bw_l,
+                    "best_win_small": bw_s, "best_win_large": bw_l, "best_win_margin": m,
                     "kl_part": a, "peak_part": b, "tradeoff_part": c,
                 }),
             });
@@ -1784,7 +1824,12 @@ mod tests {
     #[test]
     fn c3_hold_fail_missing() {
         let t = th();
-        assert_verdict(&c3_ipo(&World::standard().rows(), &t), Holds);
+        // IPO's KL a third of the others' at every beta: it over-optimizes clearly less.
+        let ipo_low = World {
+            obj_kl: [1.0, 0.3, 1.0],
+            ..World::standard()
+        };
+        assert_verdict(&c3_ipo(&ipo_low.rows(), &t), Holds);
         let ipo_high = World {
             obj_kl: [1.0, 2.0, 1.0],
             ..World::standard()
@@ -1804,6 +1849,49 @@ mod tests {
             .filter(|r| r.objective != "slic")
             .collect();
         assert_verdict(&c3_ipo(&no_slic, &t), NotEvaluated);
+    }
+
+    #[test]
+    fn c3_needs_a_difference_beyond_the_noise() {
+        let t = th();
+        // IPO's KL slightly lower than DPO's and SLiC's at every beta: it over-optimizes a
+        // little less everywhere, by less than the judge's noise (win rates +-0.03).
+        let close = World {
+            obj_kl: [1.0, 0.9, 1.0],
+            ..World::standard()
+        };
+        let v = c3_ipo(&close.rows(), &t);
+        assert_verdict(&v, Fails);
+        let mut lower = 0;
+        for part in v.numbers["sizes"].as_array().unwrap() {
+            assert_eq!(part["kl_part"], true, "{part}");
+            assert_eq!(part["overopt_part"], false, "{part}");
+            let oo = |o: &str| part[format!("overopt_{o}")].as_f64().unwrap();
+            let m = part["margin_dpo"].as_f64().unwrap();
+            // The margin: z x the standard error of a difference of two differences of win
+            // rates, 2 se with se = 0.03 / 1.96.
+            let want = t.hump_z * 2.0 * 0.03 / crate::analysis::stats::Z95;
+            assert!((m - want).abs() < 1e-9, "{part}");
+            assert!((oo("dpo") - oo("ipo")).abs() <= m, "{part}");
+            // Sizes that a strict comparison would have counted for the claim.
+            if oo("ipo") < oo("dpo").min(oo("slic")) {
+                lower += 1;
+            }
+        }
+        assert!(lower >= 2, "{}", v.summary);
+        // The same curves measured with ten times the samples (+-0.003): medium's difference
+        // (about 0.026) is now clear; large's (about 0.006) stays below the floor, min_margin.
+        let mut rows = close.rows();
+        for r in &mut rows {
+            r.win_rate_lo = r.win_rate - 0.003;
+            r.win_rate_hi = r.win_rate + 0.003;
+        }
+        let v = c3_ipo(&rows, &t);
+        let sizes = v.numbers["sizes"].as_array().unwrap();
+        let part = |s: &str| sizes.iter().find(|p| p["part"] == s).unwrap();
+        assert_eq!(part("medium")["overopt_part"], true, "{}", v.summary);
+        assert_eq!(part("large")["overopt_part"], false, "{}", v.summary);
+        assert_eq!(part("large")["margin_dpo"], t.min_margin, "{}", v.summary);
     }
 
     #[test]
@@ -1830,6 +1918,26 @@ mod tests {
         let v = c4_scale(&one.rows(), &t);
         assert_verdict(&v, NotEvaluated);
         assert!(v.summary.contains("1 model size(s)"), "{}", v.summary);
+        // Larger models trade off better only by less than the judge's noise: (c) fails.
+        let close = World {
+            sizes: vec![
+                ("small", 30_000, 2.0, 0.6, 0.15),
+                ("medium", 110_000, 1.5, 1.2, 0.17),
+                ("large", 610_000, 1.0, 1.6, 0.18),
+            ],
+            ..World::standard()
+        };
+        let v = c4_scale(&close.rows(), &t);
+        assert_verdict(&v, Fails);
+        for pair in v.numbers["pairs"].as_array().unwrap() {
+            assert_eq!(pair["tradeoff_part"], false, "{pair}");
+            let gap =
+                pair["best_win_large"].as_f64().unwrap() - pair["best_win_small"].as_f64().unwrap();
+            assert!(
+                gap > 0.0 && gap <= pair["best_win_margin"].as_f64().unwrap(),
+                "{pair}"
+            );
+        }
     }
 
     #[test]
