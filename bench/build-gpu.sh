@@ -25,7 +25,8 @@
 #      its own target directory. To save build time, dependencies that do no numeric work are
 #      built at opt-level 0 (the crate itself, candle-core, candle-nn, cudarc, half and gemm stay
 #      at 3); CUDA_DEPS_OPT=3 builds everything at 3.
-#      The binary is copied to bench/bin/overopt-gpu-bench, and bench/curand_stub.c is built into
+#      The binary is copied to bench/bin/overopt-gpu-bench without its symbol table (the device
+#      tool carries at most 64 MiB), and bench/curand_stub.c is built into
 #      bench/bin/curand-stub/libcurand.so.10 (bench/gpu.sh uses it where the GPU machine's
 #      Python CUDA libraries lack cuRAND).
 #   4. A load check (the binary's --help, with every symbol bound at load time, against the
@@ -163,6 +164,14 @@ fi
 cargo build --release --features cuda --bin "$BIN_NAME" "${OPT_ARGS[@]}" "$@"
 mkdir -p "$(dirname "$OUT_BIN")" "$CURAND_DIR"
 cp "$TARGET/release/$BIN_NAME" "$OUT_BIN.tmp"
+# The device tool carries at most 64 MiB in all, and the binary with its symbol table was 63.8
+# MiB on 2026-12-02 (60.3 MB without): drop the symbol table from the copy. Panic messages keep
+# their file and line; the unstripped binary stays in $TARGET/release (addr2line, perf).
+if command -v strip >/dev/null; then
+  strip "$OUT_BIN.tmp"
+else
+  echo "warning: no strip (binutils): $OUT_BIN keeps its symbol table" >&2
+fi
 mv -f "$OUT_BIN.tmp" "$OUT_BIN"
 "$CC" -shared -fPIC -O2 -Wl,-soname,libcurand.so.10 -Wl,--version-script=bench/curand_stub.map \
   -o "$CURAND_DIR/libcurand.so.10" bench/curand_stub.c
@@ -189,6 +198,10 @@ fi
 sed 's/^/nvrtc check: /' "$LINK/nvrtc-check.out"
 SIZE=$(stat -c %s "$OUT_BIN")
 echo "binary: $ROOT/$OUT_BIN ($SIZE bytes, $((SIZE / 1048576)) MiB), built in $(($(date +%s) - T0)) s"
+CARRY=$(du -sb bench/bin | cut -f1)
+if [ "$CARRY" -gt $((64 * 1048576)) ]; then
+  echo "warning: bench/bin holds $CARRY bytes, more than the 64 MiB the device tool carries" >&2
+fi
 echo "curand stub: $ROOT/$CURAND_DIR/libcurand.so.10"
 echo "ldd (CUDA libraries; LD_LIBRARY_PATH=$CU/lib, libcuda.so.1 is the GPU machine's driver):"
 LD_LIBRARY_PATH="$CU/lib" ldd "$OUT_BIN" | grep -E 'not found|cuda|cublas|curand|nvrtc|cudart' | sed 's/^/   /'
