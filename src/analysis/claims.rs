@@ -394,14 +394,17 @@ fn se_margin(th: &Thresholds, a: f64, b: f64) -> f64 {
 /// (also when the peak is the smallest beta itself, where the difference is 0).
 fn overoptimization(pts: &[Pt], common: &[i64]) -> (f64, f64) {
     let first = at_beta(pts, common[0]);
-    let peak = common
-        .iter()
-        .map(|&k| at_beta(pts, k))
-        .fold(first, |best, p| if p.win > best.win { p } else { best });
+    let peak = highest_win(common.iter().map(|&k| at_beta(pts, k))).unwrap_or(first);
     (
         peak.win - first.win,
         (peak.se * peak.se + first.se * first.se).sqrt(),
     )
+}
+
+/// The point with the highest win rate (the first of equals); `None` for no points.
+fn highest_win(pts: impl IntoIterator<Item = Pt>) -> Option<Pt> {
+    pts.into_iter()
+        .reduce(|best, p| if p.win > best.win { p } else { best })
 }
 
 fn beta_str(b: f64) -> String {
@@ -869,15 +872,14 @@ pub fn c3_ipo(rows: &[ResultRow], th: &Thresholds) -> Verdict {
             .filter(|&&k| at_beta(ipo, k).kl < at_beta(dpo, k).kl.min(at_beta(slic, k).kl))
             .count();
         let need = (th.c3_kl_fraction * common.len() as f64).ceil() as usize;
-        let (oo_d, oo_i, oo_s) = (
+        let ((oo_d, se_d), (oo_i, se_i), (oo_s, se_s)) = (
             overoptimization(dpo, &common),
             overoptimization(ipo, &common),
             overoptimization(slic, &common),
         );
-        let (m_d, m_s) = (se_margin(th, oo_i.1, oo_d.1), se_margin(th, oo_i.1, oo_s.1));
+        let (m_d, m_s) = (se_margin(th, se_i, se_d), se_margin(th, se_i, se_s));
         let a = kl_lower >= need;
-        let b = oo_d.0 - oo_i.0 >= m_d && oo_s.0 - oo_i.0 >= m_s;
-        let (oo_d, se_d, oo_i, se_i, oo_s, se_s) = (oo_d.0, oo_d.1, oo_i.0, oo_i.1, oo_s.0, oo_s.1);
+        let b = oo_d - oo_i >= m_d && oo_s - oo_i >= m_s;
         let kls: Vec<Value> = common
             .iter()
             .map(|&k| {
@@ -910,13 +912,9 @@ pub fn c3_ipo(rows: &[ResultRow], th: &Thresholds) -> Verdict {
 
 /// The empirical peak of an end-of-epoch curve (SFT at d = 0 included): (d, win).
 fn empirical_peak(sft: &Pt, pts: &[Pt]) -> (f64, f64, f64) {
-    let mut best = (0.0, sft.win, f64::NAN);
-    for p in pts {
-        if p.win > best.1 {
-            best = (p.d(), p.win, p.beta);
-        }
-    }
-    best
+    // The SFT point has kl = 0 and beta NaN.
+    let p = highest_win(std::iter::once(*sft).chain(pts.iter().copied())).unwrap_or(*sft);
+    (p.d(), p.win, p.beta)
 }
 
 /// C4 (scale): the smallest model reaches higher KL at the same beta and over-optimizes
@@ -987,11 +985,7 @@ pub fn c4_scale(rows: &[ResultRow], th: &Thresholds) -> Verdict {
             let (ds, ws, bs) = empirical_peak(&ss, &ps);
             let (dl, wl, bl) = empirical_peak(&sl, &pl);
             let b = ds < dl;
-            let best = |p: &Vec<Pt>| {
-                *p.iter()
-                    .reduce(|b, x| if x.win > b.win { x } else { b })
-                    .expect("shared betas")
-            };
+            let best = |p: &Vec<Pt>| highest_win(p.iter().copied()).expect("shared betas");
             let (best_s, best_l) = (best(&ps), best(&pl));
             let (bw_s, bw_l) = (best_s.win, best_l.win);
             let m = margin(th, &best_s, &best_l);
